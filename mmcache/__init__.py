@@ -1,0 +1,107 @@
+"""Share one large pandas DataFrame between many processes without copies.
+
+``save(df, key)`` writes the frame once into a cache directory (``/dev/shm`` by default);
+``open(key)`` in any process maps those files and builds a DataFrame over them without
+copying, so every worker shares one physical copy through the OS page cache.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pandas as _pd
+
+from ._cache import Cache, Entry
+from ._errors import (
+    CacheDirError,
+    CacheFullError,
+    ColumnNotFoundError,
+    CorruptEntryError,
+    EntryChangedError,
+    EntryNotFoundError,
+    InvalidKeyError,
+    LockTimeoutError,
+    MmcacheError,
+    UnsupportedFormatError,
+    UnsupportedTypeError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Cache",
+    "CacheDirError",
+    "CacheFullError",
+    "ColumnNotFoundError",
+    "CorruptEntryError",
+    "Entry",
+    "EntryChangedError",
+    "EntryNotFoundError",
+    "InvalidKeyError",
+    "LockTimeoutError",
+    "MmcacheError",
+    "UnsupportedFormatError",
+    "UnsupportedTypeError",
+    "clean",
+    "delete",
+    "entries",
+    "exists",
+    "open",
+    "save",
+    "share",
+]
+
+_PathArg = str | os.PathLike[str] | None
+
+
+def save(obj: _pd.DataFrame | _pd.Series, key: str, *, cache_dir: _PathArg = None) -> Entry:
+    """Write ``obj`` under ``key`` once, atomically replacing any previous entry."""
+    return Cache(cache_dir).save(obj, key)
+
+
+def open(  # noqa: A001 - the verb users expect: mmcache.open(key)
+    key: str,
+    *,
+    cache_dir: _PathArg = None,
+    columns: Sequence[Any] | None = None,
+    build: Callable[[], _pd.DataFrame | _pd.Series] | None = None,
+) -> _pd.DataFrame | _pd.Series:
+    """Map ``key``'s entry and return a DataFrame (or Series) over it without copying."""
+    return Cache(cache_dir).open(key, columns=columns, build=build)
+
+
+def exists(key: str, *, cache_dir: _PathArg = None) -> bool:
+    """True if ``key`` has an entry."""
+    return Cache(cache_dir).exists(key)
+
+
+def delete(key: str, *, cache_dir: _PathArg = None) -> bool:
+    """Remove ``key``'s entry; True if something was removed."""
+    return Cache(cache_dir).delete(key)
+
+
+def entries(*, cache_dir: _PathArg = None) -> list[Entry]:
+    """What is cached, with sizes and times."""
+    return Cache(cache_dir).entries()
+
+
+def clean(
+    keys: Sequence[str] | None = None,
+    *,
+    older_than: float | _dt.timedelta | None = None,
+    max_bytes: int | None = None,
+    dry_run: bool = False,
+    cache_dir: _PathArg = None,
+) -> list[Entry]:
+    """Remove entries (all, or those selected) and stale leftovers; return what was removed."""
+    return Cache(cache_dir).clean(
+        keys, older_than=older_than, max_bytes=max_bytes, dry_run=dry_run
+    )
+
+
+def share(obj: _pd.DataFrame | _pd.Series, *, cache_dir: _PathArg = None) -> Entry:
+    """Save ``obj`` under a fresh unique key for the life of a ``with`` block."""
+    return Cache(cache_dir).share(obj)

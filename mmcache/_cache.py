@@ -1,0 +1,457 @@
+"""The public verbs: save, open, exists, delete, entries, clean, share; Cache and Entry."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import filelock
+import pandas as pd
+
+from . import _frame, _store
+from ._errors import (
+    CorruptEntryError,
+    EntryNotFoundError,
+    LockTimeoutError,
+    MmcacheError,
+    UnsupportedTypeError,
+)
+from ._paths import check_key, entry_name, resolve_cache_dir
+
+# How long save() waits for another process saving the same key. Saving even several GB to
+# tmpfs takes seconds; ten minutes means the holder is stuck, and saying so beats hanging.
+LOCK_TIMEOUT = 600.0
+# open() retries when a concurrent overwrite or delete removes files between reading the
+# metadata and mapping them; each retry sees a newer metadata file, so a few are plenty.
+OPEN_RETRIES = 20
+
+Frame = pd.DataFrame | pd.Series
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A small, picklable handle on a cache entry: a reference, never the data.
+
+    Pass it to ``Pool.map``, ``ProcessPoolExecutor.submit`` or joblib at no cost and call
+    :meth:`open` in the worker. Used as a context manager (``with mmcache.share(df) as ref``)
+    it deletes the entry on exit, also when the block raises.
+    """
+
+    key: str
+    path: Path  # the metadata file; its directory is the cache directory
+    nbytes: int
+    nrows: int
+    ncols: int
+    created: dt.datetime
+    last_used: dt.datetime
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.path.parent
+
+    def open(self, *, columns: Sequence[Any] | None = None) -> Frame:
+        """Map the entry's current version in this process (see :func:`mmcache.open`)."""
+        return Cache(self.cache_dir).open(self.key, columns=columns)
+
+    def delete(self) -> bool:
+        return Cache(self.cache_dir).delete(self.key)
+
+    def __enter__(self) -> Entry:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.delete()
+
+
+@dataclass
+class _Loaded:
+    sig: tuple[int, ...]
+    token: str
+    meta: dict[str, Any]
+    mapped: Any
+    frames: dict[Any, Frame]
+
+
+# Per-process memo: (cache dir, key) -> what is mapped. A forked child inherits it and so
+# reuses the parent's mappings; a re-save changes the metadata file's identity (sig).
+_MEMO: dict[tuple[str, str], _Loaded] = {}
+_MEMO_LOCK = threading.Lock()
+
+
+def _reset_lock_after_fork() -> None:
+    global _MEMO_LOCK
+    _MEMO_LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_reset_lock_after_fork)
+
+
+def _sig(st: os.stat_result) -> tuple[int, ...]:
+    # mtime is kept by last-use updates (utime sets atime only); inode and size change on a
+    # re-save; a new file's nanosecond mtime tells apart a recycled inode.
+    return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def _columns_key(columns: Sequence[Any] | None) -> Any:
+    return None if columns is None else tuple(columns)
+
+
+class Cache:
+    """A cache directory and the verbs on it; the module functions use ``Cache(None)``.
+
+    ``cache_dir`` is resolved at each call (argument, ``$MMCACHE_DIR``, per-user default on
+    ``/dev/shm``), so a ``Cache`` is cheap and can be made anywhere.
+    """
+
+    def __init__(self, cache_dir: str | os.PathLike[str] | None = None) -> None:
+        self._given = cache_dir
+
+    def __repr__(self) -> str:
+        return f"Cache({self._given!r})"
+
+    @property
+    def dir(self) -> Path:
+        """The resolved cache directory (created on first use, mode 0700)."""
+        return resolve_cache_dir(self._given)
+
+    def _lock(self, cache_dir: Path, name: str, timeout: float) -> filelock.BaseFileLock:
+        return filelock.FileLock(cache_dir / f"{name}.lock", timeout=timeout, mode=0o600)
+
+    @contextlib.contextmanager
+    def _locked(self, cache_dir: Path, name: str, key: str, timeout: float) -> Iterator[None]:
+        lock = self._lock(cache_dir, name, timeout)
+        try:
+            lock.acquire()
+        except filelock.Timeout:
+            raise LockTimeoutError(
+                f"key {key!r}: another process has held {str(lock.lock_file)!r} for over "
+                f"{timeout:.0f} s; wait for it, or if no process is saving this key, run "
+                "`mmcache clean`",
+                key=key, path=lock.lock_file,
+            ) from None
+        try:
+            yield
+        finally:
+            lock.release()
+
+    # --- save -------------------------------------------------------------------------------
+
+    def save(self, obj: Frame, key: str) -> Entry:
+        """Write ``obj`` under ``key``, replacing any previous entry atomically.
+
+        Cost: one pass writing the data (plus a copy only of columns that are not already
+        contiguous, e.g. Python-held strings). Concurrency: writers of one key take turns on
+        a per-key file lock; readers never wait and see the old entry or the new one, never a
+        mix; a reader that mapped the old entry keeps reading it intact. A process killed
+        mid-save leaves no visible entry (its leftovers go with ``clean``).
+        """
+        check_key(key)
+        cache_dir = self.dir
+        layout, pool = _frame.encode(obj)  # refuses unsupported data before touching disk
+        name = entry_name(key)
+        with self._locked(cache_dir, name, key, LOCK_TIMEOUT):
+            return self._save_locked(cache_dir, name, key, layout, pool)
+
+    def _save_locked(
+        self, cache_dir: Path, name: str, key: str, layout: dict[str, Any], pool: _store.Pool
+    ) -> Entry:
+        files = _store.plan_files(pool)
+        nbytes = sum(f["size"] for f in files)
+        _store.check_room(cache_dir, nbytes, key)
+        meta_path = cache_dir / f"{name}.json"
+        try:
+            old = _store.read_meta(meta_path, key)["data"]
+        except (FileNotFoundError, MmcacheError):
+            old = None
+        token = _store.new_token()
+        data_dir = cache_dir / f"{name}.{token}"
+        now = time.time()
+        meta = {
+            "format": _store.FORMAT_VERSION,
+            "key": key,
+            "token": token,
+            "data": data_dir.name,
+            "created": now,
+            "nbytes": nbytes,
+            "files": files,
+            "layout": layout,
+        }
+        try:
+            _store.write_data(data_dir, pool, files)
+            _store.publish_meta(cache_dir, name, token, meta)
+        except BaseException as exc:
+            _store.remove_tree(data_dir)
+            if isinstance(exc, OSError) and (full := _store.full_error(exc, key, cache_dir)):
+                raise full from exc
+            raise
+        if isinstance(old, str) and old.startswith(f"{name}.") and "/" not in old:
+            _store.remove_tree(cache_dir / old)
+        return _entry(meta_path, meta, now)
+
+    # --- open -------------------------------------------------------------------------------
+
+    def open(
+        self,
+        key: str,
+        *,
+        columns: Sequence[Any] | None = None,
+        build: Callable[[], Frame] | None = None,
+    ) -> Frame:
+        """Map ``key``'s entry and return a new DataFrame (or Series) over it, copying nothing.
+
+        Cost: O(columns), not O(rows): a few mmap calls and metadata parsing. Opening the same
+        unchanged entry again in this process (or in a child forked after it) costs one
+        ``stat`` and reuses the mapping. Every call returns its own frame: edits copy the
+        touched column (pandas copy-on-write) and never reach the cache or other frames.
+
+        ``columns`` maps only those columns. ``build``: if the key is missing, ``build()``
+        makes the frame, which is saved and opened; across racing processes it runs once
+        (the others wait on the key's lock and open the result).
+        """
+        check_key(key)
+        try:
+            return self._open(key, columns)
+        except EntryNotFoundError:
+            if build is None:
+                raise
+        cache_dir = self.dir
+        name = entry_name(key)
+        with self._locked(cache_dir, name, key, float("inf")):
+            if not (cache_dir / f"{name}.json").exists():
+                obj = build()
+                if not isinstance(obj, pd.DataFrame | pd.Series):
+                    raise UnsupportedTypeError(
+                        f"build= for key {key!r} returned {type(obj).__name__}; it must return "
+                        "a pandas DataFrame or Series",
+                        key=key,
+                    )
+                layout, pool = _frame.encode(obj)
+                self._save_locked(cache_dir, name, key, layout, pool)
+        return self._open(key, columns)
+
+    def _open(self, key: str, columns: Sequence[Any] | None) -> Frame:
+        cache_dir = self.dir
+        loaded = self._load(cache_dir, key)
+        ckey = _columns_key(columns)
+        with _MEMO_LOCK:
+            base = loaded.frames.get(ckey)
+        if base is None:
+            base = _frame.decode(loaded.meta["layout"], loaded.mapped, columns)
+            with _MEMO_LOCK:
+                base = loaded.frames.setdefault(ckey, base)
+        return _frame.hand_out(base, cache_dir, key, loaded.token, ckey)
+
+    def _open_version(self, key: str, token: str, columns: Any) -> Frame | None:
+        """Open ``key`` only if its current version is ``token`` (for unpickling)."""
+        try:
+            loaded = self._load(self.dir, key)
+        except EntryNotFoundError:
+            return None
+        if loaded.token != token:
+            return None
+        return self._open(key, columns)
+
+    def _load(self, cache_dir: Path, key: str) -> _Loaded:
+        name = entry_name(key)
+        meta_path = cache_dir / f"{name}.json"
+        memo_key = (str(cache_dir), key)
+        for _ in range(OPEN_RETRIES):
+            try:
+                st = os.stat(meta_path)
+            except FileNotFoundError:
+                with _MEMO_LOCK:
+                    _MEMO.pop(memo_key, None)
+                raise _not_found(key, cache_dir) from None
+            sig = _sig(st)
+            with _MEMO_LOCK:
+                hit = _MEMO.get(memo_key)
+            if hit is not None and hit.sig == sig:
+                return hit
+            try:
+                meta = _store.read_meta(meta_path, key)
+                if meta["key"] != key:
+                    raise CorruptEntryError(
+                        f"{str(meta_path)!r} holds key {meta['key']!r}, not {key!r}; delete it",
+                        key=key, path=meta_path,
+                    )
+                data = meta["data"]
+                if not isinstance(data, str) or not data.startswith(f"{name}.") or "/" in data:
+                    raise CorruptEntryError(
+                        f"{str(meta_path)!r} points outside its entry ({data!r}); delete it",
+                        key=key, path=meta_path,
+                    )
+                where = f"entry {key!r} ({str(cache_dir / data)!r})"
+                mapped = _store.map_files(cache_dir / data, meta["files"], key, where)
+            except FileNotFoundError:
+                continue  # replaced or deleted between stat and mapping: look again
+            loaded = _Loaded(sig, str(meta["token"]), meta, mapped, {})
+            with _MEMO_LOCK:
+                _MEMO[memo_key] = loaded
+            _touch(meta_path, st)
+            return loaded
+        raise _not_found(key, cache_dir)
+
+    # --- the rest ---------------------------------------------------------------------------
+
+    def exists(self, key: str) -> bool:
+        """True if ``key`` has an entry (a cheap ``stat``; nothing is read or mapped)."""
+        check_key(key)
+        return (self.dir / f"{entry_name(key)}.json").exists()
+
+    def delete(self, key: str) -> bool:
+        """Remove ``key``'s entry; True if there was one. Readers that mapped it keep going
+        (the memory returns when the last of them unmaps)."""
+        check_key(key)
+        cache_dir = self.dir
+        name = entry_name(key)
+        meta_path = cache_dir / f"{name}.json"
+        with self._locked(cache_dir, name, key, LOCK_TIMEOUT):
+            try:
+                data = _store.read_meta(meta_path, key).get("data")
+            except FileNotFoundError:
+                return False
+            except MmcacheError:
+                data = None
+            os.unlink(meta_path)
+            if isinstance(data, str) and data.startswith(f"{name}.") and "/" not in data:
+                _store.remove_tree(cache_dir / data)
+            self._sweep(cache_dir, name, [p for p in cache_dir.glob(f"{name}.*")])
+        return True
+
+    def entries(self) -> list[Entry]:
+        """Every complete entry, oldest first, with sizes and times (reads only metadata)."""
+        cache_dir = self.dir
+        out = []
+        for path in cache_dir.glob("*.json"):
+            try:
+                st = os.stat(path)
+                meta = _store.read_meta(path, None)
+            except (FileNotFoundError, MmcacheError):
+                continue
+            out.append(_entry(path, meta, st.st_atime))
+        out.sort(key=lambda e: e.created)
+        return out
+
+    def clean(
+        self,
+        keys: Sequence[str] | None = None,
+        *,
+        older_than: float | dt.timedelta | None = None,
+        max_bytes: int | None = None,
+        dry_run: bool = False,
+    ) -> list[Entry]:
+        """Remove entries and every stale leftover; return the entries removed.
+
+        With no selector every entry goes. ``keys`` limits to those keys; ``older_than``
+        (seconds or timedelta) to entries not used for that long; ``max_bytes`` evicts least
+        recently used entries until the rest fits. ``dry_run`` removes nothing and returns
+        what would go. Leftovers of killed saves are removed only when no live process holds
+        their key's lock, so a save in progress is never touched.
+        """
+        cache_dir = self.dir
+        all_entries = self.entries()
+        chosen = all_entries
+        if keys is not None:
+            wanted = {check_key(k) for k in keys}
+            chosen = [e for e in chosen if e.key in wanted]
+        if older_than is not None:
+            limit = older_than.total_seconds() if isinstance(older_than, dt.timedelta) \
+                else float(older_than)
+            cutoff = time.time() - limit
+            chosen = [e for e in chosen if e.last_used.timestamp() < cutoff]
+        if max_bytes is not None:
+            total = sum(e.nbytes for e in all_entries)
+            lru = sorted(chosen, key=lambda e: e.last_used)
+            chosen = []
+            for e in lru:
+                if total <= max_bytes:
+                    break
+                chosen.append(e)
+                total -= e.nbytes
+        if dry_run:
+            return chosen
+        removed = [e for e in chosen if self.delete(e.key)]
+        if keys is None:
+            self._remove_leftovers(cache_dir, None)
+        return removed
+
+    def share(self, obj: Frame) -> Entry:
+        """Save ``obj`` under a fresh unique key; use as ``with cache.share(df) as ref:``.
+
+        The entry lives until the block exits (also on an exception), then it is deleted.
+        """
+        return self.save(obj, f"share-{uuid.uuid4().hex}")
+
+    def _remove_leftovers(self, cache_dir: Path, name: str | None) -> None:
+        """Remove data directories and temp files that no metadata points to.
+
+        Safe against live saves: a leftover is removed only while holding its key's lock,
+        which a saving process holds for the whole save (and the kernel releases if it dies).
+        """
+        pattern = f"{name}.*" if name else "*"
+        groups: dict[str, list[Path]] = {}
+        for path in cache_dir.glob(pattern):
+            stem, _, rest = path.name.partition(".")
+            if rest in ("json", "lock") or not rest:
+                continue
+            groups.setdefault(stem, []).append(path)
+        for stem, paths in groups.items():
+            lock = self._lock(cache_dir, stem, 0)
+            try:
+                lock.acquire(blocking=False)
+            except filelock.Timeout:
+                continue  # a live process is saving this key
+            try:
+                self._sweep(cache_dir, stem, paths)
+            finally:
+                lock.release()
+
+    def _sweep(self, cache_dir: Path, name: str, paths: list[Path]) -> None:
+        """With ``name``'s lock held: remove the paths its metadata does not point to."""
+        try:
+            live = _store.read_meta(cache_dir / f"{name}.json", None)["data"]
+        except (FileNotFoundError, MmcacheError):
+            live = None
+        for path in paths:
+            if path.name == live or path.name in (f"{name}.json", f"{name}.lock"):
+                continue
+            if path.is_dir() and not path.is_symlink():
+                _store.remove_tree(path)
+            else:
+                path.unlink(missing_ok=True)
+
+
+def _not_found(key: str, cache_dir: Path) -> EntryNotFoundError:
+    return EntryNotFoundError(
+        f"no entry for key {key!r} in {str(cache_dir)!r}; save it first with "
+        "mmcache.save(df, key), or pass build= to open() to create it on demand",
+        key=key, path=cache_dir,
+    )
+
+
+def _touch(meta_path: Path, st: os.stat_result) -> None:
+    # Last use is the metadata file's atime; the mtime (part of the memo signature) is kept.
+    with contextlib.suppress(OSError):
+        os.utime(meta_path, ns=(time.time_ns(), st.st_mtime_ns))
+
+
+def _entry(path: Path, meta: dict[str, Any], last_used: float) -> Entry:
+    layout = meta.get("layout", {})
+    created = float(meta["created"])
+    return Entry(
+        key=str(meta["key"]),
+        path=path,
+        nbytes=int(meta["nbytes"]),
+        nrows=int(layout.get("nrows", 0)),
+        ncols=int(layout.get("ncols", 0)),
+        created=dt.datetime.fromtimestamp(created, dt.UTC),
+        last_used=dt.datetime.fromtimestamp(max(created, last_used), dt.UTC),
+    )

@@ -1,0 +1,442 @@
+"""Per-dtype encoding of pandas data into flat buffers, and decoding back without copies.
+
+An encoder turns a column (or an index) into a small JSON-able *spec* plus numpy buffers that
+it hands to a :class:`Pool`; the pool decides where each buffer lives in the entry's ``.npy``
+files and returns a *ref* ``{"f": file, "o": offset, "n": count}``. A decoder gets the spec and
+a :class:`Mapped` view of those files and rebuilds the pandas object over the mapped memory.
+Each dtype family's encoder and decoder sit next to each other below.
+
+Buffers of one numpy dtype share one ``.npy`` file: a frame of 10,000 float columns is one file
+and one ``mmap``, not 10,000 (file descriptors, ``vm.max_map_count`` and ~80 µs per file would
+otherwise dominate ``open``).
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+from pandas.api.types import infer_dtype
+
+from ._errors import CorruptEntryError, UnsupportedTypeError
+
+Spec = dict[str, Any]
+
+# Non-block buffers start on 64-byte boundaries (Arrow's recommended alignment, and what
+# SIMD kernels like); numpy's .npy data itself starts 64-byte aligned.
+_ALIGN = 64
+_NUMPY_KINDS = "biufcmM"
+
+
+class Pool:
+    """Collects buffers for writing, one growing 1-D array per numpy dtype."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, list[np.ndarray]] = {}
+        self.counts: dict[str, int] = {}
+        self.order: list[str] = []
+
+    def add(self, arr: np.ndarray, *, align: bool = True) -> Spec:
+        arr = np.asarray(arr)
+        dt = arr.dtype
+        if dt.hasobject or dt.kind not in _NUMPY_KINDS:
+            raise AssertionError(f"internal: buffer of dtype {dt} cannot be stored")
+        flat = arr.reshape(-1) if arr.flags.c_contiguous else np.ascontiguousarray(arr).ravel()
+        key = dt.str
+        if key not in self.files:
+            self.files[key] = []
+            self.counts[key] = 0
+            self.order.append(key)
+        count = self.counts[key]
+        if align and dt.itemsize and (count * dt.itemsize) % _ALIGN:
+            pad = (_ALIGN - (count * dt.itemsize) % _ALIGN) // dt.itemsize
+            if pad:
+                self.files[key].append(np.zeros(pad, dtype=dt))
+                count += pad
+        self.files[key].append(flat)
+        self.counts[key] = count + flat.size
+        return {"f": self.order.index(key), "o": count, "n": int(flat.size)}
+
+
+class Mapped:
+    """Read-only arrays over an entry's mapped files, handed out as plain ndarray views."""
+
+    def __init__(self, arrays: list[np.ndarray], where: str) -> None:
+        self.arrays = arrays
+        self.where = where
+
+    def get(self, ref: Spec, dtype: str | None = None) -> np.ndarray:
+        try:
+            base = self.arrays[ref["f"]]
+            start, count = int(ref["o"]), int(ref["n"])
+        except (KeyError, IndexError, TypeError, ValueError) as exc:
+            raise CorruptEntryError(f"{self.where}: bad buffer reference {ref!r}") from exc
+        if start < 0 or count < 0 or start + count > base.size:
+            raise CorruptEntryError(
+                f"{self.where}: buffer {ref!r} lies outside its file of {base.size} items"
+            )
+        if dtype is not None and base.dtype != np.dtype(dtype):
+            raise CorruptEntryError(
+                f"{self.where}: buffer {ref!r} has dtype {base.dtype}, metadata says {dtype}"
+            )
+        return base[start : start + count]
+
+    def buffer(self, ref: Spec | None) -> pa.Buffer | None:
+        return None if ref is None else pa.py_buffer(self.get(ref, "|u1"))
+
+
+# --- labels and names (JSON scalars) -----------------------------------------------------
+
+
+def label_to_json(value: Any, where: str) -> Any:
+    """Encode a label or name as JSON, tagging what JSON cannot tell apart (tuples)."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else {"float": repr(value)}
+    if isinstance(value, tuple):
+        return {"tuple": [label_to_json(v, where) for v in value]}
+    raise UnsupportedTypeError(
+        f"{where} is {value!r} of type {type(value).__name__}; mmcache stores labels and names "
+        "that are str, int, float, bool, None or tuples of those: rename it before save()"
+    )
+
+
+def label_from_json(value: Any) -> Any:
+    if isinstance(value, dict):
+        if "tuple" in value:
+            return tuple(label_from_json(v) for v in value["tuple"])
+        return float(value["float"])
+    return value
+
+
+def check_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
+    """Return ``attrs`` if JSON holds it exactly, else raise UnsupportedTypeError."""
+
+    def check(v: Any, path: str) -> None:
+        if v is None or isinstance(v, (bool, int, str)):
+            return
+        if isinstance(v, float):
+            if not math.isfinite(v):
+                raise UnsupportedTypeError(f"attrs{path} = {v!r}: JSON cannot hold it exactly")
+            return
+        if isinstance(v, list):
+            for i, x in enumerate(v):
+                check(x, f"{path}[{i}]")
+            return
+        if isinstance(v, dict):
+            for k, x in v.items():
+                if not isinstance(k, str):
+                    raise UnsupportedTypeError(
+                        f"attrs{path} has key {k!r}; JSON keys must be str: convert it"
+                    )
+                check(x, f"{path}[{k!r}]")
+            return
+        raise UnsupportedTypeError(
+            f"attrs{path} = {v!r} of type {type(v).__name__}; mmcache keeps df.attrs as JSON "
+            "(dict, list, str, int, finite float, bool, None): convert or drop it before save()"
+        )
+
+    check(attrs, "")
+    return attrs
+
+
+# --- time zones -------------------------------------------------------------------------
+
+
+def _tz_to_json(tz: Any, where: str) -> Any:
+    from pandas._libs.tslibs import timezones
+
+    name = timezones.get_timezone(tz)
+    if isinstance(name, str):
+        return name
+    if isinstance(tz, _dt.timezone):
+        offset = tz.utcoffset(None)
+        return {"offset": offset.total_seconds()}
+    raise UnsupportedTypeError(f"{where} has time zone {tz!r} which mmcache cannot name")
+
+
+def _tz_from_json(value: Any) -> Any:
+    from pandas._libs.tslibs import timezones
+
+    if isinstance(value, dict):
+        return _dt.timezone(_dt.timedelta(seconds=value["offset"]))
+    return timezones.maybe_get_tz(value)
+
+
+# --- Arrow arrays (pandas strings, ArrowDtype) ------------------------------------------
+
+
+def _arrow_type_to_json(t: pa.DataType) -> str:
+    # Arrow's own schema serialisation (flatbuffers: data, never code) names any type exactly.
+    return base64.b64encode(pa.schema([pa.field("x", t)]).serialize().to_pybytes()).decode()
+
+
+def _arrow_type_from_json(s: str) -> pa.DataType:
+    return pa.ipc.read_schema(pa.py_buffer(base64.b64decode(s))).field(0).type
+
+
+def _arrow_storable(t: pa.DataType) -> bool:
+    return not (
+        pa.types.is_nested(t)
+        or pa.types.is_dictionary(t)
+        or isinstance(t, pa.ExtensionType)
+        or pa.types.is_string_view(t)
+        or pa.types.is_binary_view(t)
+    )
+
+
+def _encode_arrow(arr: pa.Array | pa.ChunkedArray, pool: Pool) -> Spec:
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks() if arr.num_chunks != 1 else arr.chunk(0)
+    if arr.offset:
+        arr = pa.concat_arrays([arr])  # rebases a slice to offset 0 (copies at save only)
+    bufs = []
+    for buf in arr.buffers():
+        bufs.append(None if buf is None else pool.add(np.frombuffer(buf, dtype=np.uint8)))
+    return {
+        "type": _arrow_type_to_json(arr.type),
+        "len": len(arr),
+        "nulls": arr.null_count,
+        "bufs": bufs,
+    }
+
+
+def _decode_arrow(spec: Spec, mapped: Mapped) -> pa.Array:
+    try:
+        typ = _arrow_type_from_json(spec["type"])
+        return pa.Array.from_buffers(
+            typ,
+            int(spec["len"]),
+            [mapped.buffer(b) for b in spec["bufs"]],
+            null_count=int(spec["nulls"]),
+        )
+    except (pa.ArrowException, ValueError, TypeError, KeyError) as exc:
+        raise CorruptEntryError(f"{mapped.where}: cannot rebuild Arrow array: {exc}") from exc
+
+
+def _validate_arrow(arr: pa.Array, mapped: Mapped) -> pa.Array:
+    try:
+        arr.validate(full=False)
+    except pa.ArrowInvalid as exc:
+        raise CorruptEntryError(f"{mapped.where}: Arrow buffers are inconsistent: {exc}") from exc
+    return arr
+
+
+# --- arrays: encode -----------------------------------------------------------------------
+
+
+def encode_array(values: Any, pool: Pool, where: str) -> Spec:
+    """Encode a 1-D ndarray or ExtensionArray (a column's or an index's values)."""
+    dtype = values.dtype
+    if isinstance(values, np.ndarray) and dtype.kind in _NUMPY_KINDS:
+        return {"c": "np", "v": pool.add(values)}
+    if isinstance(values, pd.arrays.NumpyExtensionArray):
+        return encode_array(values.to_numpy(), pool, where)
+    if isinstance(dtype, pd.DatetimeTZDtype):
+        return {"c": "dttz", "tz": _tz_to_json(dtype.tz, where), "v": pool.add(values._ndarray)}
+    if isinstance(dtype, pd.api.extensions.ExtensionDtype) and hasattr(values, "_mask"):
+        return {"c": "masked", "dtype": dtype.name, "v": pool.add(values._data),
+                "m": pool.add(values._mask)}
+    if isinstance(dtype, pd.CategoricalDtype):
+        return {
+            "c": "cat",
+            "ordered": bool(dtype.ordered),
+            "codes": pool.add(values.codes),
+            "cats": encode_index(dtype.categories, pool, f"{where} categories"),
+        }
+    if isinstance(dtype, pd.StringDtype) or (dtype == object and _only_str(values)):
+        na = "NA" if isinstance(dtype, pd.StringDtype) and dtype.na_value is pd.NA else "nan"
+        if isinstance(dtype, pd.StringDtype) and dtype.storage == "pyarrow":
+            pa_arr = values._pa_array
+        else:
+            pa_arr = pa.array(np.asarray(values, dtype=object), type=pa.large_string(),
+                              from_pandas=True)
+        if pa_arr.type != pa.large_string():
+            pa_arr = pa_arr.cast(pa.large_string())
+        return {"c": "str", "na": na, "arrow": _encode_arrow(pa_arr, pool)}
+    if isinstance(dtype, pd.ArrowDtype):
+        pa_arr = values._pa_array
+        if not _arrow_storable(pa_arr.type):
+            raise _unsupported(where, dtype)
+        return {"c": "arrow", "arrow": _encode_arrow(pa_arr, pool)}
+    if isinstance(dtype, pd.PeriodDtype):
+        return {"c": "period", "dtype": str(dtype), "v": pool.add(values.asi8)}
+    if isinstance(dtype, pd.IntervalDtype):
+        return {
+            "c": "interval",
+            "closed": values.closed,
+            "l": encode_array(values.left._values, pool, f"{where} left"),
+            "r": encode_array(values.right._values, pool, f"{where} right"),
+        }
+    if isinstance(values, pd.arrays.DatetimeArray | pd.arrays.TimedeltaArray):
+        return encode_array(values._ndarray, pool, where)
+    raise _unsupported(where, dtype, values)
+
+
+def _only_str(values: Any) -> bool:
+    return infer_dtype(values, skipna=True) in ("string", "empty")
+
+
+def _unsupported(where: str, dtype: Any, values: Any = None) -> UnsupportedTypeError:
+    held = ""
+    if values is not None and dtype == object:
+        kinds = sorted({type(v).__name__ for v in values[:1000] if v is not None})
+        held = f" holding {', '.join(kinds[:5])} values"
+    return UnsupportedTypeError(
+        f"{where} has dtype {dtype}{held}; mmcache stores numbers, booleans, dates, "
+        "timedeltas, periods, intervals, categories, strings and flat Arrow types: "
+        "convert it or drop it before save()"
+    )
+
+
+# --- arrays: decode -----------------------------------------------------------------------
+
+
+def _decode_np(spec: Spec, m: Mapped) -> np.ndarray:
+    return m.get(spec["v"])
+
+
+def _decode_dttz(spec: Spec, m: Mapped) -> Any:
+    values = m.get(spec["v"])
+    if values.dtype.kind != "M":
+        raise CorruptEntryError(f"{m.where}: tz-aware column stored as {values.dtype}")
+    unit = np.datetime_data(values.dtype)[0]
+    dtype = pd.DatetimeTZDtype(unit=unit, tz=_tz_from_json(spec["tz"]))
+    # The public constructors copy; _simple_new wraps the mapped values as they are.
+    return pd.arrays.DatetimeArray._simple_new(values, dtype=dtype)
+
+
+def _decode_masked(spec: Spec, m: Mapped) -> Any:
+    dtype = pd.api.types.pandas_dtype(spec["dtype"])
+    values, mask = m.get(spec["v"]), m.get(spec["m"], "|b1")
+    if len(values) != len(mask):
+        raise CorruptEntryError(f"{m.where}: values and mask differ in length")
+    return dtype.construct_array_type()(values, mask, copy=False)
+
+
+def _decode_cat(spec: Spec, m: Mapped) -> Any:
+    cats = decode_index(spec["cats"], m)
+    codes = m.get(spec["codes"])
+    dtype = pd.CategoricalDtype(cats, ordered=spec["ordered"])
+    # validate=False: checking the codes' range would read every page of the column.
+    return pd.Categorical.from_codes(codes, dtype=dtype, validate=False)
+
+
+def _decode_str(spec: Spec, m: Mapped) -> Any:
+    arr = _validate_arrow(_decode_arrow(spec["arrow"], m), m)
+    if arr.type != pa.large_string():
+        raise CorruptEntryError(f"{m.where}: string column stored as Arrow {arr.type}")
+    na = pd.NA if spec["na"] == "NA" else np.nan
+    return pd.arrays.ArrowStringArray(arr, dtype=pd.StringDtype("pyarrow", na_value=na))
+
+
+def _decode_arrow_col(spec: Spec, m: Mapped) -> Any:
+    arr = _validate_arrow(_decode_arrow(spec["arrow"], m), m)
+    return pd.arrays.ArrowExtensionArray(arr)
+
+
+def _decode_period(spec: Spec, m: Mapped) -> Any:
+    dtype = pd.api.types.pandas_dtype(spec["dtype"])
+    return pd.arrays.PeriodArray._simple_new(m.get(spec["v"], "<i8"), dtype=dtype)
+
+
+def _decode_interval(spec: Spec, m: Mapped) -> Any:
+    left, right = decode_array(spec["l"], m), decode_array(spec["r"], m)
+    left_idx, right_idx = pd.Index(left, copy=False), pd.Index(right, copy=False)
+    dtype = pd.IntervalDtype(left_idx.dtype, closed=spec["closed"])
+    return pd.arrays.IntervalArray._simple_new(left_idx._values, right_idx._values, dtype=dtype)
+
+
+_DECODERS: dict[str, Callable[[Spec, Mapped], Any]] = {
+    "np": _decode_np,
+    "dttz": _decode_dttz,
+    "masked": _decode_masked,
+    "cat": _decode_cat,
+    "str": _decode_str,
+    "arrow": _decode_arrow_col,
+    "period": _decode_period,
+    "interval": _decode_interval,
+}
+
+
+def decode_array(spec: Spec, m: Mapped) -> Any:
+    try:
+        decoder = _DECODERS[spec["c"]]
+    except (KeyError, TypeError) as exc:
+        raise CorruptEntryError(f"{m.where}: unknown column codec in {spec!r:.80}") from exc
+    try:
+        return decoder(spec, m)
+    except CorruptEntryError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise CorruptEntryError(f"{m.where}: metadata does not describe a column: {exc}") from exc
+
+
+# --- indexes --------------------------------------------------------------------------------
+
+
+def encode_index(index: pd.Index, pool: Pool, where: str, *, labels: bool = False) -> Spec:
+    """Encode an Index. ``labels=True`` (column labels) keeps object dtype exactly, as JSON."""
+    name = label_to_json(index.name, f"{where} name") if index.nlevels == 1 else None
+    if isinstance(index, pd.RangeIndex):
+        return {"c": "range", "start": index.start, "stop": index.stop, "step": index.step,
+                "name": name}
+    if isinstance(index, pd.MultiIndex):
+        return {
+            "c": "multi",
+            "names": [label_to_json(n, f"{where} name") for n in index.names],
+            "levels": [encode_index(lev, pool, f"{where} level", labels=labels)
+                       for lev in index.levels],
+            "codes": [pool.add(c) for c in index.codes],
+        }
+    if index.dtype == object and (labels or not _only_str(index)):
+        return {"c": "json", "name": name,
+                "values": [label_to_json(v, f"{where} label") for v in index]}
+    spec: Spec = {"c": "index", "name": name, "values": encode_array(index._values, pool, where)}
+    freq = getattr(index, "freq", None)
+    if freq is not None and not isinstance(index, pd.PeriodIndex):
+        spec["freq"] = freq.freqstr
+    return spec
+
+
+def decode_index(spec: Spec, m: Mapped) -> pd.Index:
+    try:
+        kind = spec["c"]
+        if kind == "range":
+            return pd.RangeIndex(spec["start"], spec["stop"], spec["step"],
+                                 name=label_from_json(spec["name"]))
+        if kind == "multi":
+            return pd.MultiIndex(
+                levels=[decode_index(s, m) for s in spec["levels"]],
+                codes=[m.get(c) for c in spec["codes"]],
+                names=[label_from_json(n) for n in spec["names"]],
+                verify_integrity=False,
+            )
+        if kind == "json":
+            return pd.Index([label_from_json(v) for v in spec["values"]], dtype=object,
+                            name=label_from_json(spec["name"]))
+        if kind == "index":
+            values = decode_array(spec["values"], m)
+            if "freq" in spec:
+                # The constructors check a freq against every value: O(rows) at each open.
+                cls = (pd.arrays.DatetimeArray if values.dtype.kind == "M"
+                       or isinstance(values.dtype, pd.DatetimeTZDtype)
+                       else pd.arrays.TimedeltaArray)
+                raw = values if isinstance(values, np.ndarray) else values._ndarray
+                values = cls._simple_new(raw, freq=pd.tseries.frequencies.to_offset(spec["freq"]),
+                                         dtype=values.dtype)
+            return pd.Index(values, name=label_from_json(spec["name"]), copy=False)
+    except CorruptEntryError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise CorruptEntryError(f"{m.where}: metadata does not describe an index: {exc}") from exc
+    raise CorruptEntryError(f"{m.where}: unknown index codec {kind!r}")

@@ -1,0 +1,309 @@
+"""A DataFrame or Series as metadata + buffers, and back, and frames that pickle by reference.
+
+Columns of one plain numpy dtype are written next to each other, so at open they form one
+consolidated 2-D pandas block over the mapped file (a wide frame of one dtype behaves like a
+normal consolidated frame: ``df.sum()`` over 10,000 columns is one call, not 10,000).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from pandas.api.internals import create_dataframe_from_blocks
+
+from ._codecs import (
+    Mapped,
+    Pool,
+    Spec,
+    check_attrs,
+    decode_array,
+    decode_index,
+    encode_array,
+    encode_index,
+    label_from_json,
+    label_to_json,
+)
+from ._errors import ColumnNotFoundError, CorruptEntryError, EntryChangedError, UnsupportedTypeError
+
+
+def encode(obj: pd.DataFrame | pd.Series) -> tuple[Spec, Pool]:
+    """Describe ``obj`` as a JSON-able layout plus the buffers to write.
+
+    Raises UnsupportedTypeError before anything is written if any part cannot be stored.
+    """
+    pool = Pool()
+    if isinstance(obj, pd.Series):
+        layout: Spec = {
+            "kind": "series",
+            "nrows": len(obj),
+            "ncols": 1,
+            "name": label_to_json(obj.name, "Series name"),
+            "values": encode_array(obj._values, pool, f"Series {obj.name!r}"),
+        }
+    elif isinstance(obj, pd.DataFrame):
+        layout = {"kind": "frame", "nrows": len(obj), "ncols": obj.shape[1]}
+        layout.update(_encode_columns(obj, pool))
+        layout["columns"] = encode_index(obj.columns, pool, "column labels", labels=True)
+    else:
+        raise UnsupportedTypeError(
+            f"mmcache.save() takes a pandas DataFrame or Series, got {type(obj).__name__}; "
+            "wrap it with pd.DataFrame(...) first"
+        )
+    layout["index"] = encode_index(obj.index, pool, "index")
+    layout["attrs"] = check_attrs(dict(obj.attrs))
+    return layout, pool
+
+
+def _encode_columns(df: pd.DataFrame, pool: Pool) -> Spec:
+    # Walk pandas' own blocks: one pass over 2-D blocks, no Series per column. Columns of a
+    # numpy dtype are grouped per dtype and written in column order so they re-form a block.
+    by_dtype: dict[str, list[tuple[int, np.ndarray]]] = {}
+    ext: list[tuple[int, Any]] = []
+    for blk in df._mgr.blocks:
+        positions = blk.mgr_locs.as_array
+        values = blk.values
+        if isinstance(values, np.ndarray) and values.dtype.kind in "biufcmM":
+            for row, pos in enumerate(positions):
+                by_dtype.setdefault(values.dtype.str, []).append((int(pos), values[row]))
+        elif isinstance(values, np.ndarray):
+            for row, pos in enumerate(positions):
+                ext.append((int(pos), values[row]))
+        else:
+            ext.append((int(positions[0]), values))
+    blocks = []
+    for dtype, cols in by_dtype.items():
+        cols.sort(key=lambda c: c[0])
+        first = None
+        for _, arr in cols:
+            ref = pool.add(arr, align=first is None)
+            first = first or ref
+        assert first is not None
+        blocks.append({
+            "dtype": dtype,
+            "v": {"f": first["f"], "o": first["o"], "n": len(cols) * len(df)},
+            "cols": [pos for pos, _ in cols],
+        })
+    columns: list[Spec | None] = [None] * df.shape[1]
+    for pos, values in sorted(ext, key=lambda c: c[0]):
+        label = df.columns[pos]
+        columns[pos] = encode_array(values, pool, f"column {label!r}")
+    return {"blocks": blocks, "ext": {str(i): c for i, c in enumerate(columns) if c is not None}}
+
+
+def decode(layout: Spec, m: Mapped, columns: Sequence[Any] | None) -> pd.DataFrame | pd.Series:
+    """Rebuild the object over mapped buffers; only the requested columns are touched."""
+    try:
+        nrows = int(layout["nrows"])
+        index = decode_index(layout["index"], m)
+        if len(index) != nrows:
+            raise CorruptEntryError(f"{m.where}: index has {len(index)} rows, expected {nrows}")
+        if layout["kind"] == "series":
+            values = decode_array(layout["values"], m)
+            _check_len(values, nrows, m)
+            obj: pd.DataFrame | pd.Series = pd.Series(
+                values, index=index, name=label_from_json(layout["name"]), copy=False
+            )
+        else:
+            obj = _decode_frame(layout, m, index, nrows, columns)
+        obj.attrs = layout["attrs"]
+        return obj
+    except CorruptEntryError:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+        raise CorruptEntryError(f"{m.where}: metadata does not describe a frame: {exc}") from exc
+
+
+def _check_len(values: Any, nrows: int, m: Mapped) -> None:
+    if len(values) != nrows:
+        raise CorruptEntryError(f"{m.where}: a column has {len(values)} rows, expected {nrows}")
+
+
+def _decode_frame(
+    layout: Spec, m: Mapped, index: pd.Index, nrows: int, columns: Sequence[Any] | None
+) -> pd.DataFrame:
+    all_labels = decode_index(layout["columns"], m)
+    ncols = int(layout["ncols"])
+    if len(all_labels) != ncols:
+        raise CorruptEntryError(f"{m.where}: {len(all_labels)} column labels, expected {ncols}")
+    if columns is None:
+        wanted = np.arange(ncols)
+        labels = all_labels
+    else:
+        wanted = _positions(all_labels, columns, m.where)
+        labels = all_labels.take(wanted)
+    new_pos = {}
+    for new, old in enumerate(wanted.tolist()):
+        new_pos.setdefault(old, []).append(new)
+
+    blocks: list[tuple[Any, np.ndarray]] = []
+    for blk in layout["blocks"]:
+        cols = blk["cols"]
+        arr2d = m.get(blk["v"], blk["dtype"])
+        if arr2d.size != len(cols) * nrows:
+            raise CorruptEntryError(f"{m.where}: block of {blk['dtype']} has a wrong size")
+        arr2d = arr2d.reshape(len(cols), nrows)
+        # Rows of the block that are wanted, as runs of consecutive rows: each run is a view.
+        picks = [(row, new) for row, old in enumerate(cols) for new in new_pos.get(old, ())]
+        if len(picks) == len(cols) and all(r == i for i, (r, _) in enumerate(picks)):
+            blocks.append((arr2d, np.array([n for _, n in picks], dtype=np.intp)))
+            continue
+        for row, new in picks:
+            blocks.append((arr2d[row : row + 1], np.array([new], dtype=np.intp)))
+    ext = layout["ext"]
+    for old, news in new_pos.items():
+        spec = ext.get(str(old))
+        if spec is None:
+            continue
+        values = decode_array(spec, m)
+        _check_len(values, nrows, m)
+        for new in news:
+            blocks.append((values, np.array([new], dtype=np.intp)))
+    placed = sorted(int(n) for _, p in blocks for n in p)
+    if placed != list(range(len(wanted))):
+        raise CorruptEntryError(f"{m.where}: blocks do not cover the columns exactly once")
+    return create_dataframe_from_blocks(blocks, index=index, columns=labels)
+
+
+def _positions(all_labels: pd.Index, columns: Sequence[Any], where: str) -> np.ndarray:
+    if isinstance(columns, (str, bytes)) or not isinstance(columns, Sequence | pd.Index):
+        raise TypeError(f"columns= takes a list of column labels, got {columns!r}")
+    out: list[int] = []
+    for label in columns:
+        try:
+            loc = all_labels.get_loc(label)
+        except (KeyError, TypeError):
+            raise ColumnNotFoundError(
+                f"{where}: no column {label!r}; it has {list(all_labels)[:10]!r}"
+                f"{' ...' if len(all_labels) > 10 else ''}: pick columns that exist"
+            ) from None
+        if isinstance(loc, slice):
+            out.extend(range(*loc.indices(len(all_labels))))
+        elif isinstance(loc, np.ndarray):
+            out.extend(np.flatnonzero(loc).tolist())
+        else:
+            out.append(int(loc))
+    return np.array(out, dtype=np.intp)
+
+
+# --- frames that pickle by reference --------------------------------------------------------
+
+
+class _Ref:
+    """What a mapped frame needs to pickle as a reference and to tell if it was modified."""
+
+    __slots__ = ("axes", "cache_dir", "columns", "key", "name", "names", "token", "values")
+
+    def __init__(self, obj: Any, cache_dir: str, key: str, token: str, columns: Any) -> None:
+        self.cache_dir, self.key, self.token, self.columns = cache_dir, key, token, columns
+        self.axes = list(obj._mgr.axes)
+        self.names = [list(ax.names) for ax in self.axes]
+        self.name = obj.name if isinstance(obj, pd.Series) else None
+        self.values = [(blk.values, blk.mgr_locs.as_array.tolist()) for blk in obj._mgr.blocks]
+
+    def unmodified(self, obj: Any, attrs: dict[str, Any]) -> bool:
+        mgr = obj._mgr
+        if len(mgr.axes) != len(self.axes) or len(mgr.blocks) != len(self.values):
+            return False
+        if any(a is not b or list(a.names) != n
+               for a, b, n in zip(mgr.axes, self.axes, self.names, strict=True)):
+            return False
+        for blk, (values, locs) in zip(mgr.blocks, self.values, strict=True):
+            if blk.values is not values or blk.mgr_locs.as_array.tolist() != locs:
+                return False
+        if isinstance(obj, pd.Series) and not _same_label(obj.name, self.name):
+            return False
+        return obj.attrs == attrs
+
+
+def _same_label(a: Any, b: Any) -> bool:
+    return a is b or (type(a) is type(b) and a == b) or (a != a and b != b)
+
+
+def _plain(obj: Any) -> Any:
+    # A modified frame pickles as the plain DataFrame/Series it wraps, data included.
+    return obj
+
+
+def _reopen(cache_dir: str, key: str, token: str, columns: Any, kind: str) -> Any:
+    from ._cache import Cache
+
+    obj = Cache(cache_dir)._open_version(key, token, columns)
+    if obj is None:
+        raise EntryChangedError(
+            f"key {key!r} in {cache_dir!r} was re-saved or deleted after a frame opened from it "
+            "was pickled; open it again in the worker (Entry.open()) or keep the key unchanged "
+            "while workers run",
+            key=key,
+            path=cache_dir,
+        )
+    return obj
+
+
+class MappedFrame(pd.DataFrame):
+    """A DataFrame over a cache entry's mapped files.
+
+    It behaves exactly as a DataFrame. The only difference: while it is unmodified, pickling
+    it sends a reference (key, cache directory, version), a few hundred bytes, and the
+    receiving process maps the same files. Once modified, it pickles in full. Every
+    operation returns a plain DataFrame.
+    """
+
+    _mmcache_ref: _Ref | None = None
+    _mmcache_attrs: dict[str, Any] | None = None
+
+    @property
+    def _constructor(self) -> type[pd.DataFrame]:
+        return pd.DataFrame
+
+    @property
+    def _constructor_sliced(self) -> type[pd.Series]:
+        return pd.Series
+
+    def __reduce_ex__(self, protocol: Any) -> Any:  # type: ignore[override]
+        ref = self._mmcache_ref
+        if ref is not None and ref.unmodified(self, self._mmcache_attrs or {}):
+            return (_reopen, (ref.cache_dir, ref.key, ref.token, ref.columns, "frame"))
+        return (_plain, (pd.DataFrame(self, copy=False),))
+
+
+class MappedSeries(pd.Series):
+    """A Series over a cache entry's mapped files; pickles by reference while unmodified."""
+
+    _mmcache_ref: _Ref | None = None
+    _mmcache_attrs: dict[str, Any] | None = None
+
+    @property
+    def _constructor(self) -> type[pd.Series]:
+        return pd.Series
+
+    @property
+    def _constructor_expanddim(self) -> type[pd.DataFrame]:
+        return pd.DataFrame
+
+    def __reduce_ex__(self, protocol: Any) -> Any:  # type: ignore[override]
+        ref = self._mmcache_ref
+        if ref is not None and ref.unmodified(self, self._mmcache_attrs or {}):
+            return (_reopen, (ref.cache_dir, ref.key, ref.token, ref.columns, "series"))
+        return (_plain, (pd.Series(self, copy=False),))
+
+
+def hand_out(
+    base: pd.DataFrame | pd.Series, cache_dir: str | os.PathLike[str], key: str, token: str,
+    columns: Any,
+) -> pd.DataFrame | pd.Series:
+    """A new frame object over ``base``'s buffers: edits copy (pandas copy-on-write) because
+    ``base`` keeps a reference, so neither the cache nor other frames ever see them."""
+    cls: Any = MappedSeries if isinstance(base, pd.Series) else MappedFrame
+    mgr = base._mgr.copy(deep=False)
+    obj = cls._from_mgr(mgr, axes=mgr.axes)
+    if isinstance(base, pd.Series):
+        obj.name = base.name
+    obj.attrs = copy.deepcopy(base.attrs)
+    object.__setattr__(obj, "_mmcache_attrs", copy.deepcopy(base.attrs))
+    object.__setattr__(obj, "_mmcache_ref", _Ref(obj, os.fspath(cache_dir), key, token, columns))
+    return obj

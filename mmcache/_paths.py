@@ -1,0 +1,128 @@
+"""Where the cache lives, and how a key becomes file names that cannot leave it.
+
+Layout of a cache directory (everything for one key shares the prefix ``NAME``)::
+
+    NAME.json           metadata: the entry's only commit point, replaced atomically
+    NAME.TOKEN/         data of one saved version, referenced by NAME.json
+    NAME.lock           per-key writer lock (flock; released by the kernel if the holder dies)
+    NAME.json.TOKEN.tmp metadata being published (only ever exists under the lock)
+
+``NAME`` is a readable prefix of the key (``[A-Za-z0-9_-]`` only) plus a hash of the full key,
+so no key can produce ``/``, ``..``, NUL or a leading dot, whatever it contains.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import stat
+import tempfile
+from pathlib import Path
+
+from ._errors import CacheDirError, InvalidKeyError
+
+ENV_DIR = "MMCACHE_DIR"
+MAX_KEY_LEN = 200
+# A readable prefix helps `ls` of the directory; the hash guarantees uniqueness. 96 bits of
+# SHA-256 make an accidental collision between two keys of one cache impossible in practice,
+# and open() still checks the full key stored in the metadata.
+_PREFIX_LEN = 48
+_HASH_HEX = 24
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+
+
+def check_key(key: object) -> str:
+    """Return ``key`` if it can name an entry, else raise InvalidKeyError."""
+    if not isinstance(key, str):
+        raise InvalidKeyError(
+            f"key must be a str, got {type(key).__name__} {key!r}; pass a string key", key=None
+        )
+    if not key or len(key) > MAX_KEY_LEN:
+        raise InvalidKeyError(
+            f"key must have 1 to {MAX_KEY_LEN} characters, got {len(key)}; use a shorter key",
+            key=key,
+        )
+    if "\0" in key:
+        raise InvalidKeyError(f"key {key!r} contains a NUL character; remove it", key=key)
+    return key
+
+
+def entry_name(key: str) -> str:
+    """The file-name stem of ``key``'s entry: safe, unique, readable."""
+    digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:_HASH_HEX]
+    return f"{_UNSAFE.sub('_', key)[:_PREFIX_LEN]}-{digest}"
+
+
+def default_cache_dir() -> Path:
+    """The per-user default: on ``/dev/shm`` (RAM) when usable, else under the temp dir."""
+    name = f"mmcache-{os.getuid()}"
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK | os.X_OK):
+        return shm / name
+    return Path(tempfile.gettempdir()) / name
+
+
+def resolve_cache_dir(cache_dir: str | os.PathLike[str] | None) -> Path:
+    """Decide the cache directory and make sure it exists and is safe to use.
+
+    Order: the argument, else ``$MMCACHE_DIR``, else :func:`default_cache_dir`. The
+    environment is read at each call, not at import. A directory mmcache creates gets mode
+    0700. The default directory must be a real directory owned by the user with no group or
+    other access (a planted symlink or a foreign directory would let another user read or
+    swap the data); a directory the user chose must be owned by them (or root) and not
+    writable by others.
+    """
+    chosen = cache_dir if cache_dir is not None else os.environ.get(ENV_DIR) or None
+    is_default = chosen is None
+    path = default_cache_dir() if chosen is None else Path(os.fspath(chosen)).expanduser()
+    try:
+        path.mkdir(mode=0o700, parents=not is_default, exist_ok=True)
+    except OSError as exc:
+        raise CacheDirError(
+            f"cannot create cache directory {str(path)!r}: {exc.strerror or exc}; "
+            f"set {ENV_DIR} or pass cache_dir= to a writable directory",
+            path=path,
+        ) from exc
+    st = os.lstat(path)
+    uid = os.getuid()
+    if is_default:
+        if stat.S_ISLNK(st.st_mode):
+            raise CacheDirError(
+                f"default cache directory {str(path)!r} is a symlink, which another user "
+                f"could have planted; remove it or set {ENV_DIR}",
+                path=path,
+            )
+        problem = None
+        if not stat.S_ISDIR(st.st_mode):
+            problem = "is not a directory"
+        elif st.st_uid != uid:
+            problem = f"is owned by uid {st.st_uid}, not by you (uid {uid})"
+        elif st.st_mode & 0o077:
+            problem = f"has mode {stat.S_IMODE(st.st_mode):o}; it must be private (700)"
+        if problem:
+            raise CacheDirError(
+                f"default cache directory {str(path)!r} {problem}; fix it "
+                f"(chmod 700 / remove it) or set {ENV_DIR} to another directory",
+                path=path,
+            )
+        return path
+    st = os.stat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise CacheDirError(
+            f"cache directory {str(path)!r} is not a directory; pass a directory", path=path
+        )
+    if st.st_uid not in (uid, 0):
+        raise CacheDirError(
+            f"cache directory {str(path)!r} is owned by uid {st.st_uid}, not by you "
+            f"(uid {uid}); another user could replace your data: use a directory of your own",
+            path=path,
+        )
+    if st.st_mode & 0o002:
+        # Even with the sticky bit (/dev/shm, /tmp), others could plant names we later open.
+        raise CacheDirError(
+            f"cache directory {str(path)!r} is writable by every user; use a private "
+            "sub-directory (mode 700), e.g. the default one",
+            path=path,
+        )
+    return path

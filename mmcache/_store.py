@@ -1,0 +1,263 @@
+"""Files of one entry: writing them so no reader sees half of one, and mapping them safely.
+
+Durability model: an entry is published by ``os.replace`` of its metadata file, the only file
+a reader looks up by name; the data files it points to are complete before that rename and
+are never modified afterwards (an overwrite writes a new data directory, a delete unlinks).
+A reader that mapped the old files keeps reading them intact. Files are not fsync'ed: this is
+a cache, and after a machine crash ``open`` detects a truncated file by its size instead of
+faulting (SIGBUS).
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import json
+import os
+import shutil
+import stat
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from ._codecs import Mapped, Pool, Spec
+from ._errors import CacheFullError, CorruptEntryError, UnsupportedFormatError
+from ._paths import ENV_DIR
+
+FORMAT_VERSION = 1
+# Room kept free beyond the entry's own bytes, for its metadata and file-system overhead, so a
+# save never fills a tmpfs to the last page (other users of /dev/shm would start failing).
+FREE_MARGIN = 1 << 20
+# A .npy header is at most a few hundred bytes for a 1-D array; refuse anything bigger.
+MAX_HEADER = 4096
+# Metadata of a 10,000-column frame is about 1 MB; refuse absurd sizes instead of reading them.
+MAX_META_BYTES = 256 << 20
+_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def new_token() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+def _npy_header(dtype: np.dtype, count: int) -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        buf, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
+              "shape": (count,)}
+    )
+    return buf.getvalue()
+
+
+def plan_files(pool: Pool) -> list[Spec]:
+    """Name, dtype, item count and byte size of each file the pool will write."""
+    out = []
+    for i, key in enumerate(pool.order):
+        dtype = np.dtype(key)
+        count = pool.counts[key]
+        size = len(_npy_header(dtype, count)) + count * dtype.itemsize
+        out.append({"name": f"{i}.npy", "dtype": key, "count": count, "size": size})
+    return out
+
+
+def check_room(cache_dir: Path, nbytes: int, key: str) -> None:
+    """Raise CacheFullError unless the file system has room for ``nbytes`` more."""
+    st = os.statvfs(cache_dir)
+    free = st.f_bavail * st.f_frsize
+    if nbytes + FREE_MARGIN > free:
+        raise CacheFullError(
+            f"cannot save key {key!r}: it needs {_human(nbytes)} but the file system of "
+            f"{str(cache_dir)!r} has {_human(free)} free; free space with `mmcache clean`, or "
+            f"set {ENV_DIR} to a directory on a bigger file system (in Docker, /dev/shm is "
+            "64 MB unless started with --shm-size)",
+            key=key,
+            path=cache_dir,
+        )
+
+
+def full_error(exc: OSError, key: str, cache_dir: Path) -> CacheFullError | None:
+    if exc.errno not in _FULL_ERRNOS:
+        return None
+    return CacheFullError(
+        f"cannot save key {key!r}: the file system of {str(cache_dir)!r} filled up while "
+        f"writing ({exc.strerror}); nothing was kept. Free space with `mmcache clean`, or set "
+        f"{ENV_DIR} to a directory on a bigger file system (Docker: --shm-size)",
+        key=key,
+        path=cache_dir,
+    )
+
+
+def write_data(data_dir: Path, pool: Pool, files: list[Spec]) -> None:
+    """Write the pool's files into a new directory ``data_dir`` (created here, mode 0700)."""
+    os.mkdir(data_dir, 0o700)
+    for key, spec in zip(pool.order, files, strict=True):
+        path = data_dir / spec["name"]
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with open(fd, "wb", buffering=0, closefd=True) as f:
+            try:
+                # Reserve every block up front: on a full tmpfs this fails cleanly with ENOSPC
+                # where writing into a mapping would fault later.
+                os.posix_fallocate(fd, 0, spec["size"])
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                    raise
+            f.write(_npy_header(np.dtype(key), spec["count"]))
+            for arr in pool.files[key]:
+                view = memoryview(arr.view(np.uint8))
+                while view:  # a raw write may be partial
+                    n = f.write(view)
+                    if n is None:  # pragma: no cover - only for non-blocking files
+                        raise OSError(errno.EAGAIN, "short write")
+                    view = view[n:]
+
+
+def publish_meta(cache_dir: Path, name: str, token: str, meta: Spec) -> None:
+    """Atomically make ``meta`` the entry's metadata (write aside, then one rename)."""
+    tmp = cache_dir / f"{name}.json.{token}.tmp"
+    data = json.dumps(meta, separators=(",", ":"), allow_nan=False).encode()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        with open(fd, "wb", closefd=True) as f:
+            f.write(data)
+        os.replace(tmp, cache_dir / f"{name}.json")
+    except BaseException:
+        _unlink(tmp)
+        raise
+
+
+def read_meta(path: Path, key: str | None) -> Spec:
+    """Read and check an entry's metadata. FileNotFoundError passes through."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    with open(fd, "rb", closefd=True) as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_META_BYTES:
+            raise CorruptEntryError(
+                f"metadata {str(path)!r} is not a regular file of sane size; delete the entry",
+                key=key, path=path,
+            )
+        raw = f.read()
+    try:
+        meta = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CorruptEntryError(
+            f"metadata {str(path)!r} is not valid JSON ({exc}); delete the entry "
+            "(mmcache.delete or `mmcache clean KEY`) and save it again",
+            key=key, path=path,
+        ) from exc
+    if not isinstance(meta, dict) or not isinstance(meta.get("format"), int):
+        raise CorruptEntryError(
+            f"metadata {str(path)!r} has no format version; delete the entry and save it again",
+            key=key, path=path,
+        )
+    if meta["format"] != FORMAT_VERSION:
+        raise UnsupportedFormatError(
+            f"entry {str(path)!r} uses storage format {meta['format']}, this mmcache reads "
+            f"format {FORMAT_VERSION}; upgrade mmcache, or delete the entry and save it again",
+            key=key, path=path,
+        )
+    needed = ("key", "token", "data", "files", "layout", "created", "nbytes")
+    if any(k not in meta for k in needed) or not isinstance(meta["files"], list):
+        raise CorruptEntryError(
+            f"metadata {str(path)!r} lacks fields; delete the entry and save it again",
+            key=key, path=path,
+        )
+    return meta
+
+
+def map_files(data_dir: Path, files: list[Spec], key: str, where: str) -> Mapped:
+    """Map each file read-only after checking it against the metadata.
+
+    Sizes and ``.npy`` headers are checked before any data page is touched, so a truncated or
+    altered file raises CorruptEntryError instead of a SIGBUS or a wrongly shaped array.
+    FileNotFoundError passes through (the entry was replaced or deleted meanwhile).
+    Mappings go through Arrow, which keeps no file descriptor open once mapped: an entry of
+    any width costs no descriptors (Python's mmap would hold one per file).
+    """
+    st = os.lstat(data_dir)
+    if not stat.S_ISDIR(st.st_mode):
+        raise CorruptEntryError(
+            f"{where}: data {str(data_dir)!r} is not a directory; delete the entry",
+            key=key, path=data_dir,
+        )
+    arrays = []
+    for spec in files:
+        try:
+            name, dtype, count, size = spec["name"], np.dtype(spec["dtype"]), spec["count"], \
+                int(spec["size"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CorruptEntryError(f"{where}: bad file entry {spec!r:.100}", key=key) from exc
+        if dtype.hasobject or not isinstance(name, str) or "/" in name or name.startswith("."):
+            raise CorruptEntryError(f"{where}: bad file entry {spec!r:.100}", key=key)
+        path = data_dir / name
+        fst = os.lstat(path)
+        if not stat.S_ISREG(fst.st_mode):
+            raise CorruptEntryError(
+                f"{where}: {str(path)!r} is not a regular file (a symlink?); delete the entry",
+                key=key, path=path,
+            )
+        if fst.st_size != size:
+            raise CorruptEntryError(
+                f"{where}: {str(path)!r} has {fst.st_size} bytes, metadata says {size} "
+                "(truncated or overwritten); delete the entry and save it again",
+                key=key, path=path,
+            )
+        arrays.append(_map_npy(path, dtype, count, size, key))
+    return Mapped(arrays, where)
+
+
+def _map_npy(path: Path, dtype: np.dtype, count: int, size: int, key: str) -> np.ndarray:
+    def corrupt(why: str) -> CorruptEntryError:
+        return CorruptEntryError(
+            f"{str(path)!r}: {why}; delete the entry and save it again", key=key, path=path
+        )
+
+    if size == 0:
+        raise corrupt("empty file")
+    mm = pa.memory_map(str(path), "r")
+    try:
+        buf = mm.read_buffer()
+    finally:
+        mm.close()
+    if buf.size != size:
+        raise corrupt(f"file changed size while mapping ({buf.size} != {size})")
+    head = io.BytesIO(buf.slice(0, min(size, MAX_HEADER)).to_pybytes())
+    try:
+        version = np.lib.format.read_magic(head)
+        if version == (1, 0):
+            shape, fortran, got = np.lib.format.read_array_header_1_0(head)
+        elif version == (2, 0):
+            shape, fortran, got = np.lib.format.read_array_header_2_0(head)
+        else:
+            raise ValueError(f"npy version {version}")
+    except (ValueError, SyntaxError, TypeError, EOFError) as exc:
+        raise corrupt(f"bad .npy header ({exc})") from exc
+    if got != dtype or fortran or shape != (count,):
+        raise corrupt(f".npy header says {got} {shape}, metadata says {dtype} ({count},)")
+    offset = head.tell()
+    if offset + count * dtype.itemsize != size:
+        raise corrupt("data size does not match the header")
+    # A plain read-only ndarray over the mapping (never np.memmap, which pandas treats as a
+    # foreign class); it keeps the mapping alive for as long as any view of it lives.
+    return np.frombuffer(buf, dtype=dtype, count=count, offset=offset)
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a data directory; readers that mapped its files keep their pages until unmap."""
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _unlink(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"  # pragma: no cover
