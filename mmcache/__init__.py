@@ -62,7 +62,7 @@ def save(obj: _pd.DataFrame | _pd.Series, key: str, *, cache_dir: _PathArg = Non
     return Cache(cache_dir).save(obj, key)
 
 
-def open(  # noqa: A001 - the verb users expect: mmcache.open(key)
+def open(
     key: str,
     *,
     cache_dir: _PathArg = None,

@@ -11,7 +11,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import filelock
 import pandas as pd
@@ -33,7 +33,7 @@ LOCK_TIMEOUT = 600.0
 # metadata and mapping them; each retry sees a newer metadata file, so a few are plenty.
 OPEN_RETRIES = 20
 
-Frame = pd.DataFrame | pd.Series
+Frame: TypeAlias = pd.DataFrame | pd.Series
 
 
 @dataclass(frozen=True)

@@ -239,8 +239,6 @@ def encode_array(values: Any, pool: Pool, where: str) -> Spec:
     dtype = values.dtype
     if isinstance(values, np.ndarray) and dtype.kind in _NUMPY_KINDS:
         return {"c": "np", "v": pool.add(values)}
-    if isinstance(values, pd.arrays.NumpyExtensionArray):
-        return encode_array(values.to_numpy(), pool, where)
     if isinstance(dtype, pd.DatetimeTZDtype):
         return {"c": "dttz", "tz": _tz_to_json(dtype.tz, where), "v": pool.add(values._ndarray)}
     if isinstance(dtype, pd.api.extensions.ExtensionDtype) and hasattr(values, "_mask"):
@@ -253,7 +251,7 @@ def encode_array(values: Any, pool: Pool, where: str) -> Spec:
             "codes": pool.add(values.codes),
             "cats": encode_index(dtype.categories, pool, f"{where} categories"),
         }
-    if isinstance(dtype, pd.StringDtype) or (dtype == object and _only_str(values)):
+    if isinstance(dtype, pd.StringDtype) or (_is_object(dtype) and _only_str(values)):
         na = "NA" if isinstance(dtype, pd.StringDtype) and dtype.na_value is pd.NA else "nan"
         if isinstance(dtype, pd.StringDtype) and dtype.storage == "pyarrow":
             pa_arr = values._pa_array
@@ -263,6 +261,8 @@ def encode_array(values: Any, pool: Pool, where: str) -> Spec:
         if pa_arr.type != pa.large_string():
             pa_arr = pa_arr.cast(pa.large_string())
         return {"c": "str", "na": na, "arrow": _encode_arrow(pa_arr, pool)}
+    if isinstance(values, pd.arrays.NumpyExtensionArray):
+        return encode_array(values.to_numpy(), pool, where)
     if isinstance(dtype, pd.ArrowDtype):
         pa_arr = values._pa_array
         if not _arrow_storable(pa_arr.type):
@@ -282,13 +282,19 @@ def encode_array(values: Any, pool: Pool, where: str) -> Spec:
     raise _unsupported(where, dtype, values)
 
 
+def _is_object(dtype: Any) -> bool:
+    return isinstance(dtype, np.dtype) and dtype.kind == "O"
+
+
 def _only_str(values: Any) -> bool:
-    return infer_dtype(values, skipna=True) in ("string", "empty")
+    # An Index of object dtype that is empty stays object (kept exactly as JSON).
+    kinds = ("string",) if isinstance(values, pd.Index) else ("string", "empty")
+    return infer_dtype(values, skipna=True) in kinds
 
 
 def _unsupported(where: str, dtype: Any, values: Any = None) -> UnsupportedTypeError:
     held = ""
-    if values is not None and dtype == object:
+    if values is not None and _is_object(dtype):
         kinds = sorted({type(v).__name__ for v in values[:1000] if v is not None})
         held = f" holding {', '.join(kinds[:5])} values"
     return UnsupportedTypeError(
@@ -398,7 +404,7 @@ def encode_index(index: pd.Index, pool: Pool, where: str, *, labels: bool = Fals
                        for lev in index.levels],
             "codes": [pool.add(c) for c in index.codes],
         }
-    if index.dtype == object and (labels or not _only_str(index)):
+    if _is_object(index.dtype) and (labels or not _only_str(index)):
         return {"c": "json", "name": name,
                 "values": [label_to_json(v, f"{where} label") for v in index]}
     spec: Spec = {"c": "index", "name": name, "values": encode_array(index._values, pool, where)}
@@ -426,15 +432,12 @@ def decode_index(spec: Spec, m: Mapped) -> pd.Index:
                             name=label_from_json(spec["name"]))
         if kind == "index":
             values = decode_array(spec["values"], m)
+            index = pd.Index(values, name=label_from_json(spec["name"]), copy=False)
             if "freq" in spec:
-                # The constructors check a freq against every value: O(rows) at each open.
-                cls = (pd.arrays.DatetimeArray if values.dtype.kind == "M"
-                       or isinstance(values.dtype, pd.DatetimeTZDtype)
-                       else pd.arrays.TimedeltaArray)
-                raw = values if isinstance(values, np.ndarray) else values._ndarray
-                values = cls._simple_new(raw, freq=pd.tseries.frequencies.to_offset(spec["freq"]),
-                                         dtype=values.dtype)
-            return pd.Index(values, name=label_from_json(spec["name"]), copy=False)
+                # The public setter checks the freq against every value (O(rows) at each
+                # open); it was valid when saved, so set it as pandas' own constructors do.
+                index._freq = pd.tseries.frequencies.to_offset(spec["freq"])
+            return index
     except CorruptEntryError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError) as exc:

@@ -1,4 +1,4 @@
-"""A DataFrame or Series as metadata + buffers, and back, and frames that pickle by reference.
+"""A DataFrame or Series as metadata + buffers, and back; frames that pickle by reference.
 
 Columns of one plain numpy dtype are written next to each other, so at open they form one
 consolidated 2-D pandas block over the mapped file (a wide frame of one dtype behaves like a
@@ -8,6 +8,7 @@ normal consolidated frame: ``df.sum()`` over 10,000 columns is one call, not 10,
 from __future__ import annotations
 
 import copy
+import copyreg
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -67,10 +68,14 @@ def _encode_columns(df: pd.DataFrame, pool: Pool) -> Spec:
     for blk in df._mgr.blocks:
         positions = blk.mgr_locs.as_array
         values = blk.values
+        if isinstance(values, pd.arrays.DatetimeArray | pd.arrays.TimedeltaArray) and (
+            getattr(values, "tz", None) is None
+        ):
+            values = values._ndarray  # naive datetimes are a plain numpy block
         if isinstance(values, np.ndarray) and values.dtype.kind in "biufcmM":
             for row, pos in enumerate(positions):
                 by_dtype.setdefault(values.dtype.str, []).append((int(pos), values[row]))
-        elif isinstance(values, np.ndarray):
+        elif values.ndim == 2:
             for row, pos in enumerate(positions):
                 ext.append((int(pos), values[row]))
         else:
@@ -136,7 +141,7 @@ def _decode_frame(
     else:
         wanted = _positions(all_labels, columns, m.where)
         labels = all_labels.take(wanted)
-    new_pos = {}
+    new_pos: dict[int, list[int]] = {}
     for new, old in enumerate(wanted.tolist()):
         new_pos.setdefault(old, []).append(new)
 
@@ -196,16 +201,18 @@ def _positions(all_labels: pd.Index, columns: Sequence[Any], where: str) -> np.n
 class _Ref:
     """What a mapped frame needs to pickle as a reference and to tell if it was modified."""
 
-    __slots__ = ("axes", "cache_dir", "columns", "key", "name", "names", "token", "values")
+    __slots__ = ("attrs", "axes", "cache_dir", "columns", "key", "name", "names", "token",
+                 "values")
 
     def __init__(self, obj: Any, cache_dir: str, key: str, token: str, columns: Any) -> None:
         self.cache_dir, self.key, self.token, self.columns = cache_dir, key, token, columns
         self.axes = list(obj._mgr.axes)
         self.names = [list(ax.names) for ax in self.axes]
         self.name = obj.name if isinstance(obj, pd.Series) else None
+        self.attrs = copy.deepcopy(obj.attrs)
         self.values = [(blk.values, blk.mgr_locs.as_array.tolist()) for blk in obj._mgr.blocks]
 
-    def unmodified(self, obj: Any, attrs: dict[str, Any]) -> bool:
+    def unmodified(self, obj: Any) -> bool:
         mgr = obj._mgr
         if len(mgr.axes) != len(self.axes) or len(mgr.blocks) != len(self.values):
             return False
@@ -217,16 +224,11 @@ class _Ref:
                 return False
         if isinstance(obj, pd.Series) and not _same_label(obj.name, self.name):
             return False
-        return obj.attrs == attrs
+        return obj.attrs == self.attrs
 
 
 def _same_label(a: Any, b: Any) -> bool:
     return a is b or (type(a) is type(b) and a == b) or (a != a and b != b)
-
-
-def _plain(obj: Any) -> Any:
-    # A modified frame pickles as the plain DataFrame/Series it wraps, data included.
-    return obj
 
 
 def _reopen(cache_dir: str, key: str, token: str, columns: Any, kind: str) -> Any:
@@ -244,52 +246,24 @@ def _reopen(cache_dir: str, key: str, token: str, columns: Any, kind: str) -> An
     return obj
 
 
-class MappedFrame(pd.DataFrame):
-    """A DataFrame over a cache entry's mapped files.
+def _reduce(obj: Any) -> Any:
+    """Pickle reducer for DataFrame and Series (registered with copyreg).
 
-    It behaves exactly as a DataFrame. The only difference: while it is unmodified, pickling
-    it sends a reference (key, cache directory, version), a few hundred bytes, and the
-    receiving process maps the same files. Once modified, it pickles in full. Every
-    operation returns a plain DataFrame.
+    A frame handed out by open() and still unmodified pickles as a reference (key, cache
+    directory, version: a few hundred bytes) and the receiving process maps the same files.
+    Anything else pickles exactly as pandas pickles it. A hook on the exact classes, rather
+    than a subclass, keeps ``type(mmcache.open(k)) is pd.DataFrame``: pandas' testing helpers
+    and user code that compares classes keep working.
     """
-
-    _mmcache_ref: _Ref | None = None
-    _mmcache_attrs: dict[str, Any] | None = None
-
-    @property
-    def _constructor(self) -> type[pd.DataFrame]:
-        return pd.DataFrame
-
-    @property
-    def _constructor_sliced(self) -> type[pd.Series]:
-        return pd.Series
-
-    def __reduce_ex__(self, protocol: Any) -> Any:  # type: ignore[override]
-        ref = self._mmcache_ref
-        if ref is not None and ref.unmodified(self, self._mmcache_attrs or {}):
-            return (_reopen, (ref.cache_dir, ref.key, ref.token, ref.columns, "frame"))
-        return (_plain, (pd.DataFrame(self, copy=False),))
+    ref = obj.__dict__.get("_mmcache_ref")
+    if ref is not None and ref.unmodified(obj):
+        kind = "series" if isinstance(obj, pd.Series) else "frame"
+        return (_reopen, (ref.cache_dir, ref.key, ref.token, ref.columns, kind))
+    return obj.__reduce_ex__(2)
 
 
-class MappedSeries(pd.Series):
-    """A Series over a cache entry's mapped files; pickles by reference while unmodified."""
-
-    _mmcache_ref: _Ref | None = None
-    _mmcache_attrs: dict[str, Any] | None = None
-
-    @property
-    def _constructor(self) -> type[pd.Series]:
-        return pd.Series
-
-    @property
-    def _constructor_expanddim(self) -> type[pd.DataFrame]:
-        return pd.DataFrame
-
-    def __reduce_ex__(self, protocol: Any) -> Any:  # type: ignore[override]
-        ref = self._mmcache_ref
-        if ref is not None and ref.unmodified(self, self._mmcache_attrs or {}):
-            return (_reopen, (ref.cache_dir, ref.key, ref.token, ref.columns, "series"))
-        return (_plain, (pd.Series(self, copy=False),))
+copyreg.pickle(pd.DataFrame, _reduce)
+copyreg.pickle(pd.Series, _reduce)
 
 
 def hand_out(
@@ -298,12 +272,7 @@ def hand_out(
 ) -> pd.DataFrame | pd.Series:
     """A new frame object over ``base``'s buffers: edits copy (pandas copy-on-write) because
     ``base`` keeps a reference, so neither the cache nor other frames ever see them."""
-    cls: Any = MappedSeries if isinstance(base, pd.Series) else MappedFrame
-    mgr = base._mgr.copy(deep=False)
-    obj = cls._from_mgr(mgr, axes=mgr.axes)
-    if isinstance(base, pd.Series):
-        obj.name = base.name
+    obj = base.copy(deep=False)
     obj.attrs = copy.deepcopy(base.attrs)
-    object.__setattr__(obj, "_mmcache_attrs", copy.deepcopy(base.attrs))
     object.__setattr__(obj, "_mmcache_ref", _Ref(obj, os.fspath(cache_dir), key, token, columns))
     return obj

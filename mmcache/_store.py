@@ -10,6 +10,7 @@ faulting (SIGBUS).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import json
@@ -18,7 +19,6 @@ import shutil
 import stat
 import uuid
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -105,7 +105,7 @@ def write_data(data_dir: Path, pool: Pool, files: list[Spec]) -> None:
                     raise
             f.write(_npy_header(np.dtype(key), spec["count"]))
             for arr in pool.files[key]:
-                view = memoryview(arr.view(np.uint8))
+                view = memoryview(arr.view(np.uint8))  # type: ignore[arg-type]
                 while view:  # a raw write may be partial
                     n = f.write(view)
                     if n is None:  # pragma: no cover - only for non-blocking files
@@ -249,10 +249,8 @@ def remove_tree(path: Path) -> None:
 
 
 def _unlink(path: Path) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def _human(n: float) -> str:
