@@ -453,5 +453,5 @@ def _entry(path: Path, meta: dict[str, Any], last_used: float) -> Entry:
         nrows=int(layout.get("nrows", 0)),
         ncols=int(layout.get("ncols", 0)),
         created=dt.datetime.fromtimestamp(created, dt.UTC),
-        last_used=dt.datetime.fromtimestamp(max(created, last_used), dt.UTC),
+        last_used=dt.datetime.fromtimestamp(last_used, dt.UTC),
     )

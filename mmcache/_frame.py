@@ -29,7 +29,13 @@ from ._codecs import (
     label_from_json,
     label_to_json,
 )
-from ._errors import ColumnNotFoundError, CorruptEntryError, EntryChangedError, UnsupportedTypeError
+from ._errors import (
+    ColumnNotFoundError,
+    CorruptEntryError,
+    EntryChangedError,
+    MmcacheError,
+    UnsupportedTypeError,
+)
 
 
 def encode(obj: pd.DataFrame | pd.Series) -> tuple[Spec, Pool]:
@@ -117,7 +123,7 @@ def decode(layout: Spec, m: Mapped, columns: Sequence[Any] | None) -> pd.DataFra
             obj = _decode_frame(layout, m, index, nrows, columns)
         obj.attrs = layout["attrs"]
         return obj
-    except CorruptEntryError:
+    except MmcacheError:
         raise
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
         raise CorruptEntryError(f"{m.where}: metadata does not describe a frame: {exc}") from exc

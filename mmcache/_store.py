@@ -35,6 +35,7 @@ FREE_MARGIN = 1 << 20
 MAX_HEADER = 4096
 # Metadata of a 10,000-column frame is about 1 MB; refuse absurd sizes instead of reading them.
 MAX_META_BYTES = 256 << 20
+_O_NOATIME = getattr(os, "O_NOATIME", 0)
 _FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
@@ -129,7 +130,11 @@ def publish_meta(cache_dir: Path, name: str, token: str, meta: Spec) -> None:
 
 def read_meta(path: Path, key: str | None) -> Spec:
     """Read and check an entry's metadata. FileNotFoundError passes through."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    # O_NOATIME: the atime records last use (set by open()); listing must not bump it.
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | _O_NOATIME)
+    except PermissionError:  # O_NOATIME needs ownership; others' readers just read
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     with open(fd, "rb", closefd=True) as f:
         st = os.fstat(f.fileno())
         if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_META_BYTES:

@@ -1,0 +1,319 @@
+"""The public API's behaviour in one process: writes, memoisation, columns=, the verbs."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import os
+import pickle
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import mmcache
+from mmcache._paths import entry_name
+from tests._zerocopy import array_buffers, assert_zero_copy, mapped_ranges
+
+
+def _mixed(n: int = 50) -> pd.DataFrame:
+    df = pd.DataFrame({
+        "a": np.arange(n, dtype=float),
+        "b": np.arange(n, dtype=np.int64),
+        "f2": np.arange(n, dtype=float) * 2,
+        "s": pd.Series([f"s{i}" if i % 7 else None for i in range(n)], dtype="str"),
+        "c": pd.Categorical(["x", "y"] * (n // 2)),
+        "i": pd.array([i if i % 5 else None for i in range(n)], dtype="Int64"),
+        "t": pd.date_range("2021", periods=n, freq="min", tz="UTC"),
+    })
+    df.attrs = {"unit": "m"}
+    return df
+
+
+def _digest(cache_dir) -> str:
+    h = hashlib.sha256()
+    for p in sorted(cache_dir.rglob("*.npy")):
+        h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def _iadd(d: pd.DataFrame, col: str) -> None:
+    d[col] += 1
+
+
+WRITES = {
+    "loc-float": lambda d: d.loc.__setitem__((0, "a"), 99.0),
+    "loc-int": lambda d: d.loc.__setitem__((1, "b"), -5),
+    "iloc": lambda d: d.iloc.__setitem__((2, 0), 7.5),
+    "at": lambda d: d.at.__setitem__((3, "f2"), 1.25),
+    "iadd": lambda d: _iadd(d, "b"),
+    "iadd-float": lambda d: _iadd(d, "a"),
+    "fillna-inplace": lambda d: d.fillna({"i": 0, "s": "none"}, inplace=True),
+    "mask-setitem": lambda d: d.__setitem__(d["b"] > 10, d[d["b"] > 10]),
+    "loc-str": lambda d: d.loc.__setitem__((0, "s"), "changed"),
+    "loc-cat": lambda d: d.loc.__setitem__((0, "c"), "y"),
+    "loc-Int64": lambda d: d.loc.__setitem__((0, "i"), 123),
+    "loc-tz": lambda d: d.loc.__setitem__((0, "t"), pd.Timestamp("1999", tz="UTC")),
+    "loc-row-slice": lambda d: d.loc.__setitem__((slice(0, 5), "a"), 0.0),
+    "iloc-all-columns": lambda d: d.iloc.__setitem__(0, d.iloc[1]),
+    "update": lambda d: d.update(pd.DataFrame({"a": [1.0, 2.0]})),
+    "del-column": lambda d: d.__delitem__("a"),
+}
+
+
+@pytest.mark.parametrize("name", list(WRITES))
+def test_in_place_writes_work_and_never_reach_the_cache(cache_dir, name):
+    df = _mixed()
+    mmcache.save(df, "k")
+    before = _digest(cache_dir)
+    other = mmcache.open("k")
+    mine = mmcache.open("k")
+    expected = df.copy()
+    WRITES[name](expected)
+    WRITES[name](mine)  # must not raise "assignment destination is read-only"
+    pd.testing.assert_frame_equal(mine, expected)
+    pd.testing.assert_frame_equal(other, df)  # an edit in one frame never shows in another
+    pd.testing.assert_frame_equal(mmcache.open("k"), df)
+    assert _digest(cache_dir) == before
+    mmcache._cache._MEMO.clear()
+    pd.testing.assert_frame_equal(mmcache.open("k"), df)
+
+
+def test_index_name_edit_stays_in_its_frame(cache_dir):
+    mmcache.save(_mixed(), "k")
+    a, b = mmcache.open("k"), mmcache.open("k")
+    a.index.name = "renamed"
+    a.columns.name = "cols"
+    assert b.index.name is None and b.columns.name is None
+    assert mmcache.open("k").index.name is None
+
+
+@pytest.mark.parametrize(
+    "write",
+    [
+        lambda d: d["a"].to_numpy().__setitem__(0, 1.0),
+        lambda d: d["b"].values.__setitem__(0, 1),
+        lambda d: d["i"].array._data.__setitem__(0, 1),
+    ],
+    ids=["to_numpy", "values", "masked-data"],
+)
+def test_writing_into_raw_arrays_raises(cache_dir, write):
+    df = _mixed()
+    mmcache.save(df, "k")
+    got = mmcache.open("k")
+    with pytest.raises(ValueError, match="read-only"):
+        write(got)
+    pd.testing.assert_frame_equal(mmcache.open("k"), df)
+
+
+def test_open_is_memoised_and_each_call_returns_its_own_frame(cache_dir):
+    mmcache.save(_mixed(1000), "k")
+    first = mmcache.open("k")
+    maps = mapped_ranges(cache_dir)
+    second = mmcache.open("k")
+    assert first is not second
+    assert mapped_ranges(cache_dir) == maps  # no new mapping
+    assert array_buffers(first["a"]._values) == array_buffers(second["a"]._values)
+
+
+def test_resave_is_seen_and_old_frames_keep_old_data(cache_dir):
+    df1, df2 = _mixed(), _mixed().assign(a=-1.0)
+    mmcache.save(df1, "k")
+    old = mmcache.open("k")
+    mmcache.save(df2, "k")
+    pd.testing.assert_frame_equal(mmcache.open("k"), df2)
+    pd.testing.assert_frame_equal(old, df1)
+    live = [p.name for p in cache_dir.iterdir() if p.is_dir()]
+    assert len(live) == 1, live  # the old version's files are gone from the cache dir
+    mmcache.delete("k")
+    pd.testing.assert_frame_equal(old, df1)  # mapped pages outlive the delete
+
+
+def test_columns_maps_only_those(cache_dir):
+    df = _mixed()
+    mmcache.save(df, "k")
+    got = mmcache.open("k", columns=["s", "a", "i"])
+    pd.testing.assert_frame_equal(got, df[["s", "a", "i"]])
+    assert_zero_copy(got, cache_dir)
+    both = mmcache.open("k", columns=["f2", "a"])  # two float columns, reversed
+    pd.testing.assert_frame_equal(both, df[["f2", "a"]])
+    assert_zero_copy(both, cache_dir)
+    with pytest.raises(mmcache.ColumnNotFoundError, match="'nope'") as info:
+        mmcache.open("k", columns=["a", "nope"])
+    assert isinstance(info.value, KeyError)
+
+
+def test_columns_with_duplicate_and_multiindex_labels(cache_dir):
+    dup = pd.DataFrame(np.arange(12.0).reshape(3, 4), columns=["a", "b", "a", "c"])
+    mmcache.save(dup, "dup")
+    pd.testing.assert_frame_equal(mmcache.open("dup", columns=["a"]), dup[["a"]])
+    multi = pd.DataFrame(np.arange(12.0).reshape(3, 4),
+                         columns=pd.MultiIndex.from_product([["x", "y"], [1, 2]]))
+    mmcache.save(multi, "multi")
+    pd.testing.assert_frame_equal(mmcache.open("multi", columns=[("y", 1)]), multi[[("y", 1)]])
+
+
+def test_missing_key_is_a_keyerror_that_says_what_to_do(cache_dir):
+    with pytest.raises(mmcache.EntryNotFoundError) as info:
+        mmcache.open("nothing-here")
+    err = info.value
+    assert isinstance(err, KeyError) and isinstance(err, mmcache.MmcacheError)
+    assert "nothing-here" in str(err) and "save" in str(err)
+    assert err.key == "nothing-here"
+
+
+def test_exists_delete_entries(cache_dir):
+    assert not mmcache.exists("k")
+    assert mmcache.delete("k") is False
+    e = mmcache.save(_mixed(10), "k")
+    assert mmcache.exists("k")
+    assert (e.key, e.nrows, e.ncols) == ("k", 10, 7)
+    assert e.nbytes == sum(p.stat().st_size for p in cache_dir.rglob("*.npy"))
+    assert e.path.parent == cache_dir
+    assert e.created <= dt.datetime.now(dt.UTC)
+    mmcache.save(pd.Series([1, 2]), "s")
+    listed = {x.key: x for x in mmcache.entries()}
+    assert set(listed) == {"k", "s"} and listed["s"].nrows == 2
+    assert mmcache.delete("k") is True
+    assert not mmcache.exists("k")
+    assert [x.key for x in mmcache.entries()] == ["s"]
+    assert not [p for p in cache_dir.iterdir() if p.name.startswith(entry_name("k") + ".")
+                and not p.name.endswith(".lock")]
+
+
+def test_entry_is_a_small_picklable_reference(cache_dir):
+    df = _mixed(100_000)
+    entry = mmcache.save(df, "k")
+    blob = pickle.dumps(entry)
+    assert len(blob) < 1000
+    pd.testing.assert_frame_equal(pickle.loads(blob).open(), df)
+    pd.testing.assert_frame_equal(entry.open(columns=["a"]), df[["a"]])
+
+
+def test_opened_frame_pickles_as_reference_until_modified(cache_dir):
+    df = _mixed(100_000)
+    mmcache.save(df, "k")
+    got = mmcache.open("k")
+    blob = pickle.dumps(got)
+    assert len(blob) < 1000
+    back = pickle.loads(blob)
+    assert type(back) is pd.DataFrame
+    pd.testing.assert_frame_equal(back, df)
+    assert_zero_copy(back, cache_dir)
+    series = mmcache.open("k")["a"]  # derived: a plain Series, pickled in full
+    assert len(pickle.dumps(series)) > 100_000 * 8
+    got.loc[0, "a"] = -1.0
+    blob = pickle.dumps(got)
+    assert len(blob) > 100_000 * 8
+    pd.testing.assert_frame_equal(pickle.loads(blob), got)
+    attrs_changed = mmcache.open("k")
+    attrs_changed.attrs["unit"] = "km"
+    assert pickle.loads(pickle.dumps(attrs_changed)).attrs == {"unit": "km"}
+    renamed = mmcache.open("k")
+    renamed.index.name = "row"
+    assert pickle.loads(pickle.dumps(renamed)).index.name == "row"
+
+
+def test_pickled_reference_refuses_a_resaved_key(cache_dir):
+    mmcache.save(_mixed(), "k")
+    blob = pickle.dumps(mmcache.open("k"))
+    mmcache.save(_mixed().assign(a=0.0), "k")
+    with pytest.raises(mmcache.EntryChangedError, match="re-saved"):
+        pickle.loads(blob)
+
+
+def test_series_round_trip_and_pickle(cache_dir):
+    s = pd.Series(np.arange(100_000.0), name="x")
+    mmcache.save(s, "s")
+    got = mmcache.open("s")
+    assert type(got) is pd.Series
+    assert len(pickle.dumps(got)) < 1000
+    got.name = "y"
+    assert pickle.loads(pickle.dumps(got)).name == "y"
+
+
+def test_share_removes_entry_on_exit_and_on_error(cache_dir):
+    df = _mixed()
+    with mmcache.share(df) as ref:
+        assert mmcache.exists(ref.key)
+        pd.testing.assert_frame_equal(ref.open(), df)
+    assert not mmcache.exists(ref.key)
+    with pytest.raises(RuntimeError), mmcache.share(df) as ref2:
+        raise RuntimeError("boom")
+    assert not mmcache.exists(ref2.key)
+    assert ref.key != ref2.key
+
+
+def test_build_runs_only_when_missing(cache_dir):
+    calls = []
+
+    def build():
+        calls.append(1)
+        return _mixed()
+
+    pd.testing.assert_frame_equal(mmcache.open("k", build=build), _mixed())
+    pd.testing.assert_frame_equal(mmcache.open("k", build=build), _mixed())
+    assert calls == [1]
+    with pytest.raises(mmcache.UnsupportedTypeError, match="build="):
+        mmcache.open("other", build=lambda: [1, 2])
+
+
+def test_cache_class_and_cache_dir_argument(tmp_path, monkeypatch):
+    monkeypatch.delenv("MMCACHE_DIR", raising=False)
+    c = mmcache.Cache(tmp_path / "explicit")
+    c.save(_mixed(), "k")
+    assert c.exists("k") and not mmcache.exists("k", cache_dir=tmp_path / "elsewhere")
+    assert mmcache.exists("k", cache_dir=tmp_path / "explicit")
+    assert [e.key for e in c.entries()] == ["k"]
+    assert (tmp_path / "explicit").stat().st_mode & 0o777 == 0o700
+    monkeypatch.setenv("MMCACHE_DIR", str(tmp_path / "from-env"))
+    mmcache.save(_mixed(), "e")
+    assert c.exists("e") is False and mmcache.Cache().exists("e")
+    assert (tmp_path / "from-env").is_dir()
+
+
+def test_clean_selectors(cache_dir):
+    for k in ("a", "b", "c"):
+        mmcache.save(_mixed(1000), k)
+    sizes = {e.key: e.nbytes for e in mmcache.entries()}
+    old = (dt.datetime.now() - dt.timedelta(hours=3)).timestamp()
+    os.utime(mmcache.entries()[0].path, (old, os.stat(mmcache.entries()[0].path).st_mtime))
+    assert [e.key for e in mmcache.clean(dry_run=True)] == ["a", "b", "c"]
+    assert len(mmcache.entries()) == 3
+    assert [e.key for e in mmcache.clean(older_than=dt.timedelta(hours=2))] == ["a"]
+    assert [e.key for e in mmcache.clean(max_bytes=sizes["c"])] == ["b"]
+    assert [e.key for e in mmcache.clean(["c"])] == ["c"]
+    assert mmcache.entries() == []
+
+
+def test_errors_pickle_with_their_attributes():
+    err = mmcache.EntryNotFoundError("gone", key="k", path="/x")
+    back = pickle.loads(pickle.dumps(err))
+    assert type(back) is mmcache.EntryNotFoundError
+    assert (str(back), back.key, back.path) == ("gone", "k", "/x")
+    assert isinstance(back, KeyError) and isinstance(back, FileNotFoundError)
+    for cls, base in [(mmcache.InvalidKeyError, ValueError),
+                      (mmcache.CorruptEntryError, ValueError),
+                      (mmcache.UnsupportedTypeError, TypeError),
+                      (mmcache.CacheFullError, OSError),
+                      (mmcache.LockTimeoutError, TimeoutError),
+                      (mmcache.CacheDirError, PermissionError)]:
+        assert issubclass(cls, base) and issubclass(cls, mmcache.MmcacheError)
+
+
+def test_wide_frame_is_few_files_one_block_and_no_descriptors(cache_dir):
+    n = 10_000
+    df = pd.DataFrame(np.random.default_rng(0).random((1000, n)),
+                      columns=[f"c{i}" for i in range(n)])
+    df["s"] = "text"
+    mmcache.save(df, "wide")
+    assert len(list(cache_dir.rglob("*.npy"))) <= 4  # per dtype, not per column
+    fds = len(os.listdir("/proc/self/fd"))
+    frames = [mmcache.open("wide") for _ in range(3)]
+    mmcache._cache._MEMO.clear()
+    frames.append(mmcache.open("wide"))  # a fresh mapping, still no descriptor kept
+    assert len(os.listdir("/proc/self/fd")) <= fds
+    got = frames[-1]
+    assert len(got._mgr.blocks) == 2  # one consolidated float block + the str column
+    pd.testing.assert_frame_equal(got, df)
+    assert_zero_copy(got[["c0", "c9999", "s"]], cache_dir)
