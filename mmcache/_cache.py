@@ -18,13 +18,18 @@ import pandas as pd
 
 from . import _frame, _store
 from ._errors import (
+    CacheFullError,
     CorruptEntryError,
     EntryNotFoundError,
     LockTimeoutError,
     MmcacheError,
     UnsupportedTypeError,
 )
+from ._inuse import mapping_pids
 from ._paths import check_key, entry_name, resolve_cache_dir
+from ._units import human, parse_size
+
+ENV_MAX_BYTES = "MMCACHE_MAX_BYTES"
 
 # How long save() waits for another process saving the same key. Saving even several GB to
 # tmpfs takes seconds; ten minutes means the holder is stuck, and saying so beats hanging.
@@ -52,6 +57,8 @@ class Entry:
     ncols: int
     created: dt.datetime
     last_used: dt.datetime
+    # Live processes mapping this version right now (Linux /proc); None when not known.
+    in_use: int | None = None
 
     @property
     def cache_dir(self) -> Path:
@@ -111,11 +118,27 @@ class Cache:
     ``/dev/shm``), so a ``Cache`` is cheap and can be made anywhere.
     """
 
-    def __init__(self, cache_dir: str | os.PathLike[str] | None = None) -> None:
+    def __init__(
+        self, cache_dir: str | os.PathLike[str] | None = None, *, max_bytes: int | None = None
+    ) -> None:
         self._given = cache_dir
+        self._max_bytes = max_bytes
 
     def __repr__(self) -> str:
-        return f"Cache({self._given!r})"
+        return f"Cache({self._given!r}, max_bytes={self._max_bytes!r})"
+
+    @property
+    def max_bytes(self) -> int | None:
+        """Size limit: the argument, else ``$MMCACHE_MAX_BYTES`` (e.g. ``10GB``), else none."""
+        if self._max_bytes is not None:
+            return self._max_bytes
+        env = os.environ.get(ENV_MAX_BYTES)
+        if not env:
+            return None
+        try:
+            return parse_size(env)
+        except ValueError as exc:
+            raise MmcacheError(f"${ENV_MAX_BYTES}={env!r}: {exc}") from None
 
     @property
     def dir(self) -> Path:
@@ -165,6 +188,7 @@ class Cache:
     ) -> Entry:
         files = _store.plan_files(pool)
         nbytes = sum(f["size"] for f in files)
+        self._fit_limit(cache_dir, key, nbytes)
         _store.check_room(cache_dir, nbytes, key)
         meta_path = cache_dir / f"{name}.json"
         try:
@@ -186,7 +210,7 @@ class Cache:
         }
         try:
             _store.write_data(data_dir, pool, files)
-            _store.publish_meta(cache_dir, name, token, meta)
+            meta_bytes = _store.publish_meta(cache_dir, name, token, meta)
         except BaseException as exc:
             _store.remove_tree(data_dir)
             if isinstance(exc, OSError) and (full := _store.full_error(exc, key, cache_dir)):
@@ -194,7 +218,32 @@ class Cache:
             raise
         if isinstance(old, str) and old.startswith(f"{name}.") and "/" not in old:
             _store.remove_tree(cache_dir / old)
-        return _entry(meta_path, meta, now)
+        return _entry(meta_path, meta, now, meta_bytes)
+
+    def _fit_limit(self, cache_dir: Path, key: str, nbytes: int) -> None:
+        """Evict least recently used entries until ``nbytes`` more fit under max_bytes.
+
+        Entries mapped by live processes go last: removing them frees nothing until those
+        processes exit. Victims whose lock is busy are skipped, never waited for, so two
+        saving processes cannot deadlock evicting each other's keys.
+        """
+        limit = self.max_bytes
+        if limit is None:
+            return
+        if nbytes > limit:
+            raise CacheFullError(
+                f"cannot save key {key!r}: it needs {human(nbytes)}, more than the "
+                f"cache's size limit of {human(limit)} (max_bytes / ${ENV_MAX_BYTES}); "
+                "raise the limit",
+                key=key, path=cache_dir,
+            )
+        others = [e for e in self.entries() if e.key != key]
+        total = sum(e.nbytes for e in others)
+        for victim in sorted(others, key=lambda e: (bool(e.in_use), e.last_used)):
+            if total + nbytes <= limit:
+                return
+            if self._delete(cache_dir, victim.key, timeout=0):
+                total -= victim.nbytes
 
     # --- open -------------------------------------------------------------------------------
 
@@ -259,7 +308,26 @@ class Cache:
             return None
         return self._open(key, columns)
 
-    def _load(self, cache_dir: Path, key: str) -> _Loaded:
+    def _describe(self, key: str) -> tuple[Entry, list[tuple[str, str]], str, list[Any]]:
+        """For ``mmcache info``: the entry, (column, dtype) pairs, the index, the files.
+
+        Reads without counting as a use (last_used is left alone).
+        """
+        check_key(key)
+        cache_dir = self.dir
+        loaded = self._load(cache_dir, key, touch=False)
+        obj = _frame.decode(loaded.meta["layout"], loaded.mapped, None)
+        if isinstance(obj, pd.Series):
+            dtypes = [(str(obj.name), str(obj.dtype))]
+        else:
+            dtypes = [(str(c), str(t)) for c, t in obj.dtypes.items()]
+        index = f"{type(obj.index).__name__} ({obj.index.dtype}, {len(obj.index):,} rows)"
+        entry = next((e for e in self.entries() if e.key == key), None)
+        if entry is None:
+            raise _not_found(key, cache_dir)
+        return entry, dtypes, index, loaded.meta["files"]
+
+    def _load(self, cache_dir: Path, key: str, *, touch: bool = True) -> _Loaded:
         name = entry_name(key)
         meta_path = cache_dir / f"{name}.json"
         memo_key = (str(cache_dir), key)
@@ -295,7 +363,8 @@ class Cache:
             loaded = _Loaded(sig, str(meta["token"]), meta, mapped, {})
             with _MEMO_LOCK:
                 _MEMO[memo_key] = loaded
-            _touch(meta_path, st)
+            if touch:
+                _touch(meta_path, st)
             return loaded
         raise _not_found(key, cache_dir)
 
@@ -310,25 +379,34 @@ class Cache:
         """Remove ``key``'s entry; True if there was one. Readers that mapped it keep going
         (the memory returns when the last of them unmaps)."""
         check_key(key)
-        cache_dir = self.dir
+        return self._delete(self.dir, key, timeout=LOCK_TIMEOUT)
+
+    def _delete(self, cache_dir: Path, key: str, *, timeout: float) -> bool:
+        """Delete under the key's lock; with ``timeout=0`` give up (False) if it is busy."""
         name = entry_name(key)
         meta_path = cache_dir / f"{name}.json"
-        with self._locked(cache_dir, name, key, LOCK_TIMEOUT):
-            try:
-                data = _store.read_meta(meta_path, key).get("data")
-            except FileNotFoundError:
+        try:
+            with self._locked(cache_dir, name, key, timeout):
+                try:
+                    data = _store.read_meta(meta_path, key).get("data")
+                except FileNotFoundError:
+                    return False
+                except MmcacheError:
+                    data = None
+                os.unlink(meta_path)
+                if isinstance(data, str) and data.startswith(f"{name}.") and "/" not in data:
+                    _store.remove_tree(cache_dir / data)
+                self._sweep(cache_dir, name, list(cache_dir.glob(f"{name}.*")))
+        except LockTimeoutError:
+            if timeout == 0:
                 return False
-            except MmcacheError:
-                data = None
-            os.unlink(meta_path)
-            if isinstance(data, str) and data.startswith(f"{name}.") and "/" not in data:
-                _store.remove_tree(cache_dir / data)
-            self._sweep(cache_dir, name, [p for p in cache_dir.glob(f"{name}.*")])
+            raise
         return True
 
     def entries(self) -> list[Entry]:
         """Every complete entry, oldest first, with sizes and times (reads only metadata)."""
         cache_dir = self.dir
+        users = mapping_pids(cache_dir)
         out = []
         for path in cache_dir.glob("*.json"):
             try:
@@ -336,7 +414,8 @@ class Cache:
                 meta = _store.read_meta(path, None)
             except (FileNotFoundError, MmcacheError):
                 continue
-            out.append(_entry(path, meta, st.st_atime))
+            in_use = None if users is None else len(users.get(str(meta["data"]), ()))
+            out.append(_entry(path, meta, st.st_atime, st.st_size, in_use))
         out.sort(key=lambda e: e.created)
         return out
 
@@ -369,7 +448,7 @@ class Cache:
             chosen = [e for e in chosen if e.last_used.timestamp() < cutoff]
         if max_bytes is not None:
             total = sum(e.nbytes for e in all_entries)
-            lru = sorted(chosen, key=lambda e: e.last_used)
+            lru = sorted(chosen, key=lambda e: (bool(e.in_use), e.last_used))
             chosen = []
             for e in lru:
                 if total <= max_bytes:
@@ -378,7 +457,7 @@ class Cache:
                 total -= e.nbytes
         if dry_run:
             return chosen
-        removed = [e for e in chosen if self.delete(e.key)]
+        removed = [e for e in chosen if self._delete(cache_dir, e.key, timeout=LOCK_TIMEOUT)]
         if keys is None:
             self._remove_leftovers(cache_dir, None)
         return removed
@@ -400,7 +479,9 @@ class Cache:
         groups: dict[str, list[Path]] = {}
         for path in cache_dir.glob(pattern):
             stem, _, rest = path.name.partition(".")
-            if rest in ("json", "lock") or not rest:
+            if rest == "json" or not rest:
+                continue
+            if rest == "lock" and (cache_dir / f"{stem}.json").exists():
                 continue
             groups.setdefault(stem, []).append(path)
         for stem, paths in groups.items():
@@ -421,8 +502,10 @@ class Cache:
         except (FileNotFoundError, MmcacheError):
             live = None
         for path in paths:
-            if path.name == live or path.name in (f"{name}.json", f"{name}.lock"):
+            if path.name == live or path.name == f"{name}.json":
                 continue
+            if path.name == f"{name}.lock" and live is not None:
+                continue  # (unlinking a held lock is safe: filelock >= 4 re-checks st_nlink)
             if path.is_dir() and not path.is_symlink():
                 _store.remove_tree(path)
             else:
@@ -443,15 +526,19 @@ def _touch(meta_path: Path, st: os.stat_result) -> None:
         os.utime(meta_path, ns=(time.time_ns(), st.st_mtime_ns))
 
 
-def _entry(path: Path, meta: dict[str, Any], last_used: float) -> Entry:
+def _entry(
+    path: Path, meta: dict[str, Any], last_used: float, meta_bytes: int,
+    in_use: int | None = None,
+) -> Entry:
     layout = meta.get("layout", {})
     created = float(meta["created"])
     return Entry(
         key=str(meta["key"]),
         path=path,
-        nbytes=int(meta["nbytes"]),
+        nbytes=int(meta["nbytes"]) + meta_bytes,  # data files + metadata: what delete frees
         nrows=int(layout.get("nrows", 0)),
         ncols=int(layout.get("ncols", 0)),
         created=dt.datetime.fromtimestamp(created, dt.UTC),
         last_used=dt.datetime.fromtimestamp(last_used, dt.UTC),
+        in_use=in_use,
     )

@@ -26,6 +26,7 @@ import pyarrow as pa
 from ._codecs import Mapped, Pool, Spec
 from ._errors import CacheFullError, CorruptEntryError, UnsupportedFormatError
 from ._paths import ENV_DIR
+from ._units import human
 
 FORMAT_VERSION = 1
 # Room kept free beyond the entry's own bytes, for its metadata and file-system overhead, so a
@@ -69,8 +70,8 @@ def check_room(cache_dir: Path, nbytes: int, key: str) -> None:
     free = st.f_bavail * st.f_frsize
     if nbytes + FREE_MARGIN > free:
         raise CacheFullError(
-            f"cannot save key {key!r}: it needs {_human(nbytes)} but the file system of "
-            f"{str(cache_dir)!r} has {_human(free)} free; free space with `mmcache clean`, or "
+            f"cannot save key {key!r}: it needs {human(nbytes)} but the file system of "
+            f"{str(cache_dir)!r} has {human(free)} free; free space with `mmcache clean`, or "
             f"set {ENV_DIR} to a directory on a bigger file system (in Docker, /dev/shm is "
             "64 MB unless started with --shm-size)",
             key=key,
@@ -114,8 +115,10 @@ def write_data(data_dir: Path, pool: Pool, files: list[Spec]) -> None:
                     view = view[n:]
 
 
-def publish_meta(cache_dir: Path, name: str, token: str, meta: Spec) -> None:
-    """Atomically make ``meta`` the entry's metadata (write aside, then one rename)."""
+def publish_meta(cache_dir: Path, name: str, token: str, meta: Spec) -> int:
+    """Atomically make ``meta`` the entry's metadata (write aside, then one rename).
+
+    Returns the metadata's size in bytes."""
     tmp = cache_dir / f"{name}.json.{token}.tmp"
     data = json.dumps(meta, separators=(",", ":"), allow_nan=False).encode()
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
@@ -126,6 +129,7 @@ def publish_meta(cache_dir: Path, name: str, token: str, meta: Spec) -> None:
     except BaseException:
         _unlink(tmp)
         raise
+    return len(data)
 
 
 def read_meta(path: Path, key: str | None) -> Spec:
@@ -256,11 +260,3 @@ def remove_tree(path: Path) -> None:
 def _unlink(path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n} B"  # pragma: no cover
