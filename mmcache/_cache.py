@@ -501,10 +501,11 @@ class Cache:
             live = _store.read_meta(cache_dir / f"{name}.json", None)["data"]
         except (FileNotFoundError, MmcacheError):
             live = None
-        for path in paths:
+        lock = cache_dir / f"{name}.lock"
+        for path in {*paths, lock}:
             if path.name == live or path.name == f"{name}.json":
                 continue
-            if path.name == f"{name}.lock" and live is not None:
+            if path == lock and live is not None:
                 continue  # (unlinking a held lock is safe: filelock >= 4 re-checks st_nlink)
             if path.is_dir() and not path.is_symlink():
                 _store.remove_tree(path)
