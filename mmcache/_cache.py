@@ -315,6 +315,10 @@ class Cache:
         """
         check_key(key)
         cache_dir = self.dir
+        # Counted before this process maps the entry itself.
+        entry = next((e for e in self.entries() if e.key == key), None)
+        if entry is None:
+            raise _not_found(key, cache_dir)
         loaded = self._load(cache_dir, key, touch=False)
         obj = _frame.decode(loaded.meta["layout"], loaded.mapped, None)
         if isinstance(obj, pd.Series):
@@ -322,9 +326,6 @@ class Cache:
         else:
             dtypes = [(str(c), str(t)) for c, t in obj.dtypes.items()]
         index = f"{type(obj.index).__name__} ({obj.index.dtype}, {len(obj.index):,} rows)"
-        entry = next((e for e in self.entries() if e.key == key), None)
-        if entry is None:
-            raise _not_found(key, cache_dir)
         return entry, dtypes, index, loaded.meta["files"]
 
     def _load(self, cache_dir: Path, key: str, *, touch: bool = True) -> _Loaded:

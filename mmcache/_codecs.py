@@ -197,8 +197,10 @@ def _arrow_storable(t: pa.DataType) -> bool:
 def _encode_arrow(arr: pa.Array | pa.ChunkedArray, pool: Pool) -> Spec:
     if isinstance(arr, pa.ChunkedArray):
         arr = arr.combine_chunks() if arr.num_chunks != 1 else arr.chunk(0)
-    if arr.offset:
-        arr = pa.concat_arrays([arr])  # rebases a slice to offset 0 (copies at save only)
+    if arr.offset or arr.get_total_buffer_size() > arr.nbytes + _ALIGN:
+        # A slice (df.head(), a filtered frame) still references its parent's buffers:
+        # write only what it uses, as a compact copy made here at save time.
+        arr = arr.take(pa.array(np.arange(len(arr), dtype=np.int64)))
     bufs = []
     for buf in arr.buffers():
         bufs.append(None if buf is None else pool.add(np.frombuffer(buf, dtype=np.uint8)))

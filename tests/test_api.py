@@ -318,3 +318,14 @@ def test_wide_frame_is_few_files_one_block_and_no_descriptors(cache_dir):
     assert len(got._mgr.blocks) == 2  # one consolidated float block + the str column
     pd.testing.assert_frame_equal(got, df)
     assert_zero_copy(got[["c0", "c9999", "s"]], cache_dir)
+
+
+@pytest.mark.parametrize("cut", ["head", "tail", "mask"])
+def test_slices_store_only_their_rows(cache_dir, cut):
+    """A slice still points into its parent's buffers (Arrow strings included): only the
+    rows it holds are written."""
+    big = _mixed(200_000)
+    part = {"head": big.head(100), "tail": big.tail(100), "mask": big[big["b"] % 2000 == 0]}[cut]
+    entry = mmcache.save(part, "part")
+    assert entry.nbytes < 100_000
+    pd.testing.assert_frame_equal(mmcache.open("part"), part)
