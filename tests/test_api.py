@@ -329,3 +329,43 @@ def test_slices_store_only_their_rows(cache_dir, cut):
     entry = mmcache.save(part, "part")
     assert entry.nbytes < 100_000
     pd.testing.assert_frame_equal(mmcache.open("part"), part)
+
+
+def _age(entry: mmcache.Entry, seconds: float) -> None:
+    os.utime(entry.path, (dt.datetime.now().timestamp() - seconds, entry.path.stat().st_mtime))
+
+
+def test_max_bytes_evicts_lru_with_entries_in_use_last(cache_dir):
+    cache = mmcache.Cache(cache_dir)
+    frames = {k: _mixed(20_000) for k in "abc"}
+    made = {k: cache.save(f, k) for k, f in frames.items()}
+    unit = made["a"].nbytes
+    _age(made["a"], 300)  # a: least recently used, but this process maps it (in use)
+    _age(made["b"], 200)
+    _age(made["c"], 100)
+    held = cache.open("a")
+    limited = mmcache.Cache(cache_dir, max_bytes=int(3.5 * unit))
+    limited.save(_mixed(20_000), "d")
+    assert {e.key for e in cache.entries()} == {"a", "c", "d"}  # b went, not a (in use)
+    limited.save(_mixed(20_000), "e")
+    assert {e.key for e in cache.entries()} == {"a", "d", "e"}
+    assert sum(e.nbytes for e in cache.entries()) <= 3.5 * unit
+    pd.testing.assert_frame_equal(held, frames["a"])
+
+
+def test_max_bytes_refuses_an_entry_larger_than_the_limit(cache_dir):
+    mmcache.save(_mixed(10), "small")
+    with pytest.raises(mmcache.CacheFullError, match="size limit"):
+        mmcache.Cache(cache_dir, max_bytes=1000).save(_mixed(10_000), "big")
+    assert not mmcache.exists("big") and mmcache.exists("small")
+
+
+def test_max_bytes_from_environment(cache_dir, monkeypatch):
+    unit = mmcache.save(_mixed(20_000), "a").nbytes
+    mmcache.save(_mixed(20_000), "b")
+    monkeypatch.setenv("MMCACHE_MAX_BYTES", f"{2.5 * unit / 1000:.0f}KB")
+    mmcache.save(_mixed(20_000), "c")
+    assert {e.key for e in mmcache.entries()} == {"b", "c"}
+    monkeypatch.setenv("MMCACHE_MAX_BYTES", "lots")
+    with pytest.raises(mmcache.MmcacheError, match="MMCACHE_MAX_BYTES"):
+        mmcache.save(_mixed(10), "d")
