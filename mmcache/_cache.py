@@ -8,7 +8,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeAlias
@@ -266,6 +266,10 @@ class Cache:
         (the others wait on the key's lock and open the result).
         """
         check_key(key)
+        if columns is not None:
+            if isinstance(columns, str | bytes) or not isinstance(columns, Iterable):
+                raise TypeError(f"columns= takes a list of column labels, got {columns!r}")
+            columns = list(columns)
         try:
             return self._open(key, columns)
         except EntryNotFoundError:

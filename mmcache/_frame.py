@@ -108,6 +108,8 @@ def _encode_columns(df: pd.DataFrame, pool: Pool) -> Spec:
 
 def decode(layout: Spec, m: Mapped, columns: Sequence[Any] | None) -> pd.DataFrame | pd.Series:
     """Rebuild the object over mapped buffers; only the requested columns are touched."""
+    if columns is not None and layout.get("kind") == "series":
+        raise TypeError(f"{m.where} holds a Series; open it without columns=")
     try:
         nrows = int(layout["nrows"])
         index = decode_index(layout["index"], m)
@@ -181,8 +183,6 @@ def _decode_frame(
 
 
 def _positions(all_labels: pd.Index, columns: Sequence[Any], where: str) -> np.ndarray:
-    if isinstance(columns, (str, bytes)) or not isinstance(columns, Sequence | pd.Index):
-        raise TypeError(f"columns= takes a list of column labels, got {columns!r}")
     out: list[int] = []
     for label in columns:
         try:

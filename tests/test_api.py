@@ -141,6 +141,14 @@ def test_columns_maps_only_those(cache_dir):
     with pytest.raises(mmcache.ColumnNotFoundError, match="'nope'") as info:
         mmcache.open("k", columns=["a", "nope"])
     assert isinstance(info.value, KeyError)
+    with pytest.raises(TypeError, match="list of column labels"):
+        mmcache.open("k", columns="a")
+    pd.testing.assert_frame_equal(mmcache.open("k", columns=iter(["b"])), df[["b"]])
+    empty = mmcache.open("k", columns=[])
+    assert empty.shape == (len(df), 0) and empty.index.equals(df.index)
+    mmcache.save(df["a"], "series")
+    with pytest.raises(TypeError, match="Series"):
+        mmcache.open("series", columns=["a"])
 
 
 def test_columns_with_duplicate_and_multiindex_labels(cache_dir):
