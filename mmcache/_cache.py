@@ -302,6 +302,20 @@ class Cache:
                 base = loaded.frames.setdefault(ckey, base)
         return _frame.hand_out(base, cache_dir, key, loaded.token, ckey)
 
+    def _current_token(self, key: str) -> str | None:
+        """The version ``key`` holds now, or None; one ``stat`` when the memo is current."""
+        cache_dir = self.dir
+        meta_path = cache_dir / f"{entry_name(key)}.json"
+        try:
+            sig = _sig(os.stat(meta_path))
+            with _MEMO_LOCK:
+                hit = _MEMO.get((str(cache_dir), key))
+            if hit is not None and hit.sig == sig:
+                return hit.token
+            return str(_store.read_meta(meta_path, key)["token"])
+        except (FileNotFoundError, MmcacheError):
+            return None
+
     def _open_version(self, key: str, token: str, columns: Any) -> Frame | None:
         """Open ``key`` only if its current version is ``token`` (for unpickling)."""
         try:

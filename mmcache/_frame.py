@@ -216,7 +216,16 @@ class _Ref:
         self.names = [list(ax.names) for ax in self.axes]
         self.name = obj.name if isinstance(obj, pd.Series) else None
         self.attrs = copy.deepcopy(obj.attrs)
-        self.values = [(blk.values, blk.mgr_locs.as_array.tolist()) for blk in obj._mgr.blocks]
+        # Arrow-backed arrays are edited by swapping their _pa_array (no read-only buffer
+        # stops it), so that identity is part of "unmodified" too.
+        self.values = [(blk.values, getattr(blk.values, "_pa_array", None),
+                        blk.mgr_locs.as_array.tolist()) for blk in obj._mgr.blocks]
+
+    def current(self) -> bool:
+        """The entry still holds this version (else the receiver could not map it)."""
+        from ._cache import Cache
+
+        return Cache(self.cache_dir)._current_token(self.key) == self.token
 
     def unmodified(self, obj: Any) -> bool:
         mgr = obj._mgr
@@ -225,8 +234,10 @@ class _Ref:
         if any(a is not b or list(a.names) != n
                for a, b, n in zip(mgr.axes, self.axes, self.names, strict=True)):
             return False
-        for blk, (values, locs) in zip(mgr.blocks, self.values, strict=True):
-            if blk.values is not values or blk.mgr_locs.as_array.tolist() != locs:
+        for blk, (values, pa_array, locs) in zip(mgr.blocks, self.values, strict=True):
+            if (blk.values is not values
+                    or getattr(values, "_pa_array", None) is not pa_array
+                    or blk.mgr_locs.as_array.tolist() != locs):
                 return False
         if isinstance(obj, pd.Series) and not _same_label(obj.name, self.name):
             return False
@@ -255,14 +266,15 @@ def _reopen(cache_dir: str, key: str, token: str, columns: Any, kind: str) -> An
 def _reduce(obj: Any) -> Any:
     """Pickle reducer for DataFrame and Series (registered with copyreg).
 
-    A frame handed out by open() and still unmodified pickles as a reference (key, cache
-    directory, version: a few hundred bytes) and the receiving process maps the same files.
-    Anything else pickles exactly as pandas pickles it. A hook on the exact classes, rather
-    than a subclass, keeps ``type(mmcache.open(k)) is pd.DataFrame``: pandas' testing helpers
-    and user code that compares classes keep working.
+    A frame handed out by open(), unmodified, whose entry still holds its version pickles as
+    a reference (key, cache directory, version: a few hundred bytes) and the receiving
+    process maps the same files. Anything else pickles exactly as pandas pickles it.
+
+    A hook on the exact classes, rather than a subclass, keeps ``type(mmcache.open(k))`` a
+    plain ``pd.DataFrame``: pandas' testing helpers and user code that compare classes work.
     """
     ref = obj.__dict__.get("_mmcache_ref")
-    if ref is not None and ref.unmodified(obj):
+    if ref is not None and ref.unmodified(obj) and ref.current():
         kind = "series" if isinstance(obj, pd.Series) else "frame"
         return (_reopen, (ref.cache_dir, ref.key, ref.token, ref.columns, kind))
     return obj.__reduce_ex__(2)
@@ -279,6 +291,11 @@ def hand_out(
     """A new frame object over ``base``'s buffers: edits copy (pandas copy-on-write) because
     ``base`` keeps a reference, so neither the cache nor other frames ever see them."""
     obj = base.copy(deep=False)
+    for blk in obj._mgr.blocks:
+        if isinstance(blk.values, pd.arrays.ArrowExtensionArray):
+            # Its own wrapper over the same Arrow data: `df["s"].array[0] = x` swaps the
+            # wrapper's data in place, which must not reach base (the next open()) or others.
+            blk.values = blk.values.view()
     obj.attrs = copy.deepcopy(base.attrs)
     object.__setattr__(obj, "_mmcache_ref", _Ref(obj, os.fspath(cache_dir), key, token, columns))
     return obj

@@ -231,6 +231,26 @@ def test_pickled_reference_refuses_a_resaved_key(cache_dir):
         pickle.loads(blob)
 
 
+def test_frame_of_a_replaced_entry_pickles_in_full(cache_dir):
+    """A frame still held after its key was re-saved or deleted ships its (old) data."""
+    old = mmcache.open("k", build=_mixed)
+    mmcache.save(_mixed().assign(a=0.0), "k")
+    pd.testing.assert_frame_equal(pickle.loads(pickle.dumps(old)), _mixed())
+    mmcache.delete("k")
+    pd.testing.assert_frame_equal(pickle.loads(pickle.dumps(old)), _mixed())
+
+
+def test_editing_an_arrow_array_in_place_stays_in_its_frame(cache_dir):
+    df = _mixed()
+    mmcache.save(df, "k")
+    mine, other = mmcache.open("k"), mmcache.open("k")
+    mine["s"].array[0] = "edited"  # Arrow arrays accept raw writes by swapping their data
+    assert mine.loc[0, "s"] == "edited"
+    pd.testing.assert_frame_equal(other, df)
+    pd.testing.assert_frame_equal(mmcache.open("k"), df)
+    assert pickle.loads(pickle.dumps(mine)).loc[0, "s"] == "edited"
+
+
 def test_series_round_trip_and_pickle(cache_dir):
     s = pd.Series(np.arange(100_000.0), name="x")
     mmcache.save(s, "s")
