@@ -18,11 +18,13 @@ import pandas as pd
 
 from . import _frame, _store
 from ._errors import (
+    CacheDirError,
     CacheFullError,
     CorruptEntryError,
     EntryNotFoundError,
     LockTimeoutError,
     MmcacheError,
+    UnsupportedFormatError,
     UnsupportedTypeError,
 )
 from ._inuse import mapping_pids
@@ -160,6 +162,12 @@ class Cache:
                 "`mmcache clean`",
                 key=key, path=lock.lock_file,
             ) from None
+        except OSError as exc:  # ELOOP for a planted symlink: never followed
+            raise CacheDirError(
+                f"key {key!r}: lock file {str(lock.lock_file)!r} cannot be used "
+                f"({exc.strerror}); remove it (`mmcache clean` removes planted symlinks)",
+                key=key, path=lock.lock_file,
+            ) from exc
         try:
             yield
         finally:
@@ -350,6 +358,7 @@ class Cache:
         name = entry_name(key)
         meta_path = cache_dir / f"{name}.json"
         memo_key = (str(cache_dir), key)
+        missing_in: str | None = None
         for _ in range(OPEN_RETRIES):
             try:
                 st = os.stat(meta_path)
@@ -377,7 +386,14 @@ class Cache:
                     )
                 where = f"entry {key!r} ({str(cache_dir / data)!r})"
                 mapped = _store.map_files(cache_dir / data, meta["files"], key, where)
-            except FileNotFoundError:
+            except FileNotFoundError as exc:
+                if missing_in == meta["token"]:  # the same version twice: files are gone
+                    raise CorruptEntryError(
+                        f"entry {key!r}: data files are missing ({exc.filename}); delete the "
+                        "entry (mmcache.delete or `mmcache clean KEY`) and save it again",
+                        key=key, path=cache_dir / meta["data"],
+                    ) from None
+                missing_in = meta["token"]
                 continue  # replaced or deleted between stat and mapping: look again
             loaded = _Loaded(sig, str(meta["token"]), meta, mapped, {})
             with _MEMO_LOCK:
@@ -460,6 +476,10 @@ class Cache:
         if keys is not None:
             wanted = {check_key(k) for k in keys}
             chosen = [e for e in chosen if e.key in wanted]
+            if not dry_run and older_than is None and max_bytes is None:
+                # Entries entries() cannot read (damaged metadata) go too: delete() copes.
+                for k in wanted - {e.key for e in chosen}:
+                    self._delete(cache_dir, k, timeout=LOCK_TIMEOUT)
         if older_than is not None:
             limit = older_than.total_seconds() if isinstance(older_than, dt.timedelta) \
                 else float(older_than)
@@ -498,9 +518,22 @@ class Cache:
         groups: dict[str, list[Path]] = {}
         for path in cache_dir.glob(pattern):
             stem, _, rest = path.name.partition(".")
-            if rest == "json" or not rest:
+            if not rest:
                 continue
-            if rest == "lock" and (cache_dir / f"{stem}.json").exists():
+            if path.is_symlink() and rest in ("json", "lock"):
+                path.unlink()  # planted: mmcache never creates links, and never follows one
+                continue
+            if rest == "json":
+                try:
+                    _store.read_meta(path, None)
+                    continue
+                except FileNotFoundError:
+                    continue
+                except UnsupportedFormatError:
+                    continue  # a newer mmcache's entry: not ours to judge
+                except MmcacheError:
+                    pass  # damaged: removed below, under the key's lock
+            elif rest == "lock" and (cache_dir / f"{stem}.json").exists():
                 continue
             groups.setdefault(stem, []).append(path)
         for stem, paths in groups.items():
@@ -516,13 +549,19 @@ class Cache:
 
     def _sweep(self, cache_dir: Path, name: str, paths: list[Path]) -> None:
         """With ``name``'s lock held: remove the paths its metadata does not point to."""
+        meta_path = cache_dir / f"{name}.json"
         try:
-            live = _store.read_meta(cache_dir / f"{name}.json", None)["data"]
-        except (FileNotFoundError, MmcacheError):
+            live = _store.read_meta(meta_path, None)["data"]
+        except FileNotFoundError:
             live = None
+        except UnsupportedFormatError:
+            return  # a newer mmcache's entry: leave all of it
+        except MmcacheError:
+            live = None
+            meta_path.unlink(missing_ok=True)  # damaged: the entry cannot be opened anyway
         lock = cache_dir / f"{name}.lock"
         for path in {*paths, lock}:
-            if path.name == live or path.name == f"{name}.json":
+            if path.name == live or path == meta_path:
                 continue
             if path == lock and live is not None:
                 continue  # (unlinking a held lock is safe: filelock >= 4 re-checks st_nlink)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import io
 import json
 import os
@@ -115,12 +116,21 @@ def write_data(data_dir: Path, pool: Pool, files: list[Spec]) -> None:
                     view = view[n:]
 
 
+def _dumps(meta: Spec) -> bytes:
+    return json.dumps(meta, separators=(",", ":"), allow_nan=False).encode()
+
+
+def _digest(meta: Spec) -> str:
+    return hashlib.sha256(_dumps(meta)).hexdigest()
+
+
 def publish_meta(cache_dir: Path, name: str, token: str, meta: Spec) -> int:
     """Atomically make ``meta`` the entry's metadata (write aside, then one rename).
 
     Returns the metadata's size in bytes."""
     tmp = cache_dir / f"{name}.json.{token}.tmp"
-    data = json.dumps(meta, separators=(",", ":"), allow_nan=False).encode()
+    signed = {"format": meta["format"], "sha256": _digest(meta), **meta}
+    data = _dumps(signed)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
         with open(fd, "wb", closefd=True) as f:
@@ -136,9 +146,18 @@ def read_meta(path: Path, key: str | None) -> Spec:
     """Read and check an entry's metadata. FileNotFoundError passes through."""
     # O_NOATIME: the atime records last use (set by open()); listing must not bump it.
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | _O_NOATIME)
-    except PermissionError:  # O_NOATIME needs ownership; others' readers just read
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | _O_NOATIME)
+        except PermissionError:  # O_NOATIME needs ownership; others' readers just read
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:  # ELOOP: a planted symlink, which mmcache never follows
+        raise CorruptEntryError(
+            f"metadata {str(path)!r} cannot be read ({exc.strerror}; a symlink?); remove it "
+            "with `mmcache clean`",
+            key=key, path=path,
+        ) from exc
     with open(fd, "rb", closefd=True) as f:
         st = os.fstat(f.fileno())
         if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_META_BYTES:
@@ -166,8 +185,23 @@ def read_meta(path: Path, key: str | None) -> Spec:
             f"format {FORMAT_VERSION}; upgrade mmcache, or delete the entry and save it again",
             key=key, path=path,
         )
-    needed = ("key", "token", "data", "files", "layout", "created", "nbytes")
-    if any(k not in meta for k in needed) or not isinstance(meta["files"], list):
+    try:
+        intact = meta.pop("sha256", None) == _digest(meta)
+    except ValueError:  # NaN or Infinity: never written by mmcache
+        intact = False
+    if not intact:
+        # Damage anywhere in the metadata (a flipped byte, a truncated write on a crashed
+        # disk) would otherwise be read as a different, valid-looking layout.
+        raise CorruptEntryError(
+            f"metadata {str(path)!r} fails its checksum (damaged); delete the entry and save "
+            "it again",
+            key=key, path=path,
+        )
+    types: dict[str, type | tuple[type, ...]] = {
+        "key": str, "token": str, "data": str, "files": list, "layout": dict,
+        "created": (int, float), "nbytes": int,
+    }
+    if any(not isinstance(meta.get(k), t) for k, t in types.items()):
         raise CorruptEntryError(
             f"metadata {str(path)!r} lacks fields; delete the entry and save it again",
             key=key, path=path,
@@ -240,8 +274,8 @@ def _map_npy(path: Path, dtype: np.dtype, count: int, size: int, key: str) -> np
             shape, fortran, got = np.lib.format.read_array_header_2_0(head)
         else:
             raise ValueError(f"npy version {version}")
-    except (ValueError, SyntaxError, TypeError, EOFError) as exc:
-        raise corrupt(f"bad .npy header ({exc})") from exc
+    except Exception as exc:  # numpy's parser of untrusted bytes raises many kinds
+        raise corrupt(f"bad .npy header ({type(exc).__name__}: {exc})") from exc
     if got != dtype or fortran or shape != (count,):
         raise corrupt(f".npy header says {got} {shape}, metadata says {dtype} ({count},)")
     offset = head.tell()

@@ -1,0 +1,181 @@
+"""Hostile or damaged entries: every mutation of the metadata or of a .npy header gives a
+MmcacheError or the original frame: never another exception, a crash or wrong data."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import mmcache
+from mmcache import _cache, _store
+from mmcache._paths import entry_name
+from tests._zerocopy import assert_zero_copy
+
+
+def _frame() -> pd.DataFrame:
+    n = 12
+    return pd.DataFrame({
+        "f": np.arange(n, dtype=float),
+        "i": np.arange(n),
+        "f2": np.ones(n),
+        "s": pd.array([f"v{i}" if i % 3 else None for i in range(n)], dtype="str"),
+        "c": pd.Categorical(list("abc") * 4),
+        "m": pd.array(range(n), dtype="Int32"),
+        "t": pd.date_range("2020", periods=n, tz="Europe/Paris"),
+        "iv": pd.arrays.IntervalArray.from_breaks(np.arange(n + 1)),
+    }, index=pd.MultiIndex.from_arrays([list("xy") * 6, np.arange(n)], names=["k", "n"]))
+
+
+FRAME = _frame()
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner,
+                                                                 max_size=4),
+    max_leaves=8,
+)
+
+
+def _paths(node, prefix=()):
+    yield prefix
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _paths(v, (*prefix, k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _paths(v, (*prefix, i))
+
+
+def _set(node, path, value, delete):
+    for step in path[:-1]:
+        node = node[step]
+    if delete and isinstance(node, dict):
+        del node[path[-1]]
+    elif delete:
+        node.pop(path[-1])
+    else:
+        node[path[-1]] = value
+
+
+def _open_checked(key: str) -> None:
+    _cache._MEMO.clear()
+    try:
+        got = mmcache.open(key)
+    except mmcache.MmcacheError:
+        return
+    pd.testing.assert_frame_equal(got, FRAME)  # an unchanged meaning may open, and equal
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    d = tmp_path_factory.mktemp("fuzz") / "cache"
+    mmcache.save(FRAME, "k", cache_dir=d)
+    meta_path = d / f"{entry_name('k')}.json"
+    return d, meta_path, meta_path.read_bytes()
+
+
+def _mutate(meta: dict, data) -> None:
+    paths = [p for p in _paths(meta) if p]
+    path = data.draw(st.sampled_from(paths), label="path")
+    delete = data.draw(st.booleans(), label="delete")
+    value = None if delete else data.draw(json_values, label="value")
+    _set(meta, path, value, delete)
+
+
+@settings(max_examples=200, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(data=st.data())
+def test_damaged_metadata_is_refused(saved, monkeypatch, data):
+    """Any change to the metadata fails its checksum: CorruptEntryError, never other data."""
+    d, meta_path, original = saved
+    monkeypatch.setenv("MMCACHE_DIR", str(d))
+    meta = json.loads(original)
+    _mutate(meta, data)
+    try:
+        meta_path.write_text(json.dumps(meta))
+        _cache._MEMO.clear()
+        with pytest.raises(mmcache.CorruptEntryError):
+            mmcache.open("k")
+    finally:
+        meta_path.write_bytes(original)
+
+
+@settings(max_examples=500, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(data=st.data())
+def test_crafted_metadata_never_escapes_the_mapped_files(saved, monkeypatch, data):
+    """Metadata rewritten *with* a valid checksum (someone with write access to the private
+    cache dir): open gives a MmcacheError or a frame whose every buffer still lies inside the
+    entry's mapped files; never another exception, a crash or a read outside them."""
+    d, meta_path, original = saved
+    monkeypatch.setenv("MMCACHE_DIR", str(d))
+    meta = json.loads(original)
+    _mutate(meta, data)
+    meta.pop("sha256", None)
+    try:
+        if "format" in meta and isinstance(meta, dict):
+            meta = {"format": meta["format"], "sha256": _store._digest(meta), **meta}
+        meta_path.write_text(json.dumps(meta))
+        _cache._MEMO.clear()
+        try:
+            got = mmcache.open("k")
+        except mmcache.MmcacheError:
+            return
+        assert isinstance(got, pd.DataFrame | pd.Series)
+        assert_zero_copy(got, d, include_index=True)
+    finally:
+        meta_path.write_bytes(original)
+
+
+@settings(max_examples=300, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(data=st.data())
+def test_npy_header_mutations(saved, monkeypatch, data):
+    d, _, _ = saved
+    monkeypatch.setenv("MMCACHE_DIR", str(d))
+    files = sorted(d.rglob("*.npy"))
+    target = data.draw(st.sampled_from(files), label="file")
+    raw = target.read_bytes()
+    header_len = 10 + int.from_bytes(raw[8:10], "little")
+    pos = data.draw(st.integers(0, header_len - 1), label="pos")
+    byte = data.draw(st.integers(0, 255), label="byte")
+    mutated = raw[:pos] + bytes([byte]) + raw[pos + 1:]
+    try:
+        target.write_bytes(mutated)  # same size: only the header's meaning changes
+        _open_checked("k")
+    finally:
+        target.write_bytes(raw)
+
+
+def test_npy_replaced_by_a_pickle_never_executes(saved, monkeypatch, tmp_path):
+    d, _, _ = saved
+    monkeypatch.setenv("MMCACHE_DIR", str(d))
+    marker = tmp_path / "executed"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    target = sorted(d.rglob("*.npy"))[0]
+    raw = target.read_bytes()
+    try:
+        with open(target, "wb") as f:
+            np.save(f, np.array([Evil()], dtype=object), allow_pickle=True)
+        _cache._MEMO.clear()
+        with pytest.raises(mmcache.CorruptEntryError):
+            mmcache.open("k")
+        # same size as the original too, so only the header check can refuse it
+        payload = target.read_bytes()
+        target.write_bytes(payload + b"\0" * max(0, len(raw) - len(payload)))
+        _cache._MEMO.clear()
+        with pytest.raises(mmcache.CorruptEntryError):
+            mmcache.open("k")
+        assert not marker.exists()
+    finally:
+        target.write_bytes(raw)
