@@ -24,7 +24,7 @@ import pyarrow as pa
 
 import mmcache
 
-from ._maps import frame_addresses, frame_in_cache, maps_under
+from ._zerocopy import frame_addresses, frame_in_cache, maps_under
 
 # A child never waits longer than this for its parent (the parent has its own, shorter, bounds).
 CHILD_TIMEOUT = 120.0

@@ -13,7 +13,7 @@ import pytest
 
 import mmcache
 from mmcache._paths import entry_name
-from tests._zerocopy import array_buffers, assert_zero_copy, mapped_ranges
+from tests._zerocopy import array_buffers, assert_zero_copy, maps_under
 
 
 def _mixed(n: int = 50) -> pd.DataFrame:
@@ -109,10 +109,10 @@ def test_writing_into_raw_arrays_raises(cache_dir, write):
 def test_open_is_memoised_and_each_call_returns_its_own_frame(cache_dir):
     mmcache.save(_mixed(1000), "k")
     first = mmcache.open("k")
-    maps = mapped_ranges(cache_dir)
+    maps = maps_under(cache_dir)
     second = mmcache.open("k")
     assert first is not second
-    assert mapped_ranges(cache_dir) == maps  # no new mapping
+    assert maps_under(cache_dir) == maps  # no new mapping
     assert array_buffers(first["a"]._values) == array_buffers(second["a"]._values)
 
 

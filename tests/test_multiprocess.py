@@ -26,7 +26,7 @@ import pytest
 import mmcache
 
 from . import _workers
-from ._maps import frame_addresses, frame_in_cache, maps_under
+from ._zerocopy import frame_addresses, frame_in_cache, maps_under
 
 METHODS = ["fork", "spawn", "forkserver"]
 WAIT = 60.0  # seconds: bound on any one wait for children (spawning 4 takes a few)
