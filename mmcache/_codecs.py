@@ -27,6 +27,10 @@ from pandas.api.types import infer_dtype
 from ._errors import CorruptEntryError, UnsupportedTypeError
 
 Spec = dict[str, Any]
+# What decoding metadata that is well-formed JSON but not a layout mmcache wrote can raise
+# (wrong types, missing keys, out-of-range numbers, absurd nesting): all mean corruption.
+BAD_LAYOUT = (KeyError, IndexError, TypeError, ValueError, AttributeError, OverflowError,
+              RecursionError, pa.ArrowException)
 
 # Non-block buffers start on 64-byte boundaries (Arrow's recommended alignment, and what
 # SIMD kernels like); numpy's .npy data itself starts 64-byte aligned.
@@ -75,7 +79,7 @@ class Mapped:
         try:
             base = self.arrays[ref["f"]]
             start, count = int(ref["o"]), int(ref["n"])
-        except (KeyError, IndexError, TypeError, ValueError) as exc:
+        except BAD_LAYOUT as exc:
             raise CorruptEntryError(f"{self.where}: bad buffer reference {ref!r}") from exc
         if start < 0 or count < 0 or start + count > base.size:
             raise CorruptEntryError(
@@ -221,7 +225,7 @@ def _decode_arrow(spec: Spec, mapped: Mapped) -> pa.Array:
             [mapped.buffer(b) for b in spec["bufs"]],
             null_count=int(spec["nulls"]),
         )
-    except (pa.ArrowException, ValueError, TypeError, KeyError) as exc:
+    except BAD_LAYOUT as exc:
         raise CorruptEntryError(f"{mapped.where}: cannot rebuild Arrow array: {exc}") from exc
 
 
@@ -385,7 +389,7 @@ def decode_array(spec: Spec, m: Mapped) -> Any:
         return decoder(spec, m)
     except CorruptEntryError:
         raise
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+    except BAD_LAYOUT as exc:
         raise CorruptEntryError(f"{m.where}: metadata does not describe a column: {exc}") from exc
 
 
@@ -442,6 +446,6 @@ def decode_index(spec: Spec, m: Mapped) -> pd.Index:
             return index
     except CorruptEntryError:
         raise
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+    except BAD_LAYOUT as exc:
         raise CorruptEntryError(f"{m.where}: metadata does not describe an index: {exc}") from exc
     raise CorruptEntryError(f"{m.where}: unknown index codec {kind!r}")

@@ -18,6 +18,7 @@ import pandas as pd
 from pandas.api.internals import create_dataframe_from_blocks
 
 from ._codecs import (
+    BAD_LAYOUT,
     Mapped,
     Pool,
     Spec,
@@ -127,7 +128,7 @@ def decode(layout: Spec, m: Mapped, columns: Sequence[Any] | None) -> pd.DataFra
         return obj
     except MmcacheError:
         raise
-    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+    except BAD_LAYOUT as exc:
         raise CorruptEntryError(f"{m.where}: metadata does not describe a frame: {exc}") from exc
 
 

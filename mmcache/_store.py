@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from ._codecs import Mapped, Pool, Spec
+from ._codecs import BAD_LAYOUT, Mapped, Pool, Spec
 from ._errors import CacheFullError, CorruptEntryError, UnsupportedFormatError
 from ._paths import ENV_DIR
 from ._units import human
@@ -229,7 +229,7 @@ def map_files(data_dir: Path, files: list[Spec], key: str, where: str) -> Mapped
         try:
             name, dtype, count, size = spec["name"], np.dtype(spec["dtype"]), spec["count"], \
                 int(spec["size"])
-        except (KeyError, TypeError, ValueError) as exc:
+        except BAD_LAYOUT as exc:
             raise CorruptEntryError(f"{where}: bad file entry {spec!r:.100}", key=key) from exc
         if dtype.hasobject or not isinstance(name, str) or "/" in name or name.startswith("."):
             raise CorruptEntryError(f"{where}: bad file entry {spec!r:.100}", key=key)

@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pandas as pd
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import mmcache
@@ -33,6 +33,9 @@ def _frame() -> pd.DataFrame:
 
 
 FRAME = _frame()
+# Examples per test, in hundreds of the defaults below; the long mode for humans:
+#   MMCACHE_FUZZ_SCALE=20 python -m pytest tests/test_fuzz.py
+EXAMPLES = int(float(os.environ.get("MMCACHE_FUZZ_SCALE", "1")) * 100)
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**70), 2**70)
     | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=12),
@@ -88,7 +91,7 @@ def _mutate(meta: dict, data) -> None:
     _set(meta, path, value, delete)
 
 
-@settings(max_examples=200, deadline=None,
+@settings(max_examples=EXAMPLES * 200 // 100, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(data=st.data())
 def test_damaged_metadata_is_refused(saved, monkeypatch, data):
@@ -97,6 +100,7 @@ def test_damaged_metadata_is_refused(saved, monkeypatch, data):
     monkeypatch.setenv("MMCACHE_DIR", str(d))
     meta = json.loads(original)
     _mutate(meta, data)
+    assume(meta != json.loads(original))  # a mutation that changes nothing is no damage
     try:
         meta_path.write_text(json.dumps(meta))
         _cache._MEMO.clear()
@@ -106,7 +110,7 @@ def test_damaged_metadata_is_refused(saved, monkeypatch, data):
         meta_path.write_bytes(original)
 
 
-@settings(max_examples=500, deadline=None,
+@settings(max_examples=EXAMPLES * 500 // 100, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(data=st.data())
 def test_crafted_metadata_never_escapes_the_mapped_files(saved, monkeypatch, data):
@@ -133,7 +137,7 @@ def test_crafted_metadata_never_escapes_the_mapped_files(saved, monkeypatch, dat
         meta_path.write_bytes(original)
 
 
-@settings(max_examples=300, deadline=None,
+@settings(max_examples=EXAMPLES * 300 // 100, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(data=st.data())
 def test_npy_header_mutations(saved, monkeypatch, data):
