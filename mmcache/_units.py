@@ -14,28 +14,24 @@ _DURATION_UNITS = {"": 1, "s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w"
 _NUMBER = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*$")
 
 
-def parse_size(text: str) -> int:
-    """Bytes in ``text``: a number with an optional unit (B, KB, MB, GB, TB, KiB … TiB)."""
+def _parse(text: str, units: dict[str, int], what: str, examples: str) -> float:
     m = _NUMBER.match(text)
     unit = m.group(2).lower() if m else None
-    if m is None or unit not in _SIZE_UNITS:
+    if m is None or unit not in units:
         raise ValueError(
-            f"{text!r} is not a size; write a number with an optional unit, e.g. 500MB, 1.5GB, "
-            "2GiB"
+            f"{text!r} is not a {what}; write a number with an optional unit, e.g. {examples}"
         )
-    return int(float(m.group(1)) * _SIZE_UNITS[unit])
+    return float(m.group(1)) * units[unit]
+
+
+def parse_size(text: str) -> int:
+    """Bytes in ``text``: a number with an optional unit (B, KB, MB, GB, TB, KiB … TiB)."""
+    return int(_parse(text, _SIZE_UNITS, "size", "500MB, 1.5GB, 2GiB"))
 
 
 def parse_duration(text: str) -> float:
     """Seconds in ``text``: a number with an optional unit (s, m, h, d, w)."""
-    m = _NUMBER.match(text)
-    unit = m.group(2).lower() if m else None
-    if m is None or unit not in _DURATION_UNITS:
-        raise ValueError(
-            f"{text!r} is not a duration; write a number with an optional unit, e.g. 90s, "
-            "30m, 2h, 7d"
-        )
-    return float(m.group(1)) * _DURATION_UNITS[unit]
+    return _parse(text, _DURATION_UNITS, "duration", "90s, 30m, 2h, 7d")
 
 
 def human(n: float) -> str:
