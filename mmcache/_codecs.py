@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import base64
 import datetime as _dt
+import functools
+import json
 import math
 from collections.abc import Callable
 from typing import Any
@@ -45,6 +47,9 @@ class Pool:
         self.files: dict[str, list[np.ndarray]] = {}
         self.counts: dict[str, int] = {}
         self.order: list[str] = []
+        # Specs shared by equal dtypes (the categories of 10,000 category columns of one
+        # CategoricalDtype are written once and decoded once).
+        self.shared: dict[Any, Spec] = {}
 
     def add(self, arr: np.ndarray, *, align: bool = True) -> Spec:
         arr = np.asarray(arr)
@@ -74,6 +79,7 @@ class Mapped:
     def __init__(self, arrays: list[np.ndarray], where: str) -> None:
         self.arrays = arrays
         self.where = where
+        self.shared: dict[str, Any] = {}  # decoded objects that equal specs share
 
     def get(self, ref: Spec, dtype: str | None = None) -> np.ndarray:
         try:
@@ -184,6 +190,7 @@ def _arrow_type_to_json(t: pa.DataType) -> str:
     return base64.b64encode(pa.schema([pa.field("x", t)]).serialize().to_pybytes()).decode()
 
 
+@functools.lru_cache(maxsize=256)
 def _arrow_type_from_json(s: str) -> pa.DataType:
     return pa.ipc.read_schema(pa.py_buffer(base64.b64decode(s))).field(0).type
 
@@ -251,11 +258,14 @@ def encode_array(values: Any, pool: Pool, where: str) -> Spec:
         return {"c": "masked", "dtype": dtype.name, "v": pool.add(values._data),
                 "m": pool.add(values._mask)}
     if isinstance(dtype, pd.CategoricalDtype):
+        cats = pool.shared.get(dtype)
+        if cats is None:
+            cats = pool.shared[dtype] = encode_index(dtype.categories, pool, f"{where} categories")
         return {
             "c": "cat",
             "ordered": bool(dtype.ordered),
             "codes": pool.add(values.codes),
-            "cats": encode_index(dtype.categories, pool, f"{where} categories"),
+            "cats": cats,
         }
     if isinstance(dtype, pd.StringDtype) or (_is_object(dtype) and _only_str(values)):
         na = "NA" if isinstance(dtype, pd.StringDtype) and dtype.na_value is pd.NA else "nan"
@@ -336,9 +346,12 @@ def _decode_masked(spec: Spec, m: Mapped) -> Any:
 
 
 def _decode_cat(spec: Spec, m: Mapped) -> Any:
-    cats = decode_index(spec["cats"], m)
     codes = m.get(spec["codes"])
-    dtype = pd.CategoricalDtype(cats, ordered=spec["ordered"])
+    memo = json.dumps([spec["cats"], spec["ordered"]], sort_keys=True)
+    dtype = m.shared.get(memo)
+    if dtype is None:
+        cats = decode_index(spec["cats"], m)
+        dtype = m.shared[memo] = pd.CategoricalDtype(cats, ordered=spec["ordered"])
     # validate=False: checking the codes' range would read every page of the column.
     return pd.Categorical.from_codes(codes, dtype=dtype, validate=False)
 
