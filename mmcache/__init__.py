@@ -22,6 +22,7 @@ from ._errors import (
     CorruptEntryError,
     EntryChangedError,
     EntryNotFoundError,
+    InvalidArgumentError,
     InvalidKeyError,
     LockTimeoutError,
     MmcacheError,
@@ -40,6 +41,7 @@ __all__ = [
     "Entry",
     "EntryChangedError",
     "EntryNotFoundError",
+    "InvalidArgumentError",
     "InvalidKeyError",
     "LockTimeoutError",
     "MmcacheError",
@@ -89,10 +91,10 @@ def entries(*, cache_dir: _PathArg = None) -> list[Entry]:
 
 
 def clean(
-    keys: Sequence[str] | None = None,
+    keys: str | Sequence[str] | None = None,
     *,
-    older_than: float | _dt.timedelta | None = None,
-    max_bytes: int | None = None,
+    older_than: float | str | _dt.timedelta | None = None,
+    max_bytes: int | str | None = None,
     dry_run: bool = False,
     cache_dir: _PathArg = None,
 ) -> list[Entry]:

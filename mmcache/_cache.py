@@ -8,7 +8,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeAlias
@@ -22,6 +22,7 @@ from ._errors import (
     CacheFullError,
     CorruptEntryError,
     EntryNotFoundError,
+    InvalidArgumentError,
     LockTimeoutError,
     MmcacheError,
     UnsupportedFormatError,
@@ -29,7 +30,7 @@ from ._errors import (
 )
 from ._inuse import mapping_pids
 from ._paths import check_key, entry_name, resolve_cache_dir
-from ._units import human, parse_size
+from ._units import human, parse_duration, parse_size
 
 ENV_MAX_BYTES = "MMCACHE_MAX_BYTES"
 
@@ -121,10 +122,11 @@ class Cache:
     """
 
     def __init__(
-        self, cache_dir: str | os.PathLike[str] | None = None, *, max_bytes: int | None = None
+        self, cache_dir: str | os.PathLike[str] | None = None, *,
+        max_bytes: int | str | None = None,
     ) -> None:
         self._given = cache_dir
-        self._max_bytes = max_bytes
+        self._max_bytes = None if max_bytes is None else _size_arg(max_bytes, "max_bytes")
 
     def __repr__(self) -> str:
         return f"Cache({self._given!r}, max_bytes={self._max_bytes!r})"
@@ -140,12 +142,16 @@ class Cache:
         try:
             return parse_size(env)
         except ValueError as exc:
-            raise MmcacheError(f"${ENV_MAX_BYTES}={env!r}: {exc}") from None
+            raise InvalidArgumentError(f"${ENV_MAX_BYTES}={env!r}: {exc}") from None
 
     @property
     def dir(self) -> Path:
-        """The resolved cache directory (created on first use, mode 0700)."""
+        """The resolved cache directory (created if missing, mode 0700)."""
         return resolve_cache_dir(self._given)
+
+    def _read_dir(self) -> Path:
+        # Reading, listing and cleaning never create the directory: a missing one is empty.
+        return resolve_cache_dir(self._given, create=False)
 
     def _lock(self, cache_dir: Path, name: str, timeout: float) -> filelock.BaseFileLock:
         return filelock.FileLock(cache_dir / f"{name}.lock", timeout=timeout, mode=0o600)
@@ -171,6 +177,11 @@ class Cache:
         try:
             yield
         finally:
+            if not (cache_dir / f"{name}.json").exists():
+                # No entry (a failed save or build, a delete): no lock file left behind.
+                # Safe while held: filelock >= 4 retries on an unlinked lock file.
+                with contextlib.suppress(OSError):
+                    os.unlink(lock.lock_file)
             lock.release()
 
     # --- save -------------------------------------------------------------------------------
@@ -188,16 +199,24 @@ class Cache:
         cache_dir = self.dir
         layout, pool = _frame.encode(obj)  # refuses unsupported data before touching disk
         name = entry_name(key)
+        files = self._make_room(cache_dir, key, pool)  # before locking: fail fast, leave nothing
         with self._locked(cache_dir, name, key, LOCK_TIMEOUT):
-            return self._save_locked(cache_dir, name, key, layout, pool)
+            return self._save_locked(cache_dir, name, key, layout, pool, files)
 
-    def _save_locked(
-        self, cache_dir: Path, name: str, key: str, layout: dict[str, Any], pool: _store.Pool
-    ) -> Entry:
+    def _make_room(self, cache_dir: Path, key: str, pool: _store.Pool) -> list[Any]:
+        """Plan the files; evict for max_bytes and check free space, or raise CacheFullError."""
         files = _store.plan_files(pool)
         nbytes = sum(f["size"] for f in files)
         self._fit_limit(cache_dir, key, nbytes)
         _store.check_room(cache_dir, nbytes, key)
+        return files
+
+    def _save_locked(
+        self, cache_dir: Path, name: str, key: str, layout: dict[str, Any], pool: _store.Pool,
+        files: list[Any],
+    ) -> Entry:
+        nbytes = sum(f["size"] for f in files)
+        _store.check_room(cache_dir, nbytes, key)  # again: others may have saved meanwhile
         meta_path = cache_dir / f"{name}.json"
         try:
             old = _store.read_meta(meta_path, key)["data"]
@@ -276,8 +295,17 @@ class Cache:
         check_key(key)
         if columns is not None:
             if isinstance(columns, str | bytes) or not isinstance(columns, Iterable):
-                raise TypeError(f"columns= takes a list of column labels, got {columns!r}")
+                raise InvalidArgumentError(
+                    f"columns= takes a list of column labels, got {columns!r}", key=key
+                )
             columns = list(columns)
+            for label in columns:
+                if not isinstance(label, Hashable):
+                    raise InvalidArgumentError(
+                        f"columns= holds {label!r}, which cannot be a column label; pass a "
+                        "flat list of labels",
+                        key=key,
+                    )
         try:
             return self._open(key, columns)
         except EntryNotFoundError:
@@ -295,11 +323,12 @@ class Cache:
                         key=key,
                     )
                 layout, pool = _frame.encode(obj)
-                self._save_locked(cache_dir, name, key, layout, pool)
+                files = self._make_room(cache_dir, key, pool)
+                self._save_locked(cache_dir, name, key, layout, pool, files)
         return self._open(key, columns)
 
     def _open(self, key: str, columns: Sequence[Any] | None) -> Frame:
-        cache_dir = self.dir
+        cache_dir = self._read_dir()
         loaded = self._load(cache_dir, key)
         ckey = _columns_key(columns)
         with _MEMO_LOCK:
@@ -312,7 +341,7 @@ class Cache:
 
     def _current_token(self, key: str) -> str | None:
         """The version ``key`` holds now, or None; one ``stat`` when the memo is current."""
-        cache_dir = self.dir
+        cache_dir = self._read_dir()
         meta_path = cache_dir / f"{entry_name(key)}.json"
         try:
             sig = _sig(os.stat(meta_path))
@@ -327,7 +356,7 @@ class Cache:
     def _open_version(self, key: str, token: str, columns: Any) -> Frame | None:
         """Open ``key`` only if its current version is ``token`` (for unpickling)."""
         try:
-            loaded = self._load(self.dir, key)
+            loaded = self._load(self._read_dir(), key)
         except EntryNotFoundError:
             return None
         if loaded.token != token:
@@ -340,7 +369,7 @@ class Cache:
         Reads without counting as a use (last_used is left alone).
         """
         check_key(key)
-        cache_dir = self.dir
+        cache_dir = self._read_dir()
         # Counted before this process maps the entry itself.
         entry = next((e for e in self.entries() if e.key == key), None)
         if entry is None:
@@ -358,6 +387,7 @@ class Cache:
         name = entry_name(key)
         meta_path = cache_dir / f"{name}.json"
         memo_key = (str(cache_dir), key)
+        _prune_memo()
         missing_in: str | None = None
         for _ in range(OPEN_RETRIES):
             try:
@@ -408,18 +438,21 @@ class Cache:
     def exists(self, key: str) -> bool:
         """True if ``key`` has an entry (a cheap ``stat``; nothing is read or mapped)."""
         check_key(key)
-        return (self.dir / f"{entry_name(key)}.json").exists()
+        return (self._read_dir() / f"{entry_name(key)}.json").exists()
 
     def delete(self, key: str) -> bool:
         """Remove ``key``'s entry; True if there was one. Readers that mapped it keep going
         (the memory returns when the last of them unmaps)."""
         check_key(key)
-        return self._delete(self.dir, key, timeout=LOCK_TIMEOUT)
+        return self._delete(self._read_dir(), key, timeout=LOCK_TIMEOUT)
 
     def _delete(self, cache_dir: Path, key: str, *, timeout: float) -> bool:
         """Delete under the key's lock; with ``timeout=0`` give up (False) if it is busy."""
         name = entry_name(key)
         meta_path = cache_dir / f"{name}.json"
+        _forget(cache_dir, key)
+        if not os.path.lexists(meta_path):
+            return False  # nothing to delete (a save in progress has not published yet)
         try:
             with self._locked(cache_dir, name, key, timeout):
                 try:
@@ -440,7 +473,7 @@ class Cache:
 
     def entries(self) -> list[Entry]:
         """Every complete entry, oldest first, with sizes and times (reads only metadata)."""
-        cache_dir = self.dir
+        cache_dir = self._read_dir()
         users = mapping_pids(cache_dir)
         out = []
         for path in cache_dir.glob("*.json"):
@@ -456,21 +489,26 @@ class Cache:
 
     def clean(
         self,
-        keys: Sequence[str] | None = None,
+        keys: str | Sequence[str] | None = None,
         *,
-        older_than: float | dt.timedelta | None = None,
-        max_bytes: int | None = None,
+        older_than: float | str | dt.timedelta | None = None,
+        max_bytes: int | str | None = None,
         dry_run: bool = False,
     ) -> list[Entry]:
         """Remove entries and every stale leftover; return the entries removed.
 
         With no selector every entry goes. ``keys`` limits to those keys; ``older_than``
-        (seconds or timedelta) to entries not used for that long; ``max_bytes`` evicts least
-        recently used entries until the rest fits. ``dry_run`` removes nothing and returns
+        (seconds, a timedelta or ``"2h"``) to entries not used for that long; ``max_bytes``
+        (bytes or ``"10GB"``) evicts least recently used entries until the rest fits, entries
+        mapped by live processes last. ``dry_run`` removes nothing and returns
         what would go. Leftovers of killed saves are removed only when no live process holds
         their key's lock, so a save in progress is never touched.
         """
-        cache_dir = self.dir
+        cache_dir = self._read_dir()
+        if isinstance(keys, str):
+            keys = [keys]
+        limit = None if older_than is None else _duration_arg(older_than)
+        max_bytes = None if max_bytes is None else _size_arg(max_bytes, "max_bytes")
         all_entries = self.entries()
         chosen = all_entries
         if keys is not None:
@@ -480,9 +518,7 @@ class Cache:
                 # Entries entries() cannot read (damaged metadata) go too: delete() copes.
                 for k in wanted - {e.key for e in chosen}:
                     self._delete(cache_dir, k, timeout=LOCK_TIMEOUT)
-        if older_than is not None:
-            limit = older_than.total_seconds() if isinstance(older_than, dt.timedelta) \
-                else float(older_than)
+        if limit is not None:
             cutoff = time.time() - limit
             chosen = [e for e in chosen if e.last_used.timestamp() < cutoff]
         if max_bytes is not None:
@@ -569,6 +605,68 @@ class Cache:
                 _store.remove_tree(path)
             else:
                 path.unlink(missing_ok=True)
+
+
+def _size_arg(value: object, what: str) -> int:
+    if isinstance(value, str):
+        try:
+            return parse_size(value)
+        except ValueError as exc:
+            raise InvalidArgumentError(f"{what}={value!r}: {exc}") from None
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    raise InvalidArgumentError(
+        f"{what} takes a number of bytes or a size like '10GB', got {value!r}"
+    )
+
+
+def _duration_arg(value: object) -> float:
+    if isinstance(value, dt.timedelta):
+        seconds = value.total_seconds()
+    elif isinstance(value, str):
+        try:
+            seconds = parse_duration(value)
+        except ValueError as exc:
+            raise InvalidArgumentError(f"older_than={value!r}: {exc}") from None
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        seconds = -1.0
+    if not seconds >= 0:
+        raise InvalidArgumentError(
+            f"older_than takes seconds, a timedelta or a duration like '2h', got {value!r}"
+        )
+    return seconds
+
+
+# How often open() looks for memoised entries that were deleted or replaced meanwhile (by
+# any process), so their mappings go once no frame uses them: a stat per memoised entry.
+PRUNE_INTERVAL = 1.0
+_last_prune = 0.0
+
+
+def _prune_memo() -> None:
+    global _last_prune
+    now = time.monotonic()
+    if now - _last_prune < PRUNE_INTERVAL:
+        return
+    _last_prune = now
+    with _MEMO_LOCK:
+        items = list(_MEMO.items())
+    for (cache_dir, key), loaded in items:
+        try:
+            current = _sig(os.stat(Path(cache_dir) / f"{entry_name(key)}.json")) == loaded.sig
+        except OSError:
+            current = False
+        if not current:
+            with _MEMO_LOCK:
+                if _MEMO.get((cache_dir, key)) is loaded:
+                    del _MEMO[(cache_dir, key)]
+
+
+def _forget(cache_dir: Path, key: str) -> None:
+    with _MEMO_LOCK:
+        _MEMO.pop((str(cache_dir), key), None)
 
 
 def _not_found(key: str, cache_dir: Path) -> EntryNotFoundError:

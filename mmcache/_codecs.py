@@ -16,7 +16,6 @@ from __future__ import annotations
 import base64
 import datetime as _dt
 import functools
-import json
 import math
 from collections.abc import Callable
 from typing import Any
@@ -48,8 +47,9 @@ class Pool:
         self.counts: dict[str, int] = {}
         self.order: list[str] = []
         # Specs shared by equal dtypes (the categories of 10,000 category columns of one
-        # CategoricalDtype are written once and decoded once).
-        self.shared: dict[Any, Spec] = {}
+        # CategoricalDtype are written once and decoded once); columns name them by index.
+        self.shared: dict[Any, int] = {}
+        self.shared_specs: list[Spec] = []
 
     def add(self, arr: np.ndarray, *, align: bool = True) -> Spec:
         arr = np.asarray(arr)
@@ -79,7 +79,8 @@ class Mapped:
     def __init__(self, arrays: list[np.ndarray], where: str) -> None:
         self.arrays = arrays
         self.where = where
-        self.shared: dict[str, Any] = {}  # decoded objects that equal specs share
+        self.shared_specs: list[Spec] = []  # the layout's shared specs
+        self.shared: dict[int, Any] = {}  # ... decoded once each
 
     def get(self, ref: Spec, dtype: str | None = None) -> np.ndarray:
         try:
@@ -260,13 +261,19 @@ def encode_array(values: Any, pool: Pool, where: str) -> Spec:
     if isinstance(dtype, pd.CategoricalDtype):
         cats = pool.shared.get(dtype)
         if cats is None:
-            cats = pool.shared[dtype] = encode_index(dtype.categories, pool, f"{where} categories")
+            # labels=True: object categories stay object (JSON); categories are small.
+            pool.shared_specs.append(
+                encode_index(dtype.categories, pool, f"{where} categories", labels=True)
+            )
+            cats = pool.shared[dtype] = len(pool.shared_specs) - 1
         return {
             "c": "cat",
             "ordered": bool(dtype.ordered),
             "codes": pool.add(values.codes),
             "cats": cats,
         }
+    if _is_object(dtype) and len(values) == 0:
+        return {"c": "obj0"}  # an empty object column stays object: there is nothing to map
     if isinstance(dtype, pd.StringDtype) or (_is_object(dtype) and _only_str(values)):
         na = "NA" if isinstance(dtype, pd.StringDtype) and dtype.na_value is pd.NA else "nan"
         if isinstance(dtype, pd.StringDtype) and dtype.storage == "pyarrow":
@@ -347,11 +354,15 @@ def _decode_masked(spec: Spec, m: Mapped) -> Any:
 
 def _decode_cat(spec: Spec, m: Mapped) -> Any:
     codes = m.get(spec["codes"])
-    memo = json.dumps([spec["cats"], spec["ordered"]], sort_keys=True)
-    dtype = m.shared.get(memo)
-    if dtype is None:
-        cats = decode_index(spec["cats"], m)
-        dtype = m.shared[memo] = pd.CategoricalDtype(cats, ordered=spec["ordered"])
+    cats_id = spec["cats"]
+    cats = m.shared.get(cats_id)
+    if cats is None:
+        if not isinstance(cats_id, int) or not 0 <= cats_id < len(m.shared_specs):
+            raise CorruptEntryError(f"{m.where}: bad categories reference {cats_id!r}")
+        cats = m.shared[cats_id] = decode_index(m.shared_specs[cats_id], m)
+    # The checked constructor hashes the categories again (~100 µs a column); they were
+    # unique when saved and the metadata is checksummed.
+    dtype = pd.CategoricalDtype._from_fastpath(cats, ordered=bool(spec["ordered"]))
     # validate=False: checking the codes' range would read every page of the column.
     return pd.Categorical.from_codes(codes, dtype=dtype, validate=False)
 
@@ -383,6 +394,7 @@ def _decode_interval(spec: Spec, m: Mapped) -> Any:
 
 _DECODERS: dict[str, Callable[[Spec, Mapped], Any]] = {
     "np": _decode_np,
+    "obj0": lambda spec, m: np.empty(0, dtype=object),
     "dttz": _decode_dttz,
     "masked": _decode_masked,
     "cat": _decode_cat,
@@ -448,10 +460,16 @@ def decode_index(spec: Spec, m: Mapped) -> pd.Index:
             )
         if kind == "json":
             return pd.Index([label_from_json(v) for v in spec["values"]], dtype=object,
-                            name=label_from_json(spec["name"]))
+                            name=label_from_json(spec["name"]), tupleize_cols=False)
         if kind == "index":
             values = decode_array(spec["values"], m)
-            index = pd.Index(values, name=label_from_json(spec["name"]), copy=False)
+            name = label_from_json(spec["name"])
+            if isinstance(values, pd.arrays.ArrowExtensionArray):
+                # A plain Index is the right class for Arrow data; skip the constructor's
+                # inference (~50 µs, which adds up over 10,000 columns' categories).
+                index = pd.Index._simple_new(values, name=name)
+            else:
+                index = pd.Index(values, name=name, copy=False)
             if "freq" in spec:
                 # The public setter checks the freq against every value (O(rows) at each
                 # open); it was valid when saved, so set it as pandas' own constructors do.

@@ -7,7 +7,8 @@ Each one also inherits the builtin a caller would naturally catch, so ``except K
     ├── EntryNotFoundError (KeyError, FileNotFoundError)   the key is not in the cache
     ├── ColumnNotFoundError (KeyError)                     open(columns=[...]) names a missing one
     ├── EntryChangedError                                  a pickled frame's entry was re-saved
-    ├── InvalidKeyError (ValueError)                       the key cannot name an entry
+    ├── InvalidArgumentError (ValueError, TypeError)       an argument of the wrong type or value
+    │   └── InvalidKeyError                                the key cannot name an entry
     ├── CorruptEntryError (ValueError)                     files do not match the metadata
     │   └── UnsupportedFormatError                         written by a newer mmcache
     ├── UnsupportedTypeError (TypeError)                   a column mmcache cannot store
@@ -62,7 +63,11 @@ class EntryChangedError(MmcacheError):
     """A frame pickled by reference can no longer be opened: its key was re-saved or deleted."""
 
 
-class InvalidKeyError(MmcacheError, ValueError):
+class InvalidArgumentError(MmcacheError, ValueError, TypeError):
+    """An argument has the wrong type or value (``columns="a"``, ``older_than="soon"``)."""
+
+
+class InvalidKeyError(InvalidArgumentError):
     """The key is not a non-empty str of at most 200 characters without NUL."""
 
 

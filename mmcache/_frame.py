@@ -34,6 +34,7 @@ from ._errors import (
     ColumnNotFoundError,
     CorruptEntryError,
     EntryChangedError,
+    InvalidArgumentError,
     MmcacheError,
     UnsupportedTypeError,
 )
@@ -63,6 +64,7 @@ def encode(obj: pd.DataFrame | pd.Series) -> tuple[Spec, Pool]:
             "wrap it with pd.DataFrame(...) first"
         )
     layout["index"] = encode_index(obj.index, pool, "index")
+    layout["shared"] = pool.shared_specs
     layout["attrs"] = check_attrs(dict(obj.attrs))
     return layout, pool
 
@@ -110,8 +112,9 @@ def _encode_columns(df: pd.DataFrame, pool: Pool) -> Spec:
 def decode(layout: Spec, m: Mapped, columns: Sequence[Any] | None) -> pd.DataFrame | pd.Series:
     """Rebuild the object over mapped buffers; only the requested columns are touched."""
     if columns is not None and layout.get("kind") == "series":
-        raise TypeError(f"{m.where} holds a Series; open it without columns=")
+        raise InvalidArgumentError(f"{m.where} holds a Series; open it without columns=")
     try:
+        m.shared_specs = list(layout["shared"])
         nrows = int(layout["nrows"])
         index = decode_index(layout["index"], m)
         if len(index) != nrows:
@@ -175,6 +178,8 @@ def _decode_frame(
             continue
         values = decode_array(spec, m)
         _check_len(values, nrows, m)
+        if isinstance(values, np.ndarray):
+            values = values.reshape(1, -1)  # a numpy column outside the blocks (empty object)
         for new in news:
             blocks.append((values, np.array([new], dtype=np.intp)))
     placed = sorted(int(n) for _, p in blocks for n in p)

@@ -63,28 +63,39 @@ def default_cache_dir() -> Path:
     return Path(tempfile.gettempdir()) / name
 
 
-def resolve_cache_dir(cache_dir: str | os.PathLike[str] | None) -> Path:
-    """Decide the cache directory and make sure it exists and is safe to use.
+def resolve_cache_dir(cache_dir: str | os.PathLike[str] | None, *, create: bool = True) -> Path:
+    """Decide the cache directory and make sure it is safe to use.
 
     Order: the argument, else ``$MMCACHE_DIR``, else :func:`default_cache_dir`. The
-    environment is read at each call, not at import. A directory mmcache creates gets mode
-    0700. The default directory must be a real directory owned by the user with no group or
-    other access (a planted symlink or a foreign directory would let another user read or
-    swap the data); a directory the user chose must be owned by them (or root) and not
-    writable by others.
+    environment is read at each call, not at import. With ``create`` (saving) a missing
+    directory is made, mode 0700; without it (reading, listing, cleaning) a missing directory
+    is returned as is and simply holds nothing, so a typo never litters the disk. The default
+    directory must be a real directory owned by the user with no group or other access (a
+    planted symlink or a foreign directory would let another user read or swap the data); a
+    directory the user chose must be owned by them (or root) and not writable by others.
     """
     chosen = cache_dir if cache_dir is not None else os.environ.get(ENV_DIR) or None
     is_default = chosen is None
     path = default_cache_dir() if chosen is None else Path(os.fspath(chosen)).expanduser()
     try:
-        path.mkdir(mode=0o700, parents=not is_default, exist_ok=True)
-    except OSError as exc:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        if not create:
+            return path
+        try:
+            path.mkdir(mode=0o700, parents=not is_default, exist_ok=True)
+        except OSError as exc:
+            raise CacheDirError(
+                f"cannot create cache directory {str(path)!r}: {exc.strerror or exc}; "
+                f"set {ENV_DIR} or pass cache_dir= to a writable directory",
+                path=path,
+            ) from exc
+        st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode) and not is_default and not path.exists():
         raise CacheDirError(
-            f"cannot create cache directory {str(path)!r}: {exc.strerror or exc}; "
-            f"set {ENV_DIR} or pass cache_dir= to a writable directory",
+            f"cache directory {str(path)!r} is a symlink to a missing path; fix or remove it",
             path=path,
-        ) from exc
-    st = os.lstat(path)
+        )
     uid = os.getuid()
     if is_default:
         if stat.S_ISLNK(st.st_mode):
@@ -95,7 +106,7 @@ def resolve_cache_dir(cache_dir: str | os.PathLike[str] | None) -> Path:
             )
         problem = None
         if not stat.S_ISDIR(st.st_mode):
-            problem = "is not a directory"
+            problem = "is not a directory (a file is in the way)"
         elif st.st_uid != uid:
             problem = f"is owned by uid {st.st_uid}, not by you (uid {uid})"
         elif st.st_mode & 0o077:
@@ -110,7 +121,9 @@ def resolve_cache_dir(cache_dir: str | os.PathLike[str] | None) -> Path:
     st = os.stat(path)
     if not stat.S_ISDIR(st.st_mode):
         raise CacheDirError(
-            f"cache directory {str(path)!r} is not a directory; pass a directory", path=path
+            f"cache directory {str(path)!r} is a file, not a directory; pass a directory "
+            f"(or set {ENV_DIR}) to one",
+            path=path,
         )
     if st.st_uid not in (uid, 0):
         raise CacheDirError(

@@ -397,3 +397,139 @@ def test_max_bytes_from_environment(cache_dir, monkeypatch):
     monkeypatch.setenv("MMCACHE_MAX_BYTES", "lots")
     with pytest.raises(mmcache.MmcacheError, match="MMCACHE_MAX_BYTES"):
         mmcache.save(_mixed(10), "d")
+
+
+# --- found by an independent review ---------------------------------------------------------
+
+
+def test_clean_with_one_key_as_a_string(cache_dir):
+    for k in ("prices", "p", "r"):
+        mmcache.save(_mixed(10), k)
+    assert [e.key for e in mmcache.clean("prices")] == ["prices"]
+    assert {e.key for e in mmcache.entries()} == {"p", "r"}
+
+
+def test_deleted_entries_release_their_mappings(cache_dir):
+    import gc
+    df = _mixed(100_000)
+    for _ in range(5):
+        with mmcache.share(df) as ref:
+            assert float(ref.open()["a"].sum()) == float(df["a"].sum())
+    gc.collect()
+    assert maps_under(cache_dir) == []  # nothing deleted stays mapped by the memo
+    mmcache.save(df, "k")
+    held = mmcache.open("k")
+    mmcache.Cache(cache_dir).delete("k")
+    pd.testing.assert_frame_equal(held, df)  # a live frame keeps its pages
+    del held
+    gc.collect()
+    assert maps_under(cache_dir) == []
+
+
+def test_entries_deleted_by_another_process_are_released(cache_dir, monkeypatch):
+    import gc
+    import subprocess
+    import sys
+    monkeypatch.setattr(mmcache._cache, "PRUNE_INTERVAL", 0.0)
+    mmcache.save(_mixed(1000), "gone")
+    mmcache.open("gone")
+    gc.collect()
+    assert maps_under(cache_dir)  # memoised
+    subprocess.run([sys.executable, "-c", f"import mmcache; mmcache.delete('gone', "
+                    f"cache_dir={str(cache_dir)!r})"], check=True, timeout=60)
+    mmcache.save(_mixed(10), "other")
+    mmcache.open("other")  # any open notices that "gone" went away
+    gc.collect()
+    assert {os.path.dirname(p) for _, _, p in maps_under(cache_dir)} == {
+        str(cache_dir / mmcache._store.read_meta(
+            cache_dir / f"{entry_name('other')}.json", "other")["data"])
+    }
+
+
+def test_flat_index_of_tuples_stays_flat(cache_dir):
+    df = pd.DataFrame([[1, 2]], columns=pd.Index([("a", 1), ("b", 2)], tupleize_cols=False))
+    mmcache.save(df, "k")
+    pd.testing.assert_frame_equal(mmcache.open("k"), df)
+
+
+def test_empty_object_columns_stay_object(cache_dir):
+    df = pd.DataFrame(columns=["a", "b"])
+    mmcache.save(df, "k")
+    pd.testing.assert_frame_equal(mmcache.open("k"), df)
+    s = pd.Series([], dtype=object)
+    mmcache.save(s, "s")
+    pd.testing.assert_series_equal(mmcache.open("s"), s)
+
+
+def test_object_categories_stay_object(cache_dir):
+    df = pd.DataFrame({"c": pd.Categorical(["x", "y", None],
+                                           categories=pd.Index(["x", "y"], dtype=object))})
+    mmcache.save(df, "k")
+    pd.testing.assert_frame_equal(mmcache.open("k"), df)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: mmcache.open("k", columns="a"),
+        lambda: mmcache.open("k", columns=[["a"]]),
+        lambda: mmcache.open("s", columns=["a"]),
+        lambda: mmcache.clean(older_than="soon"),
+        lambda: mmcache.clean(older_than=-5),
+        lambda: mmcache.clean(max_bytes="lots"),
+        lambda: mmcache.clean(max_bytes=[1]),
+        lambda: mmcache.Cache(max_bytes="1 parsec"),
+    ],
+    ids=["columns-str", "columns-unhashable", "columns-on-series", "older-than-text",
+         "older-than-negative", "max-bytes-text", "max-bytes-list", "cache-max-bytes"],
+)
+def test_bad_arguments_are_mmcache_errors(cache_dir, call):
+    mmcache.save(_mixed(10), "k")
+    mmcache.save(pd.Series([1.0]), "s")
+    with pytest.raises(mmcache.InvalidArgumentError) as info:
+        call()
+    assert isinstance(info.value, TypeError) and isinstance(info.value, ValueError)
+
+
+def test_sizes_and_durations_as_text(cache_dir):
+    mmcache.save(_mixed(10), "old")
+    _age(mmcache.entries()[0], 7200)
+    assert [e.key for e in mmcache.clean(older_than="1h", max_bytes="10GB")] == []
+    assert [e.key for e in mmcache.clean(older_than="1h")] == ["old"]
+
+
+def test_no_lock_file_outlives_a_failed_or_empty_operation(cache_dir):
+    mmcache.save(_mixed(10), "live")
+    with pytest.raises(mmcache.CacheFullError):
+        mmcache.Cache(cache_dir, max_bytes=1000).save(_mixed(10_000), "big")
+    assert mmcache.delete("never-saved") is False
+    with pytest.raises(ZeroDivisionError):
+        mmcache.open("broken", build=lambda: 1 / 0)
+    with pytest.raises(mmcache.UnsupportedTypeError):
+        mmcache.open("not-a-frame", build=lambda: 1)
+    names = sorted(p.name for p in cache_dir.iterdir() if p.suffix == ".lock")
+    assert names in ([], [f"{entry_name('live')}.lock"])
+
+
+def test_reading_never_creates_the_cache_dir(tmp_path):
+    missing = tmp_path / "typo" / "deep"
+    assert mmcache.exists("k", cache_dir=missing) is False
+    assert mmcache.entries(cache_dir=missing) == []
+    assert mmcache.delete("k", cache_dir=missing) is False
+    assert mmcache.clean(cache_dir=missing) == []
+    with pytest.raises(mmcache.EntryNotFoundError):
+        mmcache.open("k", cache_dir=missing)
+    assert not (tmp_path / "typo").exists()
+    mmcache.save(_mixed(10), "k", cache_dir=missing)  # saving creates it
+    assert mmcache.exists("k", cache_dir=missing)
+
+
+def test_cache_dir_in_the_way_gets_a_clear_error(tmp_path):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    with pytest.raises(mmcache.CacheDirError, match="is a file, not a directory"):
+        mmcache.entries(cache_dir=a_file)
+    dangling = tmp_path / "link"
+    dangling.symlink_to(tmp_path / "nowhere")
+    with pytest.raises(mmcache.CacheDirError, match="symlink to a missing path"):
+        mmcache.save(_mixed(10), "k", cache_dir=dangling)
