@@ -146,12 +146,14 @@ class Cache:
 
     @property
     def dir(self) -> Path:
-        """The resolved cache directory (created if missing, mode 0700)."""
-        return resolve_cache_dir(self._given)
+        """The resolved cache directory, checked for safety; the first save creates it.
 
-    def _read_dir(self) -> Path:
-        # Reading, listing and cleaning never create the directory: a missing one is empty.
+        Reading, listing and cleaning never create it: a missing directory holds nothing.
+        """
         return resolve_cache_dir(self._given, create=False)
+
+    def _write_dir(self) -> Path:
+        return resolve_cache_dir(self._given)
 
     def _lock(self, cache_dir: Path, name: str, timeout: float) -> filelock.BaseFileLock:
         return filelock.FileLock(cache_dir / f"{name}.lock", timeout=timeout, mode=0o600)
@@ -196,7 +198,7 @@ class Cache:
         mid-save leaves no visible entry (its leftovers go with ``clean``).
         """
         check_key(key)
-        cache_dir = self.dir
+        cache_dir = self._write_dir()
         layout, pool = _frame.encode(obj)  # refuses unsupported data before touching disk
         name = entry_name(key)
         files = self._make_room(cache_dir, key, pool)  # before locking: fail fast, leave nothing
@@ -311,7 +313,7 @@ class Cache:
         except EntryNotFoundError:
             if build is None:
                 raise
-        cache_dir = self.dir
+        cache_dir = self._write_dir()
         name = entry_name(key)
         with self._locked(cache_dir, name, key, float("inf")):
             if not (cache_dir / f"{name}.json").exists():
@@ -328,7 +330,7 @@ class Cache:
         return self._open(key, columns)
 
     def _open(self, key: str, columns: Sequence[Any] | None) -> Frame:
-        cache_dir = self._read_dir()
+        cache_dir = self.dir
         loaded = self._load(cache_dir, key)
         ckey = _columns_key(columns)
         with _MEMO_LOCK:
@@ -341,7 +343,7 @@ class Cache:
 
     def _current_token(self, key: str) -> str | None:
         """The version ``key`` holds now, or None; one ``stat`` when the memo is current."""
-        cache_dir = self._read_dir()
+        cache_dir = self.dir
         meta_path = cache_dir / f"{entry_name(key)}.json"
         try:
             sig = _sig(os.stat(meta_path))
@@ -356,7 +358,7 @@ class Cache:
     def _open_version(self, key: str, token: str, columns: Any) -> Frame | None:
         """Open ``key`` only if its current version is ``token`` (for unpickling)."""
         try:
-            loaded = self._load(self._read_dir(), key)
+            loaded = self._load(self.dir, key)
         except EntryNotFoundError:
             return None
         if loaded.token != token:
@@ -369,7 +371,7 @@ class Cache:
         Reads without counting as a use (last_used is left alone).
         """
         check_key(key)
-        cache_dir = self._read_dir()
+        cache_dir = self.dir
         # Counted before this process maps the entry itself.
         entry = next((e for e in self.entries() if e.key == key), None)
         if entry is None:
@@ -438,13 +440,13 @@ class Cache:
     def exists(self, key: str) -> bool:
         """True if ``key`` has an entry (a cheap ``stat``; nothing is read or mapped)."""
         check_key(key)
-        return (self._read_dir() / f"{entry_name(key)}.json").exists()
+        return (self.dir / f"{entry_name(key)}.json").exists()
 
     def delete(self, key: str) -> bool:
         """Remove ``key``'s entry; True if there was one. Readers that mapped it keep going
         (the memory returns when the last of them unmaps)."""
         check_key(key)
-        return self._delete(self._read_dir(), key, timeout=LOCK_TIMEOUT)
+        return self._delete(self.dir, key, timeout=LOCK_TIMEOUT)
 
     def _delete(self, cache_dir: Path, key: str, *, timeout: float) -> bool:
         """Delete under the key's lock; with ``timeout=0`` give up (False) if it is busy."""
@@ -473,7 +475,7 @@ class Cache:
 
     def entries(self) -> list[Entry]:
         """Every complete entry, oldest first, with sizes and times (reads only metadata)."""
-        cache_dir = self._read_dir()
+        cache_dir = self.dir
         users = mapping_pids(cache_dir)
         out = []
         for path in cache_dir.glob("*.json"):
@@ -504,7 +506,7 @@ class Cache:
         what would go. Leftovers of killed saves are removed only when no live process holds
         their key's lock, so a save in progress is never touched.
         """
-        cache_dir = self._read_dir()
+        cache_dir = self.dir
         if isinstance(keys, str):
             keys = [keys]
         limit = None if older_than is None else _duration_arg(older_than)

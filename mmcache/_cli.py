@@ -62,6 +62,11 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _shown(key: str) -> str:
+    """A key as one table cell: escaped when it holds newlines or other control characters."""
+    return key if key.isprintable() else repr(key)
+
+
 def _entries(n: int) -> str:
     return f"{n} entr{'y' if n == 1 else 'ies'}"
 
@@ -115,7 +120,7 @@ def _ls(cache: Cache, as_json: bool) -> None:
     if entries:
         rows = [["KEY", "SIZE", "ROWS", "COLS", "CREATED", "LAST USED", "IN USE"]]
         for e in entries:
-            rows.append([e.key, human(e.nbytes), f"{e.nrows:,}", f"{e.ncols:,}",
+            rows.append([_shown(e.key), human(e.nbytes), f"{e.nrows:,}", f"{e.ncols:,}",
                          _when(e.created), _ago(e.last_used),
                          "?" if e.in_use is None else str(e.in_use)])
         print(_table(rows, right=(1, 2, 3, 6)))
@@ -153,9 +158,12 @@ def _clean(cache: Cache, args: argparse.Namespace) -> None:
     removed = cache.clean(args.keys or None, older_than=args.older_than,
                           max_bytes=args.max_size, dry_run=args.dry_run)
     verb = "would remove" if args.dry_run else "removed"
+    for key in args.keys:
+        if key not in {e.key for e in removed}:
+            print(f"no entry for key {_shown(key)}")
     for e in removed:
         in_use = f", mapped by {e.in_use} process(es)" if e.in_use else ""
-        print(f"{verb} {e.key}  {human(e.nbytes)}  (last used {_ago(e.last_used)}{in_use})")
+        print(f"{verb} {_shown(e.key)}  {human(e.nbytes)}  (last used {_ago(e.last_used)}{in_use})")
     entries_bytes = sum(e.nbytes for e in removed)
     if args.dry_run:
         print(f"would free {human(entries_bytes)} in {_entries(len(removed))}")

@@ -194,3 +194,18 @@ def test_ls_counts_live_users_and_clean_leaves_readers_intact(cache_dir):
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=TIMEOUT)
+
+
+def test_clean_reports_missing_keys_and_escapes_odd_ones(cache_dir):
+    mmcache.save(_frame(10), "line\nbreak")
+    r = run("ls", cache_dir=cache_dir)
+    assert "'line\\nbreak'" in r.stdout and len(r.stdout.splitlines()) == 3
+    r = run("clean", "nope", "line\nbreak", cache_dir=cache_dir)
+    assert r.returncode == 0
+    assert "no entry for key nope" in r.stdout and "removed 'line\\nbreak'" in r.stdout
+
+
+def test_ls_of_a_missing_dir_creates_nothing(tmp_path):
+    r = run("ls", cache_dir=tmp_path / "typo" / "deep")
+    assert r.returncode == 0 and "0 entries" in r.stdout
+    assert not (tmp_path / "typo").exists()
