@@ -1,0 +1,161 @@
+"""``python -m benchmarks --quick | --full``: run every workload, write results and plots."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ._system import GB, MB, exit_on_signals, kill_children, machine, temp_dir
+
+RESULTS = Path(__file__).resolve().parent / "results"
+# Runs whose estimated peak exceeds this are reported as skipped: pickling a 1 GB frame to 8
+# workers would need ~17 GB on a 24 GiB machine that others use too.
+DEFAULT_CAP_GB = 16.0
+
+
+@dataclass
+class Config:
+    sizes: list[int]
+    share_size: int
+    ns: list[int]
+    ncols: list[int]
+    wide_kinds: list[bool]  # mixed dtypes (True) and/or all float64 (False)
+    memory_repeats: int  # runs of mmcache and baseline sharing rows (medians reported)
+    save_reps: dict[int, int]  # frame size -> mmcache/plain save repetitions
+    alt_save_reps: dict[int, int]
+    read_reps: dict[int, dict[str, Any]]  # frame size -> repeat() settings
+    wide_reps: dict[str, Any] = field(default_factory=dict)
+    out: Path = RESULTS
+
+
+def _reads(mmcache_budget: float, files_min: int, files_budget: float) -> dict[str, Any]:
+    return {"mmcache": {"min_reps": 20, "max_reps": 500, "budget": mmcache_budget},
+            "files": {"min_reps": files_min, "max_reps": 50, "budget": files_budget}}
+
+
+QUICK = Config(
+    sizes=[100 * MB],
+    share_size=100 * MB,
+    ns=[1, 2, 4],
+    ncols=[10, 100, 1_000, 10_000],
+    wide_kinds=[True],
+    memory_repeats=1,
+    save_reps={100 * MB: 3},
+    alt_save_reps={100 * MB: 1},
+    read_reps={100 * MB: _reads(0.2, 3, 1.0)},
+    wide_reps=_reads(0.2, 2, 0.5),
+    out=RESULTS / "quick",
+)
+FULL = Config(
+    sizes=[100 * MB, GB, 4 * GB],
+    share_size=GB,
+    ns=[1, 2, 4, 8],
+    ncols=[10, 100, 1_000, 10_000],
+    wide_kinds=[True, False],
+    memory_repeats=3,
+    save_reps={100 * MB: 5, GB: 3, 4 * GB: 3},
+    alt_save_reps={100 * MB: 3, GB: 2, 4 * GB: 1},
+    read_reps={100 * MB: _reads(1.0, 5, 3.0), GB: _reads(1.0, 3, 5.0),
+               4 * GB: _reads(1.0, 2, 5.0)},
+    wide_reps=_reads(1.0, 3, 3.0),
+)
+WORKLOADS = ("size", "columns", "sharing")
+
+
+def _log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def run(cfg: Config, workloads: list[str], cap: int, command: str) -> dict[str, Any]:
+    from . import _latency, _sharing
+
+    t0 = time.perf_counter()
+    results: dict[str, Any] = {"command": command, "machine": machine(), "cap_bytes": cap,
+                               "errors": []}
+    with temp_dir("run") as tmp:
+        try:
+            if "size" in workloads:
+                results["open_vs_size"] = []
+                for size in cfg.sizes:
+                    try:
+                        results["open_vs_size"].append(_latency.size_point(
+                            size, tmp, save_reps=cfg.save_reps[size],
+                            alt_save_reps=cfg.alt_save_reps[size],
+                            read_reps=cfg.read_reps[size], log=_log))
+                    except Exception as exc:
+                        _fail(results, f"open/save at {size / MB:.0f} MB", exc)
+            if "columns" in workloads:
+                results["open_vs_columns"] = []
+                for mixed in cfg.wide_kinds:
+                    for ncols in cfg.ncols:
+                        try:
+                            results["open_vs_columns"].append(_latency.columns_point(
+                                ncols, mixed, tmp, reps=cfg.wide_reps, log=_log))
+                        except Exception as exc:
+                            _fail(results, f"open of {ncols} columns", exc)
+            if "sharing" in workloads:
+                try:
+                    results["sharing"] = _sharing.sharing(cfg.share_size, cfg.ns, tmp, cap=cap,
+                                                          log=_log, repeats=cfg.memory_repeats)
+                except Exception as exc:
+                    _fail(results, "sharing", exc)
+        finally:
+            kill_children(keep=_sharing.HELPERS)
+    for row in results.get("sharing", {}).get("rows", []):
+        for key in ("error", "wrong"):
+            if key in row:
+                results["errors"].append(f"sharing {row['method']} N={row['n']}: {row[key]}")
+    results["elapsed_s"] = time.perf_counter() - t0
+    return results
+
+
+def _fail(results: dict[str, Any], what: str, exc: Exception) -> None:
+    _log(f"ERROR in {what}: {exc}")
+    traceback.print_exc()
+    results["errors"].append(f"{what}: {type(exc).__name__}: {exc}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--quick", action="store_true",
+                      help="small sizes (100 MB, N=1,2,4), about 2 minutes: CI's smoke test; "
+                           "writes to benchmarks/results/quick/")
+    mode.add_argument("--full", action="store_true",
+                      help="100 MB, 1 GB, 4 GB; N=1,2,4,8 at 1 GB; under 30 minutes; writes "
+                           "the committed benchmarks/results/")
+    p.add_argument("--only", action="append", choices=WORKLOADS,
+                   help="run only this workload (repeatable)")
+    p.add_argument("--out", type=Path, help="results folder (default: see --quick/--full)")
+    p.add_argument("--report-only", action="store_true",
+                   help="measure nothing: rewrite results.md and the plots from results.json")
+    p.add_argument("--cap-gb", type=float, default=DEFAULT_CAP_GB,
+                   help="skip runs whose estimated peak memory exceeds this (default "
+                        f"{DEFAULT_CAP_GB:.0f})")
+    args = p.parse_args(argv)
+    cfg = QUICK if args.quick else FULL
+    out = args.out or cfg.out
+    command = "python -m benchmarks " + " ".join(argv)
+    if args.report_only:
+        import json
+
+        from ._report import write
+
+        write(json.loads((out / "results.json").read_text()), out)
+        _log(f"rewrote {out / 'results.md'}")
+        return 0
+    exit_on_signals()
+    results = run(cfg, args.only or list(WORKLOADS), int(args.cap_gb * GB), command)
+    from ._report import write
+
+    write(results, out)
+    _log(f"wrote {out / 'results.md'} ({results['elapsed_s'] / 60:.1f} min)")
+    for e in results["errors"]:
+        _log(f"error: {e}")
+    return 1 if results["errors"] else 0
