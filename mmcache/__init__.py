@@ -18,6 +18,7 @@ from ._cache import Cache, Entry
 from ._errors import (
     CacheDirError,
     CacheFullError,
+    CacheIOError,
     ColumnNotFoundError,
     CorruptEntryError,
     EntryChangedError,
@@ -36,6 +37,7 @@ __all__ = [
     "Cache",
     "CacheDirError",
     "CacheFullError",
+    "CacheIOError",
     "ColumnNotFoundError",
     "CorruptEntryError",
     "Entry",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
+import functools
 import os
 import threading
 import time
@@ -11,7 +13,7 @@ import uuid
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, TypeVar
 
 import filelock
 import pandas as pd
@@ -20,6 +22,7 @@ from . import _frame, _store
 from ._errors import (
     CacheDirError,
     CacheFullError,
+    CacheIOError,
     CorruptEntryError,
     EntryNotFoundError,
     InvalidArgumentError,
@@ -29,7 +32,7 @@ from ._errors import (
     UnsupportedTypeError,
 )
 from ._inuse import mapping_pids
-from ._paths import check_key, entry_name, resolve_cache_dir
+from ._paths import ENV_DIR, check_key, entry_name, resolve_cache_dir
 from ._units import human, parse_duration, parse_size
 
 ENV_MAX_BYTES = "MMCACHE_MAX_BYTES"
@@ -114,6 +117,55 @@ def _columns_key(columns: Sequence[Any] | None) -> Any:
     return None if columns is None else tuple(columns)
 
 
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _api(method: _F) -> _F:
+    """Say operating-system failures as MmcacheErrors that name the path and the fix.
+
+    Inside, OSErrors travel raw (FileNotFoundError is how races are noticed); at the public
+    boundary no raw PermissionError or "Too many open files" reaches the caller.
+    """
+
+    @functools.wraps(method)
+    def wrapper(self: Cache, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except MmcacheError:
+            raise
+        except OSError as exc:
+            if exc.__dict__.get("_mmcache_user"):
+                raise
+            key = args[0] if args and isinstance(args[0], str) else None
+            raise _os_error(exc, key, self._given) from exc
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _os_error(exc: OSError, key: str | None, given: Any) -> MmcacheError:
+    where = exc.filename or given or "the cache directory"
+    about = f"key {key!r}: " if key else ""
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return CacheDirError(
+            f"{about}{exc.strerror} on {str(where)!r}; the cache directory and its files must "
+            f"be yours and writable (chmod u+rwx), or set {ENV_DIR} to one that is",
+            key=key, path=where,
+        )
+    if exc.errno in (errno.EMFILE, errno.ENFILE):
+        return CacheIOError(
+            f"{about}{exc.strerror} ({str(where)!r}): the process ran out of file descriptors; "
+            "close some files or raise the limit (ulimit -n); nothing was changed",
+            key=key, path=where,
+        )
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return CacheFullError(
+            f"{about}{exc.strerror} on {str(where)!r}; free space with `mmcache clean` or set "
+            f"{ENV_DIR} to a bigger file system",
+            key=key, path=where,
+        )
+    return CacheIOError(f"{about}{exc.strerror or exc} ({str(where)!r})", key=key, path=where)
+
+
 class Cache:
     """A cache directory and the verbs on it; the module functions use ``Cache(None)``.
 
@@ -170,10 +222,12 @@ class Cache:
                 "`mmcache clean`",
                 key=key, path=lock.lock_file,
             ) from None
-        except OSError as exc:  # ELOOP for a planted symlink: never followed
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise  # no permission, no descriptors: said at the API boundary
             raise CacheDirError(
-                f"key {key!r}: lock file {str(lock.lock_file)!r} cannot be used "
-                f"({exc.strerror}); remove it (`mmcache clean` removes planted symlinks)",
+                f"key {key!r}: lock file {str(lock.lock_file)!r} is a symlink, which mmcache "
+                "never follows; remove it (`mmcache clean` removes planted symlinks)",
                 key=key, path=lock.lock_file,
             ) from exc
         try:
@@ -188,6 +242,7 @@ class Cache:
 
     # --- save -------------------------------------------------------------------------------
 
+    @_api
     def save(self, obj: Frame, key: str) -> Entry:
         """Write ``obj`` under ``key``, replacing any previous entry atomically.
 
@@ -241,7 +296,7 @@ class Cache:
             _store.write_data(data_dir, pool, files)
             meta_bytes = _store.publish_meta(cache_dir, name, token, meta)
         except BaseException as exc:
-            _store.remove_tree(data_dir)
+            _store.remove_tree(data_dir, files)
             if isinstance(exc, OSError) and (full := _store.full_error(exc, key, cache_dir)):
                 raise full from exc
             raise
@@ -276,6 +331,7 @@ class Cache:
 
     # --- open -------------------------------------------------------------------------------
 
+    @_api
     def open(
         self,
         key: str,
@@ -317,7 +373,11 @@ class Cache:
         name = entry_name(key)
         with self._locked(cache_dir, name, key, float("inf")):
             if not (cache_dir / f"{name}.json").exists():
-                obj = build()
+                try:
+                    obj = build()
+                except BaseException as exc:
+                    exc.__dict__["_mmcache_user"] = True  # the caller's error: pass it on as is
+                    raise
                 if not isinstance(obj, pd.DataFrame | pd.Series):
                     raise UnsupportedTypeError(
                         f"build= for key {key!r} returned {type(obj).__name__}; it must return "
@@ -405,6 +465,9 @@ class Cache:
                 return hit
             try:
                 meta = _store.read_meta(meta_path, key)
+            except FileNotFoundError:
+                continue  # deleted or replaced since the stat: the next stat tells which
+            try:
                 if meta["key"] != key:
                     raise CorruptEntryError(
                         f"{str(meta_path)!r} holds key {meta['key']!r}, not {key!r}; delete it",
@@ -437,11 +500,13 @@ class Cache:
 
     # --- the rest ---------------------------------------------------------------------------
 
+    @_api
     def exists(self, key: str) -> bool:
         """True if ``key`` has an entry (a cheap ``stat``; nothing is read or mapped)."""
         check_key(key)
         return (self.dir / f"{entry_name(key)}.json").exists()
 
+    @_api
     def delete(self, key: str) -> bool:
         """Remove ``key``'s entry; True if there was one. Readers that mapped it keep going
         (the memory returns when the last of them unmaps)."""
@@ -473,6 +538,7 @@ class Cache:
             raise
         return True
 
+    @_api
     def entries(self) -> list[Entry]:
         """Every complete entry, oldest first, with sizes and times (reads only metadata)."""
         cache_dir = self.dir
@@ -482,13 +548,14 @@ class Cache:
             try:
                 st = os.stat(path)
                 meta = _store.read_meta(path, None)
-            except (FileNotFoundError, MmcacheError):
-                continue
+            except (FileNotFoundError, PermissionError, MmcacheError):
+                continue  # gone, someone else's, or damaged: not a listable entry
             in_use = None if users is None else len(users.get(str(meta["data"]), ()))
             out.append(_entry(path, meta, st.st_atime, st.st_size, in_use))
         out.sort(key=lambda e: e.created)
         return out
 
+    @_api
     def clean(
         self,
         keys: str | Sequence[str] | None = None,
@@ -539,6 +606,7 @@ class Cache:
             self._remove_leftovers(cache_dir, None)
         return removed
 
+    @_api
     def share(self, obj: Frame) -> Entry:
         """Save ``obj`` under a fresh unique key; use as ``with cache.share(df) as ref:``.
 
@@ -578,8 +646,8 @@ class Cache:
             lock = self._lock(cache_dir, stem, 0)
             try:
                 lock.acquire(blocking=False)
-            except filelock.Timeout:
-                continue  # a live process is saving this key
+            except (filelock.Timeout, PermissionError):
+                continue  # a live process is saving this key, or it is not ours to touch
             try:
                 self._sweep(cache_dir, stem, paths)
             finally:

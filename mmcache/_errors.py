@@ -14,6 +14,7 @@ Each one also inherits the builtin a caller would naturally catch, so ``except K
     ├── UnsupportedTypeError (TypeError)                   a column mmcache cannot store
     ├── CacheDirError (PermissionError)                    unsafe or unusable cache directory
     ├── CacheFullError (OSError)                           not enough room to save
+    ├── CacheIOError (OSError)                             the system refused (descriptors, I/O)
     └── LockTimeoutError (TimeoutError)                    another writer held the key too long
 
 Every exception carries the key and/or path it is about as attributes and survives pickling, so
@@ -89,6 +90,10 @@ class CacheDirError(MmcacheError, PermissionError):
 
 class CacheFullError(MmcacheError, OSError):
     """The cache directory's file system has no room for the entry."""
+
+
+class CacheIOError(MmcacheError, OSError):
+    """The operating system refused an operation (out of file descriptors, an I/O error)."""
 
 
 class LockTimeoutError(MmcacheError, TimeoutError):

@@ -19,7 +19,13 @@ def mapping_pids(cache_dir: Path) -> dict[str, set[int]] | None:
     proc = Path("/proc")
     if not (proc / "self" / "maps").exists():
         return None
-    prefix = os.path.realpath(cache_dir) + os.sep
+    try:
+        return _scan(proc, os.path.realpath(cache_dir) + os.sep)
+    except OSError:  # out of descriptors, /proc unreadable: say "unknown", never fail
+        return None
+
+
+def _scan(proc: Path, prefix: str) -> dict[str, set[int]]:
     out: dict[str, set[int]] = {}
     for entry in os.scandir(proc):
         if not entry.name.isdigit():

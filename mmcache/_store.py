@@ -150,9 +150,10 @@ def read_meta(path: Path, key: str | None) -> Spec:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | _O_NOATIME)
         except PermissionError:  # O_NOATIME needs ownership; others' readers just read
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except FileNotFoundError:
-        raise
-    except OSError as exc:  # ELOOP: a planted symlink, which mmcache never follows
+    except OSError as exc:
+        if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+            raise  # not found, no permission, no descriptors: not damage; the caller says
+        # ELOOP: a planted symlink, which mmcache never follows
         raise CorruptEntryError(
             f"metadata {str(path)!r} cannot be read ({exc.strerror}; a symlink?); remove it "
             "with `mmcache clean`",
@@ -286,8 +287,18 @@ def _map_npy(path: Path, dtype: np.dtype, count: int, size: int, key: str) -> np
     return np.frombuffer(buf, dtype=dtype, count=count, offset=offset)
 
 
-def remove_tree(path: Path) -> None:
-    """Remove a data directory; readers that mapped its files keep their pages until unmap."""
+def remove_tree(path: Path, files: list[Spec] | None = None) -> None:
+    """Remove a data directory; readers that mapped its files keep their pages until unmap.
+
+    With ``files`` (the names it holds) it needs no file descriptor, so a save that failed
+    for lack of descriptors still removes its partial directory.
+    """
+    if files is not None:
+        for spec in files:
+            with contextlib.suppress(OSError):
+                os.unlink(path / spec["name"])
+        with contextlib.suppress(OSError):
+            os.rmdir(path)
     shutil.rmtree(path, ignore_errors=True)
 
 

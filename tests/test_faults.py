@@ -282,6 +282,10 @@ def foreign_report() -> Iterator[tuple[Path, dict[str, Any]]]:
         report = run_child("child_foreign", {"cache_dir": str(d), "home": str(top),
                                              "keys": list(FOREIGN)}, as_nobody=True)
         report["before"] = before
+        # Back to the owner of the entries, who must still have them all (as root here, a
+        # directory owned by another user is refused by design).
+        os.chown(d, 0, 0)
+        os.chown(top, 0, 0)
         yield d, report
 
 
