@@ -10,6 +10,8 @@ from __future__ import annotations
 import copy
 import copyreg
 import os
+import sys
+import types
 from collections.abc import Sequence
 from typing import Any
 
@@ -254,7 +256,7 @@ def _same_label(a: Any, b: Any) -> bool:
     return a is b or (type(a) is type(b) and a == b) or (a != a and b != b)
 
 
-def _reopen(cache_dir: str, key: str, token: str, columns: Any, kind: str) -> Any:
+def _reopen(cache_dir: str, key: str, token: str, columns: Any) -> Any:
     from ._cache import Cache
 
     obj = Cache(cache_dir)._open_version(key, token, columns)
@@ -280,10 +282,22 @@ def _reduce(obj: Any) -> Any:
     plain ``pd.DataFrame``: pandas' testing helpers and user code that compare classes work.
     """
     ref = obj.__dict__.get("_mmcache_ref")
-    if ref is not None and ref.unmodified(obj) and ref.current():
-        kind = "series" if isinstance(obj, pd.Series) else "frame"
-        return (_reopen, (ref.cache_dir, ref.key, ref.token, ref.columns, kind))
+    if ref is not None and ref.unmodified(obj) and ref.current() and not _persisting():
+        return (_reopen, (ref.cache_dir, ref.key, ref.token, ref.columns))
     return obj.__reduce_ex__(2)
+
+
+def _persisting() -> bool:
+    """True inside ``DataFrame.to_pickle``: a file meant to outlive the entry gets the data."""
+    frame: types.FrameType | None = sys._getframe(2)
+    for _ in range(8):
+        if frame is None:
+            return False
+        code = frame.f_code
+        if code.co_name == "to_pickle" and f"pandas{os.sep}" in code.co_filename:
+            return True
+        frame = frame.f_back
+    return False
 
 
 copyreg.pickle(pd.DataFrame, _reduce)

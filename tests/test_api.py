@@ -533,3 +533,15 @@ def test_cache_dir_in_the_way_gets_a_clear_error(tmp_path):
     dangling.symlink_to(tmp_path / "nowhere")
     with pytest.raises(mmcache.CacheDirError, match="symlink to a missing path"):
         mmcache.save(_mixed(10), "k", cache_dir=dangling)
+
+
+def test_to_pickle_writes_the_data_not_a_reference(cache_dir, tmp_path):
+    """A pickle file is meant to outlive the entry: DataFrame.to_pickle ships the data."""
+    df = _mixed(1000)
+    mmcache.save(df, "k")
+    path = tmp_path / "frame.pkl"
+    mmcache.open("k").to_pickle(path)
+    mmcache.open("k")["a"].to_pickle(tmp_path / "series.pkl")
+    mmcache.delete("k")
+    pd.testing.assert_frame_equal(pd.read_pickle(path), df)
+    pd.testing.assert_series_equal(pd.read_pickle(tmp_path / "series.pkl"), df["a"])
