@@ -363,8 +363,10 @@ def markdown(results: dict[str, Any]) -> str:
             "one process maps, e.g. mmcache with one worker) are per-worker means; system "
             "memory added is `MemAvailable` before the method's set-up minus `MemAvailable` at "
             "that moment (set-up: mmcache's save, the Manager's copy, the copy into shared "
-            "memory; workers: everything after; noise: the spread of the MemAvailable samples "
-            "taken around each moment). Own processes' memory added: the same change counted "
+            "memory; workers: everything after; noise: the larger of the spread of the "
+            "samples taken around each moment and how far MemAvailable moved from before the "
+            "run to after it, once all of the run was gone). Own processes' memory added: "
+            "the same change counted "
             "over the benchmark's own processes only (the sum of their anonymous and "
             "shared-memory PSS, so each page once), which other work on the machine cannot "
             "disturb. Wall time: set-up, plus creating the workers "
@@ -372,9 +374,9 @@ def markdown(results: dict[str, Any]) -> str:
             "method (joblib's loky workers are fresh interpreters, compared with spawn). "
             "Pool-based alternatives use fork, the Linux default of this Python. "
             "Memory-hungry runs are skipped, not attempted, when their estimated peak exceeds "
-            f"the cap ({results['cap_bytes'] / GB:.0f} GB) or free memory. The machine was "
-            "shared with other work during the run, so MemAvailable carries some noise "
-            "(tens of MB).",
+            f"the cap ({results['cap_bytes'] / GB:.0f} GB) or free memory. The machine ran "
+            "other work (another developer's test suite) during the run, so MemAvailable "
+            "carries noise, at times hundreds of MB; the own-process figures do not.",
             "",
             *_sharing_tables(sh),
             "### Beyond the interpreters' own memory (mmcache rows)",

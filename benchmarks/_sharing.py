@@ -439,7 +439,11 @@ def run_one(
                 row.setdefault("notes", []).append(f"killed leftover processes {killed}")
             clear_dir(sync_dir)
             sync_dir.rmdir()
-    row["leftover"] = m0 - settle() if "total_added" in row else None
+    if "total_added" in row:
+        # How far MemAvailable moved between before and after the run, everything of the
+        # run gone: other work on the machine, plus anything the run left behind.
+        row["leftover"] = m0 - settle()
+        row["mem_available_noise"] = max(row["mem_available_noise"], abs(row["leftover"]))
     return row
 
 

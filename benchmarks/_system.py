@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import datetime as dt
 import gc
 import os
@@ -42,10 +43,18 @@ def settle() -> int:
     import pyarrow
 
     gc.collect()
-    # mimalloc keeps what a 4 GB read freed: without this, the next step sees GBs missing.
+    # mimalloc keeps what a 4 GB read freed, and glibc keeps freed heap (the Pool's pickling
+    # thread has an arena of its own): without handing both back, a step would be charged
+    # for GBs the previous one left behind.
     pyarrow.default_memory_pool().release_unused()
+    _malloc_trim()
     time.sleep(0.1)
     return mem_available()
+
+
+def _malloc_trim() -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def sample_available(count: int = 5, interval: float = 0.04) -> tuple[int, int]:
