@@ -98,14 +98,10 @@ def write_data(data_dir: Path, pool: Pool, files: list[Spec]) -> None:
     for key, spec in zip(pool.order, files, strict=True):
         path = data_dir / spec["name"]
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        # Plain write() calls, never stores into a mapping: on a full file system write()
+        # fails with ENOSPC where a mapping would SIGBUS. (Reserving with posix_fallocate
+        # first cost ~10% of save time on tmpfs, which zero-fills the pages it reserves.)
         with open(fd, "wb", buffering=0, closefd=True) as f:
-            try:
-                # Reserve every block up front: on a full tmpfs this fails cleanly with ENOSPC
-                # where writing into a mapping would fault later.
-                os.posix_fallocate(fd, 0, spec["size"])
-            except OSError as exc:
-                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
-                    raise
             f.write(_npy_header(np.dtype(key), spec["count"]))
             for arr in pool.files[key]:
                 view = memoryview(arr.view(np.uint8))  # type: ignore[arg-type]

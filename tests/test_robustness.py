@@ -29,7 +29,7 @@ import pyarrow as pa
 import pytest
 
 import mmcache
-from mmcache import _cache
+from mmcache import _cache, _store
 from mmcache._paths import entry_name
 from tests._robust_workers import Child, assert_is_frame, const_problem, make_frame
 
@@ -522,6 +522,21 @@ def test_full_file_system_refuses_cleanly(small_tmpfs):
     mmcache.save(small, "small", cache_dir=d)
     pd.testing.assert_frame_equal(mmcache.open("small", cache_dir=d), small)
     assert unreferenced(d) == []
+
+
+def test_tmpfs_filling_up_during_the_write_fails_cleanly(small_tmpfs, monkeypatch):
+    """Another process fills the file system after the room check: the write itself gets
+    ENOSPC (plain write() calls, never stores into a mapping: no SIGBUS), nothing is kept."""
+    d = small_tmpfs
+    mid = make_frame(2, 200_000)
+    mmcache.save(mid, "mid", cache_dir=d)
+    monkeypatch.setattr(_store, "check_room", lambda *a: None)  # the race, made certain
+    with pytest.raises(mmcache.CacheFullError, match="MMCACHE_DIR"):
+        mmcache.save(make_frame(1, 1_700_000), "big", cache_dir=d)
+    assert not mmcache.exists("big", cache_dir=d)
+    assert unreferenced(d) == []
+    _cache._MEMO.clear()
+    pd.testing.assert_frame_equal(mmcache.open("mid", cache_dir=d), mid)
 
 
 def test_write_failure_after_the_room_check_raises_cache_full(tmp_path):
