@@ -475,6 +475,24 @@ def _noop() -> None:
     pass
 
 
+def calibrate(tmp: Path, nbytes: int) -> dict[str, Any]:
+    """How much of a known allocation MemAvailable shows on this machine, for anonymous
+    memory (a touched numpy array) and for tmpfs (the same bytes written to a file)."""
+    path = tmp / "calibrate.bin"
+    try:
+        m0 = settle()
+        arr = np.ones(nbytes, dtype=np.uint8)
+        time.sleep(0.5)
+        m1 = mem_available()
+        arr.tofile(path)
+        time.sleep(0.5)
+        m2 = mem_available()
+    finally:
+        path.unlink(missing_ok=True)
+    del arr
+    return {"bytes": nbytes, "anon_seen": (m0 - m1) / nbytes, "tmpfs_seen": (m1 - m2) / nbytes}
+
+
 _MEMORY_FIELDS = ("setup_added", "workers_added", "total_added", "tree_added")
 
 
@@ -509,6 +527,9 @@ def sharing(
     log(f"sharing: frame {nbytes / MB:.0f} MB, {len(df):,} rows, built in "
         f"{time.perf_counter() - t:.1f} s")
     keep = prewarm(tmp)
+    cal = calibrate(tmp, nbytes)
+    log(f"MemAvailable showed {cal['anon_seen']:.0%} of {nbytes / MB:.0f} MB of anonymous memory "
+        f"and {cal['tmpfs_seen']:.0%} of as many bytes written to tmpfs")
     gb = nbytes / GB
     rows = []
     chosen = [m for m in METHODS if methods is None or m.name in methods
@@ -531,7 +552,7 @@ def sharing(
     del df
     gc.collect()
     return {"frame_bytes": nbytes, "numeric_bytes": numeric, "rest_bytes": rest_bytes,
-            "ns": ns, "rows": rows}
+            "ns": ns, "rows": rows, "calibration": cal}
 
 
 def _data_frame(size: int) -> pd.DataFrame:
