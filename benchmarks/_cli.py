@@ -77,7 +77,9 @@ def run(cfg: Config, workloads: list[str], cap: int, command: str) -> dict[str, 
     t0 = time.perf_counter()
     results: dict[str, Any] = {"command": command, "machine": machine(), "cap_bytes": cap,
                                "errors": []}
-    with temp_dir("run") as tmp:
+    # Room for the biggest frame's entry and one other file of it, plus joblib's dumps.
+    with temp_dir("run", need=3 * max([*cfg.sizes, cfg.share_size])) as tmp:
+        results["temp_dir"] = str(tmp)
         try:
             if "size" in workloads:
                 results["open_vs_size"] = []

@@ -306,6 +306,11 @@ def _calibration(sh: dict[str, Any]) -> list[str]:
     ]
 
 
+def _files_on(results: dict[str, Any]) -> str:
+    where = results.get("temp_dir")
+    return str(Path(where).parent) if where else "/dev/shm"
+
+
 def markdown(results: dict[str, Any]) -> str:
     m = results["machine"]
     v = m["versions"]
@@ -322,7 +327,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"psutil {v['psutil']}",
         "",
         "Every file (mmcache's cache dir, pickle, parquet, feather, the plain write) is on the "
-        "same /dev/shm tmpfs. Times are the best of several repetitions (all of them are in "
+        f"same file system ({_files_on(results)}). "
+        "Times are the best of several repetitions (all of them are in "
         "results.json). The frame is mixed: 6 float64, 3 int64, a pandas 3 `str` column "
         "(Arrow), a category (int8 codes) and a tz-aware datetime. MB = 10^6 bytes.",
         "",

@@ -173,9 +173,12 @@ def _source(root: Path) -> str:
 
 
 @contextlib.contextmanager
-def temp_dir(tag: str) -> Iterator[Path]:
-    """A fresh folder on /dev/shm (else the temp dir), removed on exit whatever happens."""
-    base = SHM if os.path.isdir(SHM) and os.access(SHM, os.W_OK) else None
+def temp_dir(tag: str, need: int = 0) -> Iterator[Path]:
+    """A fresh folder on /dev/shm if it is writable and has ``need`` bytes free (Docker gives
+    it 64 MB), else in the temp dir; removed on exit whatever happens."""
+    base = None
+    if os.path.isdir(SHM) and os.access(SHM, os.W_OK) and shutil.disk_usage(SHM).free > need:
+        base = SHM
     path = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{tag}-", dir=base))
     try:
         yield path
