@@ -22,10 +22,10 @@ import uuid
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 
 from ._codecs import BAD_LAYOUT, Mapped, Pool, Spec
 from ._errors import CacheFullError, CorruptEntryError, UnsupportedFormatError
+from ._mmap import map_file
 from ._paths import ENV_DIR
 from ._units import human
 
@@ -212,8 +212,8 @@ def map_files(data_dir: Path, files: list[Spec], key: str, where: str) -> Mapped
     Sizes and ``.npy`` headers are checked before any data page is touched, so a truncated or
     altered file raises CorruptEntryError instead of a SIGBUS or a wrongly shaped array.
     FileNotFoundError passes through (the entry was replaced or deleted meanwhile).
-    Mappings go through Arrow, which keeps no file descriptor open once mapped: an entry of
-    any width costs no descriptors (Python's mmap would hold one per file).
+    Mappings keep no file descriptor open (see _mmap): an entry of any width, and any number
+    of entries, cost no descriptors.
     """
     st = os.lstat(data_dir)
     if not stat.S_ISDIR(st.st_mode):
@@ -253,16 +253,11 @@ def _map_npy(path: Path, dtype: np.dtype, count: int, size: int, key: str) -> np
             f"{str(path)!r}: {why}; delete the entry and save it again", key=key, path=path
         )
 
-    if size == 0:
-        raise corrupt("empty file")
-    mm = pa.memory_map(str(path), "r")
     try:
-        buf = mm.read_buffer()
-    finally:
-        mm.close()
-    if buf.size != size:
-        raise corrupt(f"file changed size while mapping ({buf.size} != {size})")
-    head = io.BytesIO(buf.slice(0, min(size, MAX_HEADER)).to_pybytes())
+        buf = map_file(path, size)
+    except ValueError as exc:
+        raise corrupt(str(exc)) from None
+    head = io.BytesIO(buf[:MAX_HEADER].tobytes())
     try:
         version = np.lib.format.read_magic(head)
         if version == (1, 0):
@@ -280,7 +275,7 @@ def _map_npy(path: Path, dtype: np.dtype, count: int, size: int, key: str) -> np
         raise corrupt("data size does not match the header")
     # A plain read-only ndarray over the mapping (never np.memmap, which pandas treats as a
     # foreign class); it keeps the mapping alive for as long as any view of it lives.
-    return np.frombuffer(buf, dtype=dtype, count=count, offset=offset)
+    return buf[offset:].view(dtype)
 
 
 def remove_tree(path: Path, files: list[Spec] | None = None) -> None:
