@@ -163,7 +163,7 @@ def check_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
 # --- time zones -------------------------------------------------------------------------
 
 
-def _tz_to_json(tz: Any, where: str) -> Any:
+def tz_to_json(tz: Any, where: str) -> Any:
     from pandas._libs.tslibs import timezones
 
     name = timezones.get_timezone(tz)
@@ -175,7 +175,7 @@ def _tz_to_json(tz: Any, where: str) -> Any:
     raise UnsupportedTypeError(f"{where} has time zone {tz!r} which mmcache cannot name")
 
 
-def _tz_from_json(value: Any) -> Any:
+def tz_from_json(value: Any) -> Any:
     from pandas._libs.tslibs import timezones
 
     if isinstance(value, dict):
@@ -254,7 +254,7 @@ def encode_array(values: Any, pool: Pool, where: str) -> Spec:
     if isinstance(values, np.ndarray) and dtype.kind in _NUMPY_KINDS:
         return {"c": "np", "v": pool.add(values)}
     if isinstance(dtype, pd.DatetimeTZDtype):
-        return {"c": "dttz", "tz": _tz_to_json(dtype.tz, where), "v": pool.add(values._ndarray)}
+        return {"c": "dttz", "tz": tz_to_json(dtype.tz, where), "v": pool.add(values._ndarray)}
     if isinstance(dtype, pd.api.extensions.ExtensionDtype) and hasattr(values, "_mask"):
         return {"c": "masked", "dtype": dtype.name, "v": pool.add(values._data),
                 "m": pool.add(values._mask)}
@@ -339,7 +339,7 @@ def _decode_dttz(spec: Spec, m: Mapped) -> Any:
     if values.dtype.kind != "M":
         raise CorruptEntryError(f"{m.where}: tz-aware column stored as {values.dtype}")
     unit = np.datetime_data(values.dtype)[0]
-    dtype = pd.DatetimeTZDtype(unit=unit, tz=_tz_from_json(spec["tz"]))
+    dtype = pd.DatetimeTZDtype(unit=unit, tz=tz_from_json(spec["tz"]))
     # The public constructors copy; _simple_new wraps the mapped values as they are.
     return pd.arrays.DatetimeArray._simple_new(values, dtype=dtype)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import copyreg
+import json
 import os
 import sys
 import types
@@ -31,6 +32,8 @@ from ._codecs import (
     encode_index,
     label_from_json,
     label_to_json,
+    tz_from_json,
+    tz_to_json,
 )
 from ._errors import (
     ColumnNotFoundError,
@@ -74,36 +77,42 @@ def encode(obj: pd.DataFrame | pd.Series) -> tuple[Spec, Pool]:
 def _encode_columns(df: pd.DataFrame, pool: Pool) -> Spec:
     # Walk pandas' own blocks: one pass over 2-D blocks, no Series per column. Columns of a
     # numpy dtype are grouped per dtype and written in column order so they re-form a block.
-    by_dtype: dict[str, list[tuple[int, np.ndarray]]] = {}
+    # (numpy dtype, time zone as JSON or None) -> [(position, values)]
+    by_dtype: dict[tuple[str, str | None], list[tuple[int, np.ndarray]]] = {}
     ext: list[tuple[int, Any]] = []
     for blk in df._mgr.blocks:
         positions = blk.mgr_locs.as_array
         values = blk.values
-        if isinstance(values, pd.arrays.DatetimeArray | pd.arrays.TimedeltaArray) and (
-            getattr(values, "tz", None) is None
-        ):
-            values = values._ndarray  # naive datetimes are a plain numpy block
+        tz = None
+        if isinstance(values, pd.arrays.DatetimeArray | pd.arrays.TimedeltaArray):
+            if getattr(values, "tz", None) is not None:
+                # tz-aware columns of one zone and unit form one 2-D block too
+                tz = json.dumps(tz_to_json(values.tz, f"column {df.columns[positions[0]]!r}"))
+            values = values._ndarray.reshape(len(positions), -1)
         if isinstance(values, np.ndarray) and values.dtype.kind in "biufcmM":
             for row, pos in enumerate(positions):
-                by_dtype.setdefault(values.dtype.str, []).append((int(pos), values[row]))
+                by_dtype.setdefault((values.dtype.str, tz), []).append((int(pos), values[row]))
         elif values.ndim == 2:
             for row, pos in enumerate(positions):
                 ext.append((int(pos), values[row]))
         else:
             ext.append((int(positions[0]), values))
     blocks = []
-    for dtype, cols in by_dtype.items():
+    for (dtype, tz), cols in by_dtype.items():
         cols.sort(key=lambda c: c[0])
         first = None
         for _, arr in cols:
             ref = pool.add(arr, align=first is None)
             first = first or ref
         assert first is not None
-        blocks.append({
+        block = {
             "dtype": dtype,
             "v": {"f": first["f"], "o": first["o"], "n": len(cols) * len(df)},
             "cols": [pos for pos, _ in cols],
-        })
+        }
+        if tz is not None:
+            block["tz"] = json.loads(tz)
+        blocks.append(block)
     columns: list[Spec | None] = [None] * df.shape[1]
     for pos, values in sorted(ext, key=lambda c: c[0]):
         label = df.columns[pos]
@@ -166,13 +175,14 @@ def _decode_frame(
         if arr2d.size != len(cols) * nrows:
             raise CorruptEntryError(f"{m.where}: block of {blk['dtype']} has a wrong size")
         arr2d = arr2d.reshape(len(cols), nrows)
+        wrap = _tz_wrapper(blk, m)
         # Rows of the block that are wanted, as runs of consecutive rows: each run is a view.
         picks = [(row, new) for row, old in enumerate(cols) for new in new_pos.get(old, ())]
         if len(picks) == len(cols) and all(r == i for i, (r, _) in enumerate(picks)):
-            blocks.append((arr2d, np.array([n for _, n in picks], dtype=np.intp)))
+            blocks.append((wrap(arr2d), np.array([n for _, n in picks], dtype=np.intp)))
             continue
         for row, new in picks:
-            blocks.append((arr2d[row : row + 1], np.array([new], dtype=np.intp)))
+            blocks.append((wrap(arr2d[row : row + 1]), np.array([new], dtype=np.intp)))
     ext = layout["ext"]
     for old, news in new_pos.items():
         spec = ext.get(str(old))
@@ -188,6 +198,18 @@ def _decode_frame(
     if placed != list(range(len(wanted))):
         raise CorruptEntryError(f"{m.where}: blocks do not cover the columns exactly once")
     return create_dataframe_from_blocks(blocks, index=index, columns=labels)
+
+
+def _tz_wrapper(blk: Spec, m: Mapped) -> Any:
+    """For a block of tz-aware datetimes, wrap its int64-like values without a copy."""
+    if "tz" not in blk:
+        return lambda values: values
+    stored: Any = np.dtype(blk["dtype"])
+    if stored.kind != "M":
+        raise CorruptEntryError(f"{m.where}: tz-aware block stored as {stored}")
+    unit = np.datetime_data(stored)[0]
+    dtype = pd.DatetimeTZDtype(unit=unit, tz=tz_from_json(blk["tz"]))
+    return lambda values: pd.arrays.DatetimeArray._simple_new(values, dtype=dtype)
 
 
 def _positions(all_labels: pd.Index, columns: Sequence[Any], where: str) -> np.ndarray:

@@ -545,3 +545,19 @@ def test_to_pickle_writes_the_data_not_a_reference(cache_dir, tmp_path):
     mmcache.delete("k")
     pd.testing.assert_frame_equal(pd.read_pickle(path), df)
     pd.testing.assert_series_equal(pd.read_pickle(tmp_path / "series.pkl"), df["a"])
+
+
+def test_tz_aware_columns_of_one_zone_form_one_block(cache_dir):
+    t = pd.date_range("2020", periods=50, freq="h", tz="Europe/Paris")
+    df = pd.DataFrame({"t1": t, "x": np.arange(50.0), "t2": t + pd.Timedelta("1D"),
+                       "u": t.tz_convert("UTC"), "t3": t})
+    mmcache.save(df, "k")
+    got = mmcache.open("k")
+    pd.testing.assert_frame_equal(got, df)
+    assert_zero_copy(got, cache_dir)
+    tz_blocks = [b for b in got._mgr.blocks if isinstance(b.dtype, pd.DatetimeTZDtype)]
+    assert sorted(b.shape[0] for b in tz_blocks) == [1, 3]  # Paris x3 in one block, UTC alone
+    pd.testing.assert_frame_equal(mmcache.open("k", columns=["t3", "u", "t1"]),
+                                  df[["t3", "u", "t1"]])
+    got.loc[0, "t2"] = pd.Timestamp("1999", tz="Europe/Paris")  # copy-on-write of one column
+    pd.testing.assert_frame_equal(mmcache.open("k"), df)
