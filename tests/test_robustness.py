@@ -17,7 +17,6 @@ import random
 import shutil
 import signal
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -39,21 +38,6 @@ SIGBUS_EXIT = -signal.SIGBUS
 
 
 # --- helpers -------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def shm_dir(tmp_path: Path) -> Iterator[Path]:
-    """A private directory on /dev/shm (tmpfs) when there is one, else tmp_path."""
-    shm = Path("/dev/shm")
-    if not (shm.is_dir() and os.access(shm, os.W_OK | os.X_OK)):
-        yield tmp_path
-        return
-    d = Path(tempfile.mkdtemp(prefix="mmcache-test-", dir=shm))
-    try:
-        yield d
-    finally:
-        _cache._MEMO.clear()
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def unreferenced(d: Path) -> list[str]:

@@ -38,10 +38,8 @@ import datetime as dt
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -228,19 +226,6 @@ def unreferenced(d: Path) -> list[str]:
         p.name for p in d.iterdir()
         if not (p.name.endswith((".json", ".lock")) or p.name in live)
     )
-
-
-@pytest.fixture
-def shm_dir() -> Any:
-    """A private directory on /dev/shm when there is one (else the temp dir), removed after."""
-    shm = Path("/dev/shm")
-    parent = str(shm) if shm.is_dir() and os.access(shm, os.W_OK | os.X_OK) else None
-    d = Path(tempfile.mkdtemp(prefix="mmcache-stress-", dir=parent))
-    try:
-        yield d
-    finally:
-        _cache._MEMO.clear()
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def _show(summary: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> str:
