@@ -561,3 +561,17 @@ def test_tz_aware_columns_of_one_zone_form_one_block(cache_dir):
                                   df[["t3", "u", "t1"]])
     got.loc[0, "t2"] = pd.Timestamp("1999", tz="Europe/Paris")  # copy-on-write of one column
     pd.testing.assert_frame_equal(mmcache.open("k"), df)
+
+
+@pytest.mark.parametrize(("col", "value"), [("i", 5), ("c", "y"),
+                                           ("t", pd.Timestamp("1999", tz="UTC"))])
+def test_raw_array_writes_to_mapped_extension_columns_raise(cache_dir, col, value):
+    """As README says: raw writes into nullable, categorical and tz-aware arrays raise; the
+    cache and the frame are unchanged (df.loc is the way to edit)."""
+    df = _mixed()
+    mmcache.save(df, "k")
+    got = mmcache.open("k")
+    with pytest.raises(ValueError, match="read-only"):
+        got[col].array[0] = value
+    pd.testing.assert_frame_equal(got, df)
+    pd.testing.assert_frame_equal(mmcache.open("k"), df)
