@@ -175,7 +175,7 @@ def tz_to_json(tz: Any, where: str) -> Any:
     raise UnsupportedTypeError(f"{where} has time zone {tz!r} which mmcache cannot name")
 
 
-def tz_from_json(value: Any) -> Any:
+def _tz_from_json(value: Any) -> Any:
     from pandas._libs.tslibs import timezones
 
     if isinstance(value, dict):
@@ -334,14 +334,17 @@ def _decode_np(spec: Spec, m: Mapped) -> np.ndarray:
     return m.get(spec["v"])
 
 
+def tz_dtype(stored: Any, tz: Any, m: Mapped) -> pd.DatetimeTZDtype:
+    """The pandas dtype of tz-aware values stored as ``stored`` (datetime64[unit])."""
+    if not isinstance(stored, np.dtype) or stored.kind != "M":
+        raise CorruptEntryError(f"{m.where}: tz-aware datetimes stored as {stored}")
+    return pd.DatetimeTZDtype(unit=np.datetime_data(stored)[0], tz=_tz_from_json(tz))
+
+
 def _decode_dttz(spec: Spec, m: Mapped) -> Any:
     values = m.get(spec["v"])
-    if values.dtype.kind != "M":
-        raise CorruptEntryError(f"{m.where}: tz-aware column stored as {values.dtype}")
-    unit = np.datetime_data(values.dtype)[0]
-    dtype = pd.DatetimeTZDtype(unit=unit, tz=tz_from_json(spec["tz"]))
     # The public constructors copy; _simple_new wraps the mapped values as they are.
-    return pd.arrays.DatetimeArray._simple_new(values, dtype=dtype)
+    return pd.arrays.DatetimeArray._simple_new(values, dtype=tz_dtype(values.dtype, spec["tz"], m))
 
 
 def _decode_masked(spec: Spec, m: Mapped) -> Any:

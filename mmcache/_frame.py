@@ -32,7 +32,7 @@ from ._codecs import (
     encode_index,
     label_from_json,
     label_to_json,
-    tz_from_json,
+    tz_dtype,
     tz_to_json,
 )
 from ._errors import (
@@ -204,11 +204,7 @@ def _tz_wrapper(blk: Spec, m: Mapped) -> Any:
     """For a block of tz-aware datetimes, wrap its int64-like values without a copy."""
     if "tz" not in blk:
         return lambda values: values
-    stored: Any = np.dtype(blk["dtype"])
-    if stored.kind != "M":
-        raise CorruptEntryError(f"{m.where}: tz-aware block stored as {stored}")
-    unit = np.datetime_data(stored)[0]
-    dtype = pd.DatetimeTZDtype(unit=unit, tz=tz_from_json(blk["tz"]))
+    dtype = tz_dtype(np.dtype(blk["dtype"]), blk["tz"], m)
     return lambda values: pd.arrays.DatetimeArray._simple_new(values, dtype=dtype)
 
 
