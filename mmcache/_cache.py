@@ -157,12 +157,8 @@ def _os_error(exc: OSError, key: str | None, given: Any) -> MmcacheError:
             "close some files or raise the limit (ulimit -n); nothing was changed",
             key=key, path=where,
         )
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        return CacheFullError(
-            f"{about}{exc.strerror} on {str(where)!r}; free space with `mmcache clean` or set "
-            f"{ENV_DIR} to a bigger file system",
-            key=key, path=where,
-        )
+    if full := _store.full_error(exc, key, where):
+        return full
     return CacheIOError(f"{about}{exc.strerror or exc} ({str(where)!r})", key=key, path=where)
 
 
@@ -297,6 +293,7 @@ class Cache:
             meta_bytes = _store.publish_meta(cache_dir, name, token, meta)
         except BaseException as exc:
             _store.remove_tree(data_dir, files)
+            # write() errors carry no file name: say which directory filled up here.
             if isinstance(exc, OSError) and (full := _store.full_error(exc, key, cache_dir)):
                 raise full from exc
             raise

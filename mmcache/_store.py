@@ -80,15 +80,19 @@ def check_room(cache_dir: Path, nbytes: int, key: str) -> None:
         )
 
 
-def full_error(exc: OSError, key: str, cache_dir: Path) -> CacheFullError | None:
+def full_error(
+    exc: OSError, key: str | None, where: str | os.PathLike[str]
+) -> CacheFullError | None:
+    """The CacheFullError for a write that failed for lack of room, else None."""
     if exc.errno not in _FULL_ERRNOS:
         return None
+    about = f"cannot save key {key!r}: " if key else ""
     return CacheFullError(
-        f"cannot save key {key!r}: the file system of {str(cache_dir)!r} filled up while "
-        f"writing ({exc.strerror}); nothing was kept. Free space with `mmcache clean`, or set "
+        f"{about}the file system of {os.fspath(where)!r} filled up while writing "
+        f"({exc.strerror}); nothing was kept. Free space with `mmcache clean`, or set "
         f"{ENV_DIR} to a directory on a bigger file system (Docker: --shm-size)",
         key=key,
-        path=cache_dir,
+        path=where,
     )
 
 
