@@ -10,15 +10,15 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeAlias, TypeVar
+from typing import Any, TypeVar
 
-import filelock
 import pandas as pd
 
-from . import _frame, _store
+from . import _clean, _frame, _store
+from ._entry import Entry, Frame, entry_from_meta, not_found
 from ._errors import (
     CacheDirError,
     CacheFullError,
@@ -28,10 +28,9 @@ from ._errors import (
     InvalidArgumentError,
     LockTimeoutError,
     MmcacheError,
-    UnsupportedFormatError,
     UnsupportedTypeError,
 )
-from ._inuse import mapping_pids
+from ._lock import locked
 from ._paths import ENV_DIR, check_key, entry_name, resolve_cache_dir
 from ._units import human, parse_duration, parse_size
 
@@ -43,46 +42,6 @@ LOCK_TIMEOUT = 600.0
 # open() retries when a concurrent overwrite or delete removes files between reading the
 # metadata and mapping them; each retry sees a newer metadata file, so a few are plenty.
 OPEN_RETRIES = 20
-
-Frame: TypeAlias = pd.DataFrame | pd.Series
-
-
-@dataclass(frozen=True)
-class Entry:
-    """A small, picklable handle on a cache entry: a reference, never the data.
-
-    Pass it to ``Pool.map``, ``ProcessPoolExecutor.submit`` or joblib at no cost and call
-    :meth:`open` in the worker. Used as a context manager (``with mmcache.share(df) as ref``)
-    it deletes the entry on exit, also when the block raises.
-    """
-
-    key: str
-    path: Path  # the metadata file; its directory is the cache directory
-    nbytes: int
-    nrows: int
-    ncols: int
-    created: dt.datetime
-    last_used: dt.datetime
-    # Live processes mapping this version right now (Linux /proc); None when not known.
-    in_use: int | None = None
-
-    @property
-    def cache_dir(self) -> Path:
-        return self.path.parent
-
-    def open(self, *, columns: Sequence[Any] | None = None) -> Frame:
-        """Map the entry's current version in this process (see :func:`mmcache.open`)."""
-        return Cache(self.cache_dir).open(self.key, columns=columns)
-
-    def delete(self) -> bool:
-        return Cache(self.cache_dir).delete(self.key)
-
-    def __enter__(self) -> Entry:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.delete()
-
 
 @dataclass
 class _Loaded:
@@ -203,38 +162,10 @@ class Cache:
     def _write_dir(self) -> Path:
         return resolve_cache_dir(self._given)
 
-    def _lock(self, cache_dir: Path, name: str, timeout: float) -> filelock.BaseFileLock:
-        return filelock.FileLock(cache_dir / f"{name}.lock", timeout=timeout, mode=0o600)
-
-    @contextlib.contextmanager
-    def _locked(self, cache_dir: Path, name: str, key: str, timeout: float) -> Iterator[None]:
-        lock = self._lock(cache_dir, name, timeout)
-        try:
-            lock.acquire()
-        except filelock.Timeout:
-            raise LockTimeoutError(
-                f"key {key!r}: another process has held {str(lock.lock_file)!r} for over "
-                f"{timeout:.0f} s; wait for it, or if no process is saving this key, run "
-                "`mmcache clean`",
-                key=key, path=lock.lock_file,
-            ) from None
-        except OSError as exc:
-            if exc.errno != errno.ELOOP:
-                raise  # no permission, no descriptors: said at the API boundary
-            raise CacheDirError(
-                f"key {key!r}: lock file {str(lock.lock_file)!r} is a symlink, which mmcache "
-                "never follows; remove it (`mmcache clean` removes planted symlinks)",
-                key=key, path=lock.lock_file,
-            ) from exc
-        try:
-            yield
-        finally:
-            if not (cache_dir / f"{name}.json").exists():
-                # No entry (a failed save or build, a delete): no lock file left behind.
-                # Safe while held: filelock >= 4 retries on an unlinked lock file.
-                with contextlib.suppress(OSError):
-                    os.unlink(lock.lock_file)
-            lock.release()
+    @property
+    def lock_timeout(self) -> float:
+        """How long save() and delete() wait for another process holding the key's lock."""
+        return LOCK_TIMEOUT
 
     # --- save -------------------------------------------------------------------------------
 
@@ -253,7 +184,7 @@ class Cache:
         layout, pool = _frame.encode(obj)  # refuses unsupported data before touching disk
         name = entry_name(key)
         files = self._make_room(cache_dir, key, pool)  # before locking: fail fast, leave nothing
-        with self._locked(cache_dir, name, key, LOCK_TIMEOUT):
+        with locked(cache_dir, name, key, LOCK_TIMEOUT):
             return self._save_locked(cache_dir, name, key, layout, pool, files)
 
     def _make_room(self, cache_dir: Path, key: str, pool: _store.Pool) -> list[Any]:
@@ -298,16 +229,10 @@ class Cache:
                 raise full from exc
             raise
         if isinstance(old, str) and old.startswith(f"{name}.") and "/" not in old:
-            _store.remove_tree(cache_dir / old)
-        return _entry(meta_path, meta, now, meta_bytes)
+            _clean.sweep(cache_dir, name, [cache_dir / old])  # kept while a process maps it
+        return entry_from_meta(meta_path, meta, now, meta_bytes)
 
     def _fit_limit(self, cache_dir: Path, key: str, nbytes: int) -> None:
-        """Evict least recently used entries until ``nbytes`` more fit under max_bytes.
-
-        Entries mapped by live processes go last: removing them frees nothing until those
-        processes exit. Victims whose lock is busy are skipped, never waited for, so two
-        saving processes cannot deadlock evicting each other's keys.
-        """
         limit = self.max_bytes
         if limit is None:
             return
@@ -318,13 +243,7 @@ class Cache:
                 "raise the limit",
                 key=key, path=cache_dir,
             )
-        others = [e for e in self.entries() if e.key != key]
-        total = sum(e.nbytes for e in others)
-        for victim in sorted(others, key=lambda e: (bool(e.in_use), e.last_used)):
-            if total + nbytes <= limit:
-                return
-            if self._delete(cache_dir, victim.key, timeout=0):
-                total -= victim.nbytes
+        _clean.fit_limit(self, cache_dir, key, nbytes, limit)
 
     # --- open -------------------------------------------------------------------------------
 
@@ -368,7 +287,7 @@ class Cache:
                 raise
         cache_dir = self._write_dir()
         name = entry_name(key)
-        with self._locked(cache_dir, name, key, float("inf")):
+        with locked(cache_dir, name, key, float("inf")):
             if not (cache_dir / f"{name}.json").exists():
                 try:
                     obj = build()
@@ -432,7 +351,7 @@ class Cache:
         # Counted before this process maps the entry itself.
         entry = next((e for e in self.entries() if e.key == key), None)
         if entry is None:
-            raise _not_found(key, cache_dir)
+            raise not_found(key, cache_dir)
         loaded = self._load(cache_dir, key, touch=False)
         obj = _frame.decode(loaded.meta["layout"], loaded.mapped, None)
         if isinstance(obj, pd.Series):
@@ -454,7 +373,7 @@ class Cache:
             except FileNotFoundError:
                 with _MEMO_LOCK:
                     _MEMO.pop(memo_key, None)
-                raise _not_found(key, cache_dir) from None
+                raise not_found(key, cache_dir) from None
             sig = _sig(st)
             with _MEMO_LOCK:
                 hit = _MEMO.get(memo_key)
@@ -493,7 +412,7 @@ class Cache:
             if touch:
                 _touch(meta_path, st)
             return loaded
-        raise _not_found(key, cache_dir)
+        raise not_found(key, cache_dir)
 
     # --- the rest ---------------------------------------------------------------------------
 
@@ -513,44 +432,21 @@ class Cache:
     def _delete(self, cache_dir: Path, key: str, *, timeout: float) -> bool:
         """Delete under the key's lock; with ``timeout=0`` give up (False) if it is busy."""
         name = entry_name(key)
-        meta_path = cache_dir / f"{name}.json"
         _forget(cache_dir, key)
-        if not os.path.lexists(meta_path):
+        if not os.path.lexists(cache_dir / f"{name}.json"):
             return False  # nothing to delete (a save in progress has not published yet)
         try:
-            with self._locked(cache_dir, name, key, timeout):
-                try:
-                    data = _store.read_meta(meta_path, key).get("data")
-                except FileNotFoundError:
-                    return False
-                except MmcacheError:
-                    data = None
-                os.unlink(meta_path)
-                if isinstance(data, str) and data.startswith(f"{name}.") and "/" not in data:
-                    _store.remove_tree(cache_dir / data)
-                self._sweep(cache_dir, name, list(cache_dir.glob(f"{name}.*")))
+            with locked(cache_dir, name, key, timeout):
+                return _clean.delete_locked(cache_dir, name, key)
         except LockTimeoutError:
             if timeout == 0:
                 return False
             raise
-        return True
 
     @_api
     def entries(self) -> list[Entry]:
         """Every complete entry, oldest first, with sizes and times (reads only metadata)."""
-        cache_dir = self.dir
-        users = mapping_pids(cache_dir)
-        out = []
-        for path in cache_dir.glob("*.json"):
-            try:
-                st = os.stat(path)
-                meta = _store.read_meta(path, None)
-            except (FileNotFoundError, PermissionError, MmcacheError):
-                continue  # gone, someone else's, or damaged: not a listable entry
-            in_use = None if users is None else len(users.get(str(meta["data"]), ()))
-            out.append(_entry(path, meta, st.st_atime, st.st_size, in_use))
-        out.sort(key=lambda e: e.created)
-        return out
+        return _clean.entries(self)
 
     @_api
     def clean(
@@ -570,38 +466,14 @@ class Cache:
         what would go. Leftovers of killed saves are removed only when no live process holds
         their key's lock, so a save in progress is never touched.
         """
-        cache_dir = self.dir
         if isinstance(keys, str):
             keys = [keys]
-        limit = None if older_than is None else _duration_arg(older_than)
-        max_bytes = None if max_bytes is None else _size_arg(max_bytes, "max_bytes")
-        all_entries = self.entries()
-        chosen = all_entries
-        if keys is not None:
-            wanted = {check_key(k) for k in keys}
-            chosen = [e for e in chosen if e.key in wanted]
-            if not dry_run and older_than is None and max_bytes is None:
-                # Entries entries() cannot read (damaged metadata) go too: delete() copes.
-                for k in wanted - {e.key for e in chosen}:
-                    self._delete(cache_dir, k, timeout=LOCK_TIMEOUT)
-        if limit is not None:
-            cutoff = time.time() - limit
-            chosen = [e for e in chosen if e.last_used.timestamp() < cutoff]
-        if max_bytes is not None:
-            total = sum(e.nbytes for e in all_entries)
-            lru = sorted(chosen, key=lambda e: (bool(e.in_use), e.last_used))
-            chosen = []
-            for e in lru:
-                if total <= max_bytes:
-                    break
-                chosen.append(e)
-                total -= e.nbytes
-        if dry_run:
-            return chosen
-        removed = [e for e in chosen if self._delete(cache_dir, e.key, timeout=LOCK_TIMEOUT)]
-        if keys is None:
-            self._remove_leftovers(cache_dir, None)
-        return removed
+        return _clean.clean(
+            self, keys,
+            None if older_than is None else _duration_arg(older_than),
+            None if max_bytes is None else _size_arg(max_bytes, "max_bytes"),
+            dry_run,
+        )
 
     @_api
     def share(self, obj: Frame) -> Entry:
@@ -610,68 +482,6 @@ class Cache:
         The entry lives until the block exits (also on an exception), then it is deleted.
         """
         return self.save(obj, f"share-{uuid.uuid4().hex}")
-
-    def _remove_leftovers(self, cache_dir: Path, name: str | None) -> None:
-        """Remove data directories and temp files that no metadata points to.
-
-        Safe against live saves: a leftover is removed only while holding its key's lock,
-        which a saving process holds for the whole save (and the kernel releases if it dies).
-        """
-        pattern = f"{name}.*" if name else "*"
-        groups: dict[str, list[Path]] = {}
-        for path in cache_dir.glob(pattern):
-            stem, _, rest = path.name.partition(".")
-            if not rest:
-                continue
-            if path.is_symlink() and rest in ("json", "lock"):
-                path.unlink()  # planted: mmcache never creates links, and never follows one
-                continue
-            if rest == "json":
-                try:
-                    _store.read_meta(path, None)
-                    continue
-                except FileNotFoundError:
-                    continue
-                except UnsupportedFormatError:
-                    continue  # a newer mmcache's entry: not ours to judge
-                except MmcacheError:
-                    pass  # damaged: removed below, under the key's lock
-            elif rest == "lock" and (cache_dir / f"{stem}.json").exists():
-                continue
-            groups.setdefault(stem, []).append(path)
-        for stem, paths in groups.items():
-            lock = self._lock(cache_dir, stem, 0)
-            try:
-                lock.acquire(blocking=False)
-            except (filelock.Timeout, PermissionError):
-                continue  # a live process is saving this key, or it is not ours to touch
-            try:
-                self._sweep(cache_dir, stem, paths)
-            finally:
-                lock.release()
-
-    def _sweep(self, cache_dir: Path, name: str, paths: list[Path]) -> None:
-        """With ``name``'s lock held: remove the paths its metadata does not point to."""
-        meta_path = cache_dir / f"{name}.json"
-        try:
-            live = _store.read_meta(meta_path, None)["data"]
-        except FileNotFoundError:
-            live = None
-        except UnsupportedFormatError:
-            return  # a newer mmcache's entry: leave all of it
-        except MmcacheError:
-            live = None
-            meta_path.unlink(missing_ok=True)  # damaged: the entry cannot be opened anyway
-        lock = cache_dir / f"{name}.lock"
-        for path in {*paths, lock}:
-            if path.name == live or path == meta_path:
-                continue
-            if path == lock and live is not None:
-                continue  # (unlinking a held lock is safe: filelock >= 4 re-checks st_nlink)
-            if path.is_dir() and not path.is_symlink():
-                _store.remove_tree(path)
-            else:
-                path.unlink(missing_ok=True)
 
 
 def _size_arg(value: object, what: str) -> int:
@@ -736,33 +546,7 @@ def _forget(cache_dir: Path, key: str) -> None:
         _MEMO.pop((str(cache_dir), key), None)
 
 
-def _not_found(key: str, cache_dir: Path) -> EntryNotFoundError:
-    return EntryNotFoundError(
-        f"no entry for key {key!r} in {str(cache_dir)!r}; save it first with "
-        "mmcache.save(df, key), or pass build= to open() to create it on demand",
-        key=key, path=cache_dir,
-    )
-
-
 def _touch(meta_path: Path, st: os.stat_result) -> None:
     # Last use is the metadata file's atime; the mtime (part of the memo signature) is kept.
     with contextlib.suppress(OSError):
         os.utime(meta_path, ns=(time.time_ns(), st.st_mtime_ns))
-
-
-def _entry(
-    path: Path, meta: dict[str, Any], last_used: float, meta_bytes: int,
-    in_use: int | None = None,
-) -> Entry:
-    layout = meta.get("layout", {})
-    created = float(meta["created"])
-    return Entry(
-        key=str(meta["key"]),
-        path=path,
-        nbytes=int(meta["nbytes"]) + meta_bytes,  # data files + metadata: what delete frees
-        nrows=int(layout.get("nrows", 0)),
-        ncols=int(layout.get("ncols", 0)),
-        created=dt.datetime.fromtimestamp(created, dt.UTC),
-        last_used=dt.datetime.fromtimestamp(last_used, dt.UTC),
-        in_use=in_use,
-    )
