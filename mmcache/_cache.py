@@ -7,23 +7,20 @@ import datetime as dt
 import errno
 import functools
 import os
-import threading
 import time
 import uuid
 from collections.abc import Callable, Hashable, Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pandas as pd
 
-from . import _clean, _frame, _store
+from . import _clean, _frame, _memo, _store
 from ._entry import Entry, Frame, entry_from_meta, not_found
 from ._errors import (
     CacheDirError,
     CacheFullError,
     CacheIOError,
-    CorruptEntryError,
     EntryNotFoundError,
     InvalidArgumentError,
     LockTimeoutError,
@@ -39,37 +36,8 @@ ENV_MAX_BYTES = "MMCACHE_MAX_BYTES"
 # How long save() waits for another process saving the same key. Saving even several GB to
 # tmpfs takes seconds; ten minutes means the holder is stuck, and saying so beats hanging.
 LOCK_TIMEOUT = 600.0
-# open() retries when a concurrent overwrite or delete removes files between reading the
-# metadata and mapping them; each retry sees a newer metadata file, so a few are plenty.
-OPEN_RETRIES = 20
-
-@dataclass
-class _Loaded:
-    sig: tuple[int, ...]
-    token: str
-    meta: dict[str, Any]
-    mapped: Any
-    frames: dict[Any, Frame]
-
-
-# Per-process memo: (cache dir, key) -> what is mapped. A forked child inherits it and so
-# reuses the parent's mappings; a re-save changes the metadata file's identity (sig).
-_MEMO: dict[tuple[str, str], _Loaded] = {}
-_MEMO_LOCK = threading.Lock()
-
-
-def _reset_lock_after_fork() -> None:
-    global _MEMO_LOCK
-    _MEMO_LOCK = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_reset_lock_after_fork)
-
-
-def _sig(st: os.stat_result) -> tuple[int, ...]:
-    # mtime is kept by last-use updates (utime sets atime only); inode and size change on a
-    # re-save; a new file's nanosecond mtime tells apart a recycled inode.
-    return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+# Tests and tools reach the memo as mmcache._cache._MEMO.
+_MEMO = _memo._MEMO
 
 
 def _columns_key(columns: Sequence[Any] | None) -> Any:
@@ -88,14 +56,20 @@ def _api(method: _F) -> _F:
 
     @functools.wraps(method)
     def wrapper(self: Cache, *args: Any, **kwargs: Any) -> Any:
+        key = args[0] if args and isinstance(args[0], str) else None
         try:
             return method(self, *args, **kwargs)
-        except MmcacheError:
+        except MmcacheError as exc:
+            # Errors raised deep inside (codecs, decoding) learn the key and directory here.
+            if exc.key is None:
+                exc.key = key
+            if exc.path is None:
+                with contextlib.suppress(MmcacheError, OSError):
+                    exc.path = os.fspath(self.dir)
             raise
         except OSError as exc:
             if exc.__dict__.get("_mmcache_user"):
                 raise
-            key = args[0] if args and isinstance(args[0], str) else None
             raise _os_error(exc, key, self._given) from exc
 
     return wrapper  # type: ignore[return-value]
@@ -202,10 +176,7 @@ class Cache:
         nbytes = sum(f["size"] for f in files)
         _store.check_room(cache_dir, nbytes, key)  # again: others may have saved meanwhile
         meta_path = cache_dir / f"{name}.json"
-        try:
-            old = _store.read_meta(meta_path, key)["data"]
-        except (FileNotFoundError, MmcacheError):
-            old = None
+        old = os.path.lexists(meta_path)
         token = _store.new_token()
         data_dir = cache_dir / f"{name}.{token}"
         now = time.time()
@@ -221,15 +192,17 @@ class Cache:
         }
         try:
             _store.write_data(data_dir, pool, files)
-            meta_bytes = _store.publish_meta(cache_dir, name, token, meta)
+            meta_bytes = _store.publish_meta(cache_dir, name, token, meta,
+                                              data_dir / _memo.VERSION_META)
         except BaseException as exc:
             _store.remove_tree(data_dir, files)
             # write() errors carry no file name: say which directory filled up here.
             if isinstance(exc, OSError) and (full := _store.full_error(exc, key, cache_dir)):
                 raise full from exc
             raise
-        if isinstance(old, str) and old.startswith(f"{name}.") and "/" not in old:
-            _clean.sweep(cache_dir, name, [cache_dir / old])  # kept while a process maps it
+        if old:
+            # Every older version of the key goes, except those live processes still map.
+            _clean.sweep(cache_dir, name, _clean.versions(cache_dir, name))
         return entry_from_meta(meta_path, meta, now, meta_bytes)
 
     def _fit_limit(self, cache_dir: Path, key: str, nbytes: int) -> None:
@@ -307,39 +280,24 @@ class Cache:
 
     def _open(self, key: str, columns: Sequence[Any] | None) -> Frame:
         cache_dir = self.dir
-        loaded = self._load(cache_dir, key)
-        ckey = _columns_key(columns)
-        with _MEMO_LOCK:
-            base = loaded.frames.get(ckey)
-        if base is None:
-            base = _frame.decode(loaded.meta["layout"], loaded.mapped, columns)
-            with _MEMO_LOCK:
-                base = loaded.frames.setdefault(ckey, base)
-        return _frame.hand_out(base, cache_dir, key, loaded.token, ckey)
+        version = _memo.load(cache_dir, key, entry_name(key))
+        return self._hand_out(cache_dir, version, columns)
 
-    def _current_token(self, key: str) -> str | None:
-        """The version ``key`` holds now, or None; one ``stat`` when the memo is current."""
-        cache_dir = self.dir
-        meta_path = cache_dir / f"{entry_name(key)}.json"
-        try:
-            sig = _sig(os.stat(meta_path))
-            with _MEMO_LOCK:
-                hit = _MEMO.get((str(cache_dir), key))
-            if hit is not None and hit.sig == sig:
-                return hit.token
-            return str(_store.read_meta(meta_path, key)["token"])
-        except (FileNotFoundError, MmcacheError):
-            return None
+    def _hand_out(self, cache_dir: Path, version: _memo.Version, columns: Any) -> Frame:
+        ckey = _columns_key(columns)
+        base = version.frames.get(ckey)
+        if base is None:
+            base = _frame.decode(version.meta["layout"], version.mapped, columns)
+            base = version.frames.setdefault(ckey, base)
+        return _frame.hand_out(base, cache_dir, version, ckey)
 
     def _open_version(self, key: str, token: str, columns: Any) -> Frame | None:
-        """Open ``key`` only if its current version is ``token`` (for unpickling)."""
-        try:
-            loaded = self._load(self.dir, key)
-        except EntryNotFoundError:
+        """Open exactly version ``token`` of ``key`` (unpickling a reference), or None."""
+        cache_dir = self.dir
+        version = _memo.load_version(cache_dir, key, entry_name(key), token)
+        if version is None:
             return None
-        if loaded.token != token:
-            return None
-        return self._open(key, columns)
+        return self._hand_out(cache_dir, version, columns)
 
     def _describe(self, key: str) -> tuple[Entry, list[tuple[str, str]], str, list[Any]]:
         """For ``mmcache info``: the entry, (column, dtype) pairs, the index, the files.
@@ -352,67 +310,14 @@ class Cache:
         entry = next((e for e in self.entries() if e.key == key), None)
         if entry is None:
             raise not_found(key, cache_dir)
-        loaded = self._load(cache_dir, key, touch=False)
-        obj = _frame.decode(loaded.meta["layout"], loaded.mapped, None)
+        version = _memo.load(cache_dir, key, entry_name(key), use=False)
+        obj = _frame.decode(version.meta["layout"], version.mapped, None)
         if isinstance(obj, pd.Series):
             dtypes = [(str(obj.name), str(obj.dtype))]
         else:
             dtypes = [(str(c), str(t)) for c, t in obj.dtypes.items()]
         index = f"{type(obj.index).__name__} ({obj.index.dtype}, {len(obj.index):,} rows)"
-        return entry, dtypes, index, loaded.meta["files"]
-
-    def _load(self, cache_dir: Path, key: str, *, touch: bool = True) -> _Loaded:
-        name = entry_name(key)
-        meta_path = cache_dir / f"{name}.json"
-        memo_key = (str(cache_dir), key)
-        _prune_memo()
-        missing_in: str | None = None
-        for _ in range(OPEN_RETRIES):
-            try:
-                st = os.stat(meta_path)
-            except FileNotFoundError:
-                with _MEMO_LOCK:
-                    _MEMO.pop(memo_key, None)
-                raise not_found(key, cache_dir) from None
-            sig = _sig(st)
-            with _MEMO_LOCK:
-                hit = _MEMO.get(memo_key)
-            if hit is not None and hit.sig == sig:
-                return hit
-            try:
-                meta = _store.read_meta(meta_path, key)
-            except FileNotFoundError:
-                continue  # deleted or replaced since the stat: the next stat tells which
-            try:
-                if meta["key"] != key:
-                    raise CorruptEntryError(
-                        f"{str(meta_path)!r} holds key {meta['key']!r}, not {key!r}; delete it",
-                        key=key, path=meta_path,
-                    )
-                data = meta["data"]
-                if not isinstance(data, str) or not data.startswith(f"{name}.") or "/" in data:
-                    raise CorruptEntryError(
-                        f"{str(meta_path)!r} points outside its entry ({data!r}); delete it",
-                        key=key, path=meta_path,
-                    )
-                where = f"entry {key!r} ({str(cache_dir / data)!r})"
-                mapped = _store.map_files(cache_dir / data, meta["files"], key, where)
-            except FileNotFoundError as exc:
-                if missing_in == meta["token"]:  # the same version twice: files are gone
-                    raise CorruptEntryError(
-                        f"entry {key!r}: data files are missing ({exc.filename}); delete the "
-                        "entry (mmcache.delete or `mmcache clean KEY`) and save it again",
-                        key=key, path=cache_dir / meta["data"],
-                    ) from None
-                missing_in = meta["token"]
-                continue  # replaced or deleted between stat and mapping: look again
-            loaded = _Loaded(sig, str(meta["token"]), meta, mapped, {})
-            with _MEMO_LOCK:
-                _MEMO[memo_key] = loaded
-            if touch:
-                _touch(meta_path, st)
-            return loaded
-        raise not_found(key, cache_dir)
+        return entry, dtypes, index, version.meta["files"]
 
     # --- the rest ---------------------------------------------------------------------------
 
@@ -432,7 +337,7 @@ class Cache:
     def _delete(self, cache_dir: Path, key: str, *, timeout: float) -> bool:
         """Delete under the key's lock; with ``timeout=0`` give up (False) if it is busy."""
         name = entry_name(key)
-        _forget(cache_dir, key)
+        _memo.forget(cache_dir, key)
         if not os.path.lexists(cache_dir / f"{name}.json"):
             return False  # nothing to delete (a save in progress has not published yet)
         try:
@@ -514,39 +419,3 @@ def _duration_arg(value: object) -> float:
             f"older_than takes seconds, a timedelta or a duration like '2h', got {value!r}"
         )
     return seconds
-
-
-# How often open() looks for memoised entries that were deleted or replaced meanwhile (by
-# any process), so their mappings go once no frame uses them: a stat per memoised entry.
-PRUNE_INTERVAL = 1.0
-_last_prune = 0.0
-
-
-def _prune_memo() -> None:
-    global _last_prune
-    now = time.monotonic()
-    if now - _last_prune < PRUNE_INTERVAL:
-        return
-    _last_prune = now
-    with _MEMO_LOCK:
-        items = list(_MEMO.items())
-    for (cache_dir, key), loaded in items:
-        try:
-            current = _sig(os.stat(Path(cache_dir) / f"{entry_name(key)}.json")) == loaded.sig
-        except OSError:
-            current = False
-        if not current:
-            with _MEMO_LOCK:
-                if _MEMO.get((cache_dir, key)) is loaded:
-                    del _MEMO[(cache_dir, key)]
-
-
-def _forget(cache_dir: Path, key: str) -> None:
-    with _MEMO_LOCK:
-        _MEMO.pop((str(cache_dir), key), None)
-
-
-def _touch(meta_path: Path, st: os.stat_result) -> None:
-    # Last use is the metadata file's atime; the mtime (part of the memo signature) is kept.
-    with contextlib.suppress(OSError):
-        os.utime(meta_path, ns=(time.time_ns(), st.st_mtime_ns))

@@ -169,6 +169,11 @@ def sweep(cache_dir: Path, name: str, paths: list[Path]) -> None:
             path.unlink(missing_ok=True)
 
 
+def versions(cache_dir: Path, name: str) -> list[Path]:
+    """Every data directory of ``name`` on disk (current, old or left by a killed save)."""
+    return [p for p in cache_dir.glob(f"{name}.*") if p.is_dir() and not p.is_symlink()]
+
+
 def delete_locked(cache_dir: Path, name: str, key: str) -> bool:
     """With ``name``'s lock held: unpublish the entry, then sweep its versions."""
     meta_path = cache_dir / f"{name}.json"

@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import types
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -139,6 +140,7 @@ def decode(layout: Spec, m: Mapped, columns: Sequence[Any] | None) -> pd.DataFra
         else:
             obj = _decode_frame(layout, m, index, nrows, columns)
         obj.attrs = layout["attrs"]
+        pin(obj)
         return obj
     except MmcacheError:
         raise
@@ -234,10 +236,14 @@ class _Ref:
     """What a mapped frame needs to pickle as a reference and to tell if it was modified."""
 
     __slots__ = ("attrs", "axes", "cache_dir", "columns", "key", "name", "names", "token",
-                 "values")
+                 "values", "version")
 
-    def __init__(self, obj: Any, cache_dir: str, key: str, token: str, columns: Any) -> None:
-        self.cache_dir, self.key, self.token, self.columns = cache_dir, key, token, columns
+    def __init__(self, obj: Any, cache_dir: str, version: Any, columns: Any) -> None:
+        self.cache_dir, self.columns = cache_dir, columns
+        self.key, self.token = version.key, version.token
+        # The frame keeps this process's mapping of its version alive, and only the frame
+        # does (the memo holds it weakly): the last frame to go unmaps it.
+        self.version = version
         self.axes = list(obj._mgr.axes)
         self.names = [list(ax.names) for ax in self.axes]
         self.name = obj.name if isinstance(obj, pd.Series) else None
@@ -247,11 +253,10 @@ class _Ref:
         self.values = [(blk.values, getattr(blk.values, "_pa_array", None),
                         blk.mgr_locs.as_array.tolist()) for blk in obj._mgr.blocks]
 
-    def current(self) -> bool:
-        """The entry still holds this version (else the receiver could not map it)."""
-        from ._cache import Cache
-
-        return Cache(self.cache_dir)._current_token(self.key) == self.token
+    def openable(self) -> bool:
+        """The receiver can map this version: its files are on disk, and kept there while
+        this process maps them (an old version is removed only once nobody maps it)."""
+        return self.version.maps_files and os.path.isdir(self.version.data_dir)
 
     def unmodified(self, obj: Any) -> bool:
         mgr = obj._mgr
@@ -275,18 +280,77 @@ def _same_label(a: Any, b: Any) -> bool:
 
 
 def _reopen(cache_dir: str, key: str, token: str, columns: Any) -> Any:
+    """Unpickle a reference: exactly version ``token``, or EntryChangedError."""
     from ._cache import Cache
 
     obj = Cache(cache_dir)._open_version(key, token, columns)
-    if obj is None:
-        raise EntryChangedError(
-            f"key {key!r} in {cache_dir!r} was re-saved or deleted after a frame opened from it "
-            "was pickled; open it again in the worker (Entry.open()) or keep the key unchanged "
-            "while workers run",
-            key=key,
-            path=cache_dir,
-        )
-    return obj
+    if obj is not None:
+        return obj
+    error = EntryChangedError(
+        f"key {key!r} in {cache_dir!r}: the version a frame was pickled from is gone (the key "
+        "was re-saved or deleted and no process maps that version any more); open the key "
+        "again in the worker (Entry.open()), or keep a frame of it alive in the sender until "
+        "the workers are done",
+        key=key,
+        path=cache_dir,
+    )
+    if _in_task_loop():
+        # Raising here would kill a Pool worker while it reads its task: Pool.map would wait
+        # forever, ProcessPoolExecutor would break. The task gets a stand-in that raises
+        # this error on first use, so it reaches the caller as the task's own error.
+        return Unavailable(error)
+    raise error
+
+
+# Worker loops that lose the task (Pool: hangs; executors: BrokenProcessPool) when
+# unpickling it raises: (function name, end of its file's path).
+_TASK_LOOPS = (
+    ("worker", os.path.join("multiprocessing", "pool.py")),
+    ("_process_worker", os.path.join("concurrent", "futures", "process.py")),
+    ("_process_worker", os.path.join("loky", "process_executor.py")),
+)
+
+
+def _in_task_loop() -> bool:
+    frame: types.FrameType | None = sys._getframe(1)
+    for _ in range(40):
+        if frame is None:
+            return False
+        code = frame.f_code
+        if any(code.co_name == n and code.co_filename.endswith(f) for n, f in _TASK_LOOPS):
+            return True
+        frame = frame.f_back
+    return False
+
+
+class Unavailable:
+    """Stands in for a frame whose pickled version could not be opened in a worker: any
+    use raises the EntryChangedError that says why (and names the key)."""
+
+    __slots__ = ("_mmcache_error",)
+
+    def __init__(self, error: EntryChangedError) -> None:
+        object.__setattr__(self, "_mmcache_error", error)
+
+    def _fail(self, *args: Any, **kwargs: Any) -> Any:
+        e = object.__getattribute__(self, "_mmcache_error")
+        raise type(e)(e.message, key=e.key, path=e.path)
+
+    def __getattr__(self, name: str) -> Any:
+        return self._fail()
+
+    def __repr__(self) -> str:
+        return f"<mmcache.Unavailable: {object.__getattribute__(self, '_mmcache_error')}>"
+
+
+for _name in ("__getitem__", "__setitem__", "__delitem__", "__len__", "__iter__", "__contains__",
+              "__bool__", "__array__", "__eq__", "__ne__", "__lt__", "__le__", "__gt__",
+              "__ge__", "__hash__", "__add__", "__radd__", "__sub__", "__rsub__", "__mul__",
+              "__rmul__", "__truediv__", "__rtruediv__", "__floordiv__", "__mod__", "__pow__",
+              "__and__", "__or__", "__xor__", "__neg__", "__abs__", "__invert__", "__setattr__",
+              "__delattr__", "__reduce__", "__reduce_ex__", "__copy__", "__deepcopy__",
+              "__dataframe__", "__arrow_c_stream__", "__array_ufunc__"):
+    setattr(Unavailable, _name, Unavailable._fail)
 
 
 def _reduce(obj: Any) -> Any:
@@ -300,7 +364,7 @@ def _reduce(obj: Any) -> Any:
     plain ``pd.DataFrame``: pandas' testing helpers and user code that compare classes work.
     """
     ref = obj.__dict__.get("_mmcache_ref")
-    if ref is not None and ref.unmodified(obj) and ref.current() and not _persisting():
+    if ref is not None and ref.unmodified(obj) and ref.openable() and not _persisting():
         return (_reopen, (ref.cache_dir, ref.key, ref.token, ref.columns))
     return obj.__reduce_ex__(2)
 
@@ -322,12 +386,35 @@ copyreg.pickle(pd.DataFrame, _reduce)
 copyreg.pickle(pd.Series, _reduce)
 
 
+# A reference that never dies, added to the copy-on-write bookkeeping of every block over
+# mapped memory (see pin()).
+class _Anchor:
+    pass
+
+
+_ANCHOR = _Anchor()
+_PIN = weakref.ref(_ANCHOR)
+
+
+def pin(obj: pd.DataFrame | pd.Series) -> None:
+    """Make pandas copy-on-write copy before any in-place write into ``obj``'s blocks.
+
+    pandas writes in place into a block no other live block references; over read-only
+    mapped memory that raises "assignment destination is read-only". Each block's shared
+    reference list gets one permanent extra entry, so every frame derived from it, at any
+    time (after the base frame, the memo or the entry itself are gone), copies the touched
+    column first instead.
+    """
+    for blk in obj._mgr.blocks:
+        blk.refs.referenced_blocks.append(_PIN)
+
+
 def hand_out(
-    base: pd.DataFrame | pd.Series, cache_dir: str | os.PathLike[str], key: str, token: str,
+    base: pd.DataFrame | pd.Series, cache_dir: str | os.PathLike[str], version: Any,
     columns: Any,
 ) -> pd.DataFrame | pd.Series:
-    """A new frame object over ``base``'s buffers: edits copy (pandas copy-on-write) because
-    ``base`` keeps a reference, so neither the cache nor other frames ever see them."""
+    """A new frame object over ``base``'s buffers: edits copy (pandas copy-on-write, see
+    pin()), so neither the cache nor other frames ever see them."""
     obj = base.copy(deep=False)
     for blk in obj._mgr.blocks:
         if isinstance(blk.values, pd.arrays.ArrowExtensionArray):
@@ -335,5 +422,5 @@ def hand_out(
             # wrapper's data in place, which must not reach base (the next open()) or others.
             blk.values = blk.values.view()
     obj.attrs = copy.deepcopy(base.attrs)
-    object.__setattr__(obj, "_mmcache_ref", _Ref(obj, os.fspath(cache_dir), key, token, columns))
+    object.__setattr__(obj, "_mmcache_ref", _Ref(obj, os.fspath(cache_dir), version, columns))
     return obj

@@ -140,9 +140,12 @@ def _intact(raw: bytes) -> bool:
     return hashlib.sha256(b"{" + raw[n + 66 :]).hexdigest().encode() == raw[n : n + 64]
 
 
-def publish_meta(cache_dir: Path, name: str, token: str, meta: Spec) -> int:
+def publish_meta(cache_dir: Path, name: str, token: str, meta: Spec, version_meta: Path) -> int:
     """Atomically make ``meta`` the entry's metadata (write aside, then one rename).
 
+    The same file is first hard-linked as ``version_meta`` inside the version's data
+    directory: the version can then be opened by its token after the key is re-saved (a
+    reference pickled from it), and sharing one inode tells which version is current.
     Returns the metadata's size in bytes."""
     tmp = cache_dir / f"{name}.json.{token}.tmp"
     data = sign(meta)
@@ -150,11 +153,23 @@ def publish_meta(cache_dir: Path, name: str, token: str, meta: Spec) -> int:
     try:
         with open(fd, "wb", closefd=True) as f:
             f.write(data)
+        try:
+            os.link(tmp, version_meta)
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EXDEV):
+                raise
+            _write_new(version_meta, data)  # a file system without hard links: a copy
         os.replace(tmp, cache_dir / f"{name}.json")
     except BaseException:
         _unlink(tmp)
         raise
     return len(data)
+
+
+def _write_new(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with open(fd, "wb", closefd=True) as f:
+        f.write(data)
 
 
 def read_meta(path: Path, key: str | None) -> Spec:
