@@ -56,7 +56,7 @@ def _api(method: _F) -> _F:
 
     @functools.wraps(method)
     def wrapper(self: Cache, *args: Any, **kwargs: Any) -> Any:
-        key = args[0] if args and isinstance(args[0], str) else None
+        key = next((a for a in args[:2] if isinstance(a, str)), None)  # open(key), save(obj, key)
         try:
             return method(self, *args, **kwargs)
         except MmcacheError as exc:

@@ -1,0 +1,172 @@
+"""Child-process code for tests/test_trust.py (module level, importable by spawn children)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pickle
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+import mmcache
+from mmcache import _lock
+
+from ._zerocopy import maps_under
+
+
+def version_frame(version: int, nrows: int = 2_000) -> pd.DataFrame:
+    """Every value says which version the frame is: a mix can never pass for one version."""
+    return pd.DataFrame({
+        "v": np.full(nrows, version, dtype=np.int64),
+        "x": np.arange(nrows, dtype=np.float64) + version * 1e6,
+        "n": pd.array(np.full(nrows, version), dtype="Int64"),
+        "s": pd.Series([f"v{version}"] * nrows, dtype="str"),
+    })
+
+
+def which_version(df: pd.DataFrame) -> int | None:
+    """The version ``df`` holds, or None if its values do not all agree."""
+    v = int(df["v"].iloc[0])
+    ok = (
+        bool((df["v"] == v).all())
+        and bool((df["x"] == np.arange(len(df), dtype=np.float64) + v * 1e6).all())
+        and bool((df["n"] == v).all())
+        and bool((df["s"] == f"v{v}").all())
+    )
+    return v if ok else None
+
+
+# --- item 2: the lock, instrumented -----------------------------------------------------------
+
+
+def instrument_lock(marker_dir: Path, violations: list[str]) -> None:
+    """Make every KeyLock hold also create ``marker_dir/NAME.lock`` with O_EXCL: two
+    holders of one key at once show up as a FileExistsError."""
+    orig_acquire, orig_release = _lock.KeyLock.acquire, _lock.KeyLock.release
+
+    def acquire(self: _lock.KeyLock, timeout: float) -> bool:
+        got = orig_acquire(self, timeout)
+        if got:
+            try:
+                os.close(os.open(marker_dir / self.path.name, os.O_CREAT | os.O_EXCL, 0o600))
+            except FileExistsError:
+                violations.append(f"pid {os.getpid()} entered {self.path.name} while held")
+        return got
+
+    def release(self: _lock.KeyLock, *, unlink: bool = False) -> None:
+        if self.held:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(marker_dir / self.path.name)
+        orig_release(self, unlink=unlink)
+
+    _lock.KeyLock.acquire = acquire  # type: ignore[method-assign]
+    _lock.KeyLock.release = release  # type: ignore[method-assign]
+
+
+def lock_churn(a: dict[str, Any]) -> None:
+    """save / delete / open(build=) / clean on one key until the deadline; report."""
+    violations: list[str] = []
+    instrument_lock(Path(a["markers"]), violations)
+    d, key = a["cache_dir"], a["key"]
+    rng = random.Random(a["seed"])
+    frame = version_frame(a["seed"], 200)
+    ops: dict[str, int] = {}
+    errors: list[str] = []
+    deadline = time.monotonic() + a["seconds"]
+    while time.monotonic() < deadline:
+        op = rng.choice(["save", "save", "delete", "build", "clean_key", "clean_all"])
+        try:
+            if op == "save":
+                mmcache.save(frame, key, cache_dir=d)
+            elif op == "delete":
+                mmcache.delete(key, cache_dir=d)
+            elif op == "build":
+                got = mmcache.open(key, cache_dir=d, build=lambda: frame)
+                if which_version(got) is None:
+                    errors.append("build: a mixed frame")
+            elif op == "clean_key":
+                mmcache.clean([key], cache_dir=d)
+            else:
+                mmcache.clean(cache_dir=d)
+        except mmcache.EntryNotFoundError:
+            pass  # deleted between two steps of open(build=): allowed
+        except Exception as exc:
+            errors.append(f"{op}: {type(exc).__name__}: {exc}")
+        ops[op] = ops.get(op, 0) + 1
+    Path(a["out"]).write_text(json.dumps({"ops": ops, "violations": violations,
+                                          "errors": errors[:20]}))
+
+
+# --- item 3: references unpickled while another process re-saves ----------------------------
+
+
+def resave_loop(a: dict[str, Any]) -> None:
+    """Re-save ``key`` with versions 1, 2, 1, 2, ... until the stop file appears."""
+    frames = [version_frame(1), version_frame(2)]
+    stop = Path(a["stop"])
+    i = 0
+    deadline = time.monotonic() + 120
+    while not stop.exists() and time.monotonic() < deadline:
+        mmcache.save(frames[i % 2], a["key"], cache_dir=a["cache_dir"])
+        i += 1
+    Path(a["out"]).write_text(json.dumps({"saves": i}))
+
+
+def unpickle_check(conn: Any) -> None:
+    """Receive (version, pickled frame) pairs; unpickle each and say what came back."""
+    counts = {f"{kind}-{held}": 0 for kind in ("same", "changed", "wrong", "mixed")
+              for held in ("held", "dropped")}
+    while True:
+        if not conn.poll(60):
+            break
+        msg = conn.recv()
+        if msg is None:
+            break
+        want, payload, held = msg
+        tag = "held" if held else "dropped"
+        try:
+            df = pickle.loads(payload)
+        except mmcache.EntryChangedError:
+            counts[f"changed-{tag}"] += 1
+            continue
+        got = which_version(df)
+        kind = "same" if got == want else "mixed" if got is None else "wrong"
+        counts[f"{kind}-{tag}"] += 1
+        del df
+    conn.send(counts)
+
+
+# --- items 4 and 13: Pool tasks -----------------------------------------------------------------
+
+
+class Deferred:
+    """Pickles as ``pickle.loads(payload)``: a task argument that unpickles, in the worker,
+    the reference pickled earlier (as a Pool does with a frame argument)."""
+
+    def __init__(self, payload: bytes) -> None:
+        self.payload = payload
+
+    def __reduce__(self) -> Any:
+        return (pickle.loads, (self.payload,))
+
+
+def sum_column(df: Any) -> float:
+    return float(df["x"].sum())
+
+
+def open_and_sum(arg: tuple[str, str]) -> float:
+    key, cache_dir = arg
+    return float(mmcache.open(key, cache_dir=cache_dir)["x"].sum())
+
+
+def mapped_here(cache_dir: str) -> list[Any]:
+    import gc
+
+    gc.collect()
+    return maps_under(cache_dir)

@@ -1,0 +1,370 @@
+"""Regression tests for the defects independent testers found (issue 8), one per item.
+
+Items 1, 11, 12 and the CLI part of 14 are in test_trust_clean.py; 7, 8, 9 and the codec part
+of 14 in test_trust_codecs.py. Every child process is bounded in time and killed in a
+``finally``.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import datetime as dt
+import gc
+import json
+import multiprocessing as mp
+import os
+import pickle
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import mmcache
+from mmcache import _frame
+from mmcache._paths import entry_name
+
+from . import _trust_workers as tw
+from ._zerocopy import assert_zero_copy, maps_under
+
+REPO = Path(__file__).resolve().parent.parent
+WAIT = 60.0
+
+pytestmark = pytest.mark.skipif(
+    not os.path.exists("/proc/self/maps"), reason="needs Linux /proc"
+)
+
+
+def _spawn_all(target, args_list):
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=target, args=(a,), daemon=True) for a in args_list]
+    for p in procs:
+        p.start()
+    return procs
+
+
+def _stop_all(procs):
+    for p in procs:
+        p.join(timeout=5)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join(timeout=5)
+
+
+# --- item 2: at most one holder of a key's lock -----------------------------------------------
+
+
+def test_item2_lock_is_exclusive_under_save_delete_build_clean(tmp_path):
+    d, markers = tmp_path / "cache", tmp_path / "markers"
+    markers.mkdir()
+    args = [{"cache_dir": str(d), "key": "k", "markers": str(markers), "seed": i,
+             "seconds": 6.0, "out": str(tmp_path / f"out{i}.json")} for i in range(5)]
+    procs = _spawn_all(tw.lock_churn, args)
+    try:
+        for p in procs:
+            p.join(timeout=WAIT)
+            assert p.exitcode == 0, f"a churn process exited with {p.exitcode}"
+    finally:
+        _stop_all(procs)
+    reports = [json.loads(Path(a["out"]).read_text()) for a in args]
+    total = sum(sum(r["ops"].values()) for r in reports)
+    assert total > 200, reports  # enough contention to matter
+    assert [v for r in reports for v in r["violations"]] == []
+    assert [e for r in reports for e in r["errors"]] == []
+
+
+# --- item 3: a reference unpickles to exactly its version -------------------------------------
+
+
+def test_item3_references_never_unpickle_to_another_version(shm_dir):
+    d = shm_dir / "cache"
+    key = "flip"
+    mmcache.save(tw.version_frame(1), key, cache_dir=d)
+    stop = shm_dir / "stop"
+    writer_args = {"cache_dir": str(d), "key": key, "stop": str(stop),
+                   "out": str(shm_dir / "writer.json")}
+    ctx = mp.get_context("spawn")
+    parent_conn, child_conn = ctx.Pipe()
+    writer = ctx.Process(target=tw.resave_loop, args=(writer_args,), daemon=True)
+    checker = ctx.Process(target=tw.unpickle_check, args=(child_conn,), daemon=True)
+    writer.start()
+    checker.start()
+    try:
+        held: list[pd.DataFrame] = []
+        sent = 0
+        deadline = time.monotonic() + 6
+        while time.monotonic() < deadline:
+            try:
+                df = mmcache.open(key, cache_dir=d)
+            except mmcache.EntryNotFoundError:
+                continue
+            want = tw.which_version(df)
+            assert want in (1, 2)
+            payload = pickle.dumps(df)
+            assert len(payload) < 1000  # a reference, not the data
+            # Every other frame stays alive in the sender until the end; the others go at
+            # once, so their versions may be swept before the checker gets to them.
+            keep = sent % 2 == 0
+            parent_conn.send((want, payload, keep))
+            sent += 1
+            if keep:
+                held.append(df)
+            del df
+        parent_conn.send(None)
+        assert parent_conn.poll(WAIT), "the checker did not answer"
+        counts = parent_conn.recv()
+        stop.touch()
+        writer.join(timeout=WAIT)
+        assert writer.exitcode == 0
+    finally:
+        stop.touch()
+        _stop_all([writer, checker])
+    saves = json.loads(Path(writer_args["out"]).read_text())["saves"]
+    assert saves > 20 and sent > 100, (saves, sent)
+    assert counts["wrong-held"] + counts["wrong-dropped"] == 0, counts
+    assert counts["mixed-held"] + counts["mixed-dropped"] == 0, counts
+    # A reference whose sender still holds its frame always opens, to exactly its version.
+    assert counts["changed-held"] == 0, counts
+    assert counts["same-held"] == (sent + 1) // 2, counts
+
+
+def test_item3_reference_of_a_replaced_version_held_by_its_sender(cache_dir):
+    mmcache.save(tw.version_frame(1), "k")
+    old = mmcache.open("k")
+    payload = pickle.dumps(old)
+    mmcache.save(tw.version_frame(2), "k")  # old is still held: its version stays on disk
+    code = (f"import pickle, sys; sys.path.insert(0, {str(REPO)!r}); "
+            "from tests._trust_workers import which_version; "
+            f"print(which_version(pickle.loads({payload!r})))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=WAIT, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "1"
+    assert len(payload) < 1000
+
+
+# --- item 4: an unopenable reference never hangs or breaks a pool ------------------------------
+
+
+def _gone_reference(cache_dir: Path) -> bytes:
+    """A reference pickled from a frame whose version no process maps any more."""
+    mmcache.save(tw.version_frame(1), "gone", cache_dir=cache_dir)
+    df = mmcache.open("gone", cache_dir=cache_dir)
+    payload = pickle.dumps(df)
+    assert len(payload) < 1000
+    del df
+    gc.collect()
+    mmcache.delete("gone", cache_dir=cache_dir)
+    assert not any(p.is_dir() for p in cache_dir.iterdir())
+    return payload
+
+
+def test_item4_pool_map_gets_entry_changed_error_in_bounded_time(cache_dir):
+    payload = _gone_reference(cache_dir)
+    with mp.get_context("spawn").Pool(2) as pool:
+        result = pool.map_async(tw.sum_column, [tw.Deferred(payload)] * 3)
+        with pytest.raises(mmcache.EntryChangedError, match="'gone'") as info:
+            result.get(WAIT)  # was: waited forever (the worker died reading its task)
+        assert info.value.key == "gone"
+        # The pool is still usable afterwards.
+        mmcache.save(tw.version_frame(3), "ok")
+        assert pool.map(tw.open_and_sum, [("ok", str(cache_dir))], chunksize=1)[0] > 0
+
+
+def test_item4_process_pool_executor_is_not_broken(cache_dir):
+    payload = _gone_reference(cache_dir)
+    ctx = mp.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(2, mp_context=ctx) as ex:
+        fut = ex.submit(tw.sum_column, tw.Deferred(payload))
+        with pytest.raises(mmcache.EntryChangedError, match="'gone'"):
+            fut.result(WAIT)  # was: BrokenProcessPool
+        mmcache.save(tw.version_frame(3), "ok")
+        assert ex.submit(tw.open_and_sum, ("ok", str(cache_dir))).result(WAIT) > 0
+
+
+def test_item4_joblib_loky_names_the_key(cache_dir):
+    joblib = pytest.importorskip("joblib")
+    payload = _gone_reference(cache_dir)
+    with pytest.raises(mmcache.EntryChangedError, match="'gone'"):
+        joblib.Parallel(n_jobs=2, backend="loky", timeout=WAIT)(
+            joblib.delayed(tw.sum_column)(tw.Deferred(payload)) for _ in range(2)
+        )
+
+
+def test_item4_plain_unpickling_still_raises_at_once(cache_dir):
+    payload = _gone_reference(cache_dir)
+    with pytest.raises(mmcache.EntryChangedError, match="'gone'"):
+        pickle.loads(payload)
+
+
+def test_item4_stand_in_raises_on_any_use():
+    err = mmcache.EntryChangedError("key 'k' is gone", key="k", path="/x")
+    stand_in = _frame.Unavailable(err)
+    for use in (lambda x: x["a"], lambda x: x.sum(), len, lambda x: x + 1, bool, pickle.dumps,
+                lambda x: np.asarray(x), iter):
+        with pytest.raises(mmcache.EntryChangedError, match="'k'"):
+            use(stand_in)
+    assert "'k'" in repr(stand_in)
+
+
+# --- item 5: in-place edits after a re-save or delete -----------------------------------------
+
+EDITS = {
+    "loc": lambda df: df.loc.__setitem__((0, "x"), -5.0),
+    "iloc": lambda df: df.iloc.__setitem__((1, 1), -5.0),
+    "at": lambda df: df.at.__setitem__((2, "x"), -5.0),
+    "fillna-inplace": lambda df: df.fillna(-5, inplace=True),
+    "Int64-loc": lambda df: df.loc.__setitem__((0, "n"), -5),
+    "iadd": lambda df: df.__setitem__("x", df["x"].__iadd__(1)),
+    "str-loc": lambda df: df.loc.__setitem__((0, "s"), "edited"),
+}
+BEHIND = {
+    "re-save": lambda key, d: mmcache.save(tw.version_frame(2), key, cache_dir=d),
+    "delete": lambda key, d: mmcache.delete(key, cache_dir=d),
+    "re-save by another process": lambda key, d: subprocess.run(
+        [sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); import mmcache; "
+         "from tests._trust_workers import version_frame; "
+         "mmcache.save(version_frame(2), 'k', cache_dir=sys.argv[2])", str(REPO), str(d)],
+        check=True, timeout=WAIT),
+}
+
+
+@pytest.mark.parametrize("how", list(BEHIND))
+@pytest.mark.parametrize("edit", list(EDITS))
+def test_item5_in_place_edits_work_after_resave_or_delete(edit, how, cache_dir):
+    original = tw.version_frame(1, 50)
+    mmcache.save(original, "k")
+    df = mmcache.open("k")  # the only frame of its version in this process
+    mapped_x = df["x"].to_numpy()  # a raw view of the mapped column (no pandas reference)
+    BEHIND[how]("k", cache_dir)
+    with contextlib.suppress(mmcache.EntryNotFoundError):
+        mmcache.open("k")  # the service opens the key again, as it would
+    gc.collect()
+    EDITS[edit](df)  # was: "assignment destination is read-only"
+    expected = original.copy()
+    EDITS[edit](expected)
+    pd.testing.assert_frame_equal(df, expected)
+    np.testing.assert_array_equal(mapped_x, original["x"].to_numpy())  # never written through
+
+
+def test_item5_series_and_derived_frames_outliving_their_parent(cache_dir):
+    original = tw.version_frame(1, 50)
+    mmcache.save(original, "k")
+    s = mmcache.open("k")["n"]  # the frame it came from is gone at once
+    sub = mmcache.open("k")[["x", "v"]]
+    mmcache.delete("k")
+    gc.collect()
+    s[0] = -5
+    s.iloc[1] = -6
+    sub.loc[0, "x"] = -5.0
+    sub.fillna(0, inplace=True)
+    assert s.tolist()[:3] == [-5, -6, 1]
+    assert sub["x"].iloc[0] == -5.0
+    with pytest.raises(ValueError, match="read-only"):
+        mmcache.save(original, "k2")
+        mmcache.open("k2")["x"].to_numpy()[0] = 1.0  # the raw buffer stays read-only
+
+
+# --- item 6: last_used reflects every open, memoised or not -----------------------------------
+
+
+def test_item6_memoised_opens_count_as_use(cache_dir):
+    mmcache.save(tw.version_frame(1), "svc")
+    held = mmcache.open("svc")
+    meta = cache_dir / f"{entry_name('svc')}.json"
+    st = os.stat(meta)
+    hour_ago = time.time_ns() - 3600 * 10**9
+    os.utime(meta, ns=(hour_ago, st.st_mtime_ns))  # as if last used an hour ago
+    again = mmcache.open("svc")  # served from the memo (held is alive)
+    assert again._mmcache_ref.version is held._mmcache_ref.version
+    (entry,) = mmcache.entries()
+    assert entry.last_used > dt.datetime.now(dt.UTC) - dt.timedelta(seconds=30)
+    assert mmcache.clean(older_than="5s") == []
+    assert mmcache.exists("svc")
+
+
+def test_item6_a_service_opening_every_second_survives_clean_older_than(cache_dir):
+    mmcache.save(tw.version_frame(1), "svc")
+    held = mmcache.open("svc")
+    for _ in range(3):
+        time.sleep(1.0)
+        mmcache.open("svc")
+        assert mmcache.clean(older_than=0.9) == []
+    assert mmcache.open("svc")["v"].iloc[0] == 1
+    del held
+
+
+# --- items 10 and 13: nothing stays mapped once no frame uses it -------------------------------
+
+
+@pytest.mark.parametrize("how", ["re-save", "delete", "left alone"])
+def test_item10_last_frame_to_go_unmaps_without_another_open(how, cache_dir):
+    mmcache.save(tw.version_frame(1, 100_000), "k")
+    df = mmcache.open("k")
+    view = df["x"]
+    del df
+    gc.collect()
+    assert maps_under(cache_dir)  # a Series view keeps its pages
+    if how == "re-save":
+        mmcache.save(tw.version_frame(2, 10), "k")
+    elif how == "delete":
+        mmcache.delete("k")
+    assert float(view.iloc[5]) == 5.0 + 1e6
+    del view
+    gc.collect()
+    assert maps_under(cache_dir) == []  # was: kept until this process called open again
+
+
+def test_item10_ls_shows_versions_still_mapped(cache_dir):
+    mmcache.save(tw.version_frame(1, 10_000), "k")
+    held = mmcache.open("k")
+    mmcache.save(tw.version_frame(2, 10), "k")
+    # The old version stays on disk, mapped: `mmcache ls` counts it among its entry's users
+    # or as a leftover, never as nothing.
+    old_dirs = [p for p in cache_dir.iterdir() if p.is_dir()]
+    assert len(old_dirs) == 2
+    del held
+    gc.collect()
+    mmcache.save(tw.version_frame(3, 10), "k")
+    assert len([p for p in cache_dir.iterdir() if p.is_dir()]) == 1
+
+
+def test_item13_pool_worker_keeps_nothing_mapped_after_its_task(cache_dir):
+    mmcache.save(tw.version_frame(1, 100_000), "k")
+    with mp.get_context("spawn").Pool(1) as pool:
+        assert pool.apply_async(tw.open_and_sum, (("k", str(cache_dir)),)).get(WAIT) > 0
+        # The same worker, after the task: no frame, so no mapping (the memo holds none).
+        assert pool.apply_async(tw.mapped_here, (str(cache_dir),)).get(WAIT) == []
+
+
+def test_item13_open_again_while_a_frame_lives_reuses_the_mapping(cache_dir):
+    mmcache.save(tw.version_frame(1, 100_000), "k")
+    first = mmcache.open("k")
+    before = maps_under(cache_dir)
+    second = mmcache.open("k")
+    assert maps_under(cache_dir) == before  # no new mapping
+    assert_zero_copy(second, cache_dir)
+    assert second is not first
+
+
+# --- item 14: errors carry the key and the path ------------------------------------------------
+
+
+def test_item14_errors_from_save_and_open_name_key_and_path(cache_dir):
+    bad = pd.DataFrame({"o": [object()]})
+    with pytest.raises(mmcache.UnsupportedTypeError) as info:
+        mmcache.save(bad, "bad")
+    assert info.value.key == "bad" and info.value.path == str(cache_dir)
+    mmcache.save(tw.version_frame(1), "k")
+    with pytest.raises(mmcache.ColumnNotFoundError) as info2:
+        mmcache.open("k", columns=["nope"])
+    assert info2.value.key == "k" and info2.value.path is not None
+    with contextlib.suppress(Exception):
+        pickle.loads(pickle.dumps(info2.value))
+    again = pickle.loads(pickle.dumps(info2.value))
+    assert (again.key, again.path) == ("k", info2.value.path)
