@@ -170,3 +170,76 @@ def mapped_here(cache_dir: str) -> list[Any]:
 
     gc.collect()
     return maps_under(cache_dir)
+
+
+# --- the lifecycle model (tests/test_model.py) ----------------------------------------------
+
+
+def describe(df: pd.DataFrame) -> tuple[int, bool] | None:
+    """(version, edited) of a frame made by version_frame and maybe edited by ``edit``:
+    None if any value belongs to no single version."""
+    if df.empty:
+        return None
+    edited = bool(df["x"].iloc[0] == -1.0)
+    probe = df.copy()
+    if edited:
+        probe.loc[0, "x"] = float(df["v"].iloc[0]) * 1e6
+    v = which_version(probe)
+    return None if v is None else (v, edited)
+
+
+def model_server(conn: Any, marker_dir: str) -> None:
+    """Run lifecycle commands sent by the model test until told to stop.
+
+    Every KeyLock hold is checked for exclusivity (see instrument_lock); frames the test
+    opens or unpickles are held here by handle until dropped.
+    """
+    violations: list[str] = []
+    instrument_lock(Path(marker_dir), violations)
+    held: dict[int, pd.DataFrame] = {}
+    while conn.poll(300):
+        cmd, args = conn.recv()
+        try:
+            if cmd == "stop":
+                conn.send(("ok", None))
+                return
+            if cmd == "save":
+                d, key, v = args
+                mmcache.save(version_frame(v, 300), key, cache_dir=d)
+                out: Any = None
+            elif cmd == "delete":
+                out = mmcache.delete(args[1], cache_dir=args[0])
+            elif cmd == "open":
+                d, key, handle = args
+                held[handle] = mmcache.open(key, cache_dir=d)
+                out = describe(held[handle])
+            elif cmd == "pickle":
+                out = pickle.dumps(held[args])
+            elif cmd == "unpickle":
+                payload, handle = args
+                held[handle] = pickle.loads(payload)
+                out = describe(held[handle])
+            elif cmd == "edit":
+                df = held[args]
+                df.loc[0, "x"] = -1.0
+                df.fillna(0, inplace=True)
+                out = describe(df)
+            elif cmd == "drop":
+                del held[args]
+                import gc
+
+                gc.collect()
+                out = None
+            elif cmd == "clean":
+                d, keys = args
+                out = sorted(e.key for e in mmcache.clean(keys, cache_dir=d))
+            elif cmd == "reset":
+                held.clear()
+                out = None
+            elif cmd == "violations":
+                out = list(violations)
+            else:
+                raise ValueError(f"unknown command {cmd!r}")
+            conn.send(("ok", out))
+        except Exception as exc:
+            conn.send(("err", (type(exc).__name__, str(exc))))
