@@ -142,7 +142,7 @@ def test_lifecycle_matches_the_model(workers):
             new = self._handle()
             out = ws[1 - src].ok("unpickle", (payload, new))
             assert out == (version, edited), (out, version, edited)
-            self.held[new] = (1 - src, version, False if not edited else True)
+            self.held[new] = (1 - src, version, edited)
             return new
 
         @rule(h=handles)
