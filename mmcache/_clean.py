@@ -137,7 +137,19 @@ def remove_leftovers(cache_dir: Path, name: str | None) -> None:
             lock.release(unlink=not (cache_dir / f"{stem}.json").exists())
 
 
-def sweep(cache_dir: Path, name: str, paths: list[Path]) -> None:
+def release_version(cache_dir: Path, name: str, data: str) -> None:
+    """Remove the old version ``data`` of ``name`` if no process but this one maps it and
+    the key's lock is free (never waits: a busy lock means a save or delete that sweeps)."""
+    lock = KeyLock(cache_dir / f"{name}.lock")
+    if not lock.acquire(0):
+        return
+    try:
+        sweep(cache_dir, name, [cache_dir / data], ignore_pid=os.getpid())
+    finally:
+        lock.release(unlink=not (cache_dir / f"{name}.json").exists())
+
+
+def sweep(cache_dir: Path, name: str, paths: list[Path], *, ignore_pid: int = 0) -> None:
     """With ``name``'s lock held: remove the paths its metadata does not point to, except
     data directories that live processes still map (a later sweep removes them).
 
@@ -162,7 +174,7 @@ def sweep(cache_dir: Path, name: str, paths: list[Path]) -> None:
         if path.is_dir() and not path.is_symlink():
             if users is None:
                 users = mapping_pids(cache_dir) or {}
-            if users.get(path.name):
+            if users.get(path.name, set()) - {ignore_pid}:
                 continue  # still mapped: a pickled reference to it must still open
             _store.remove_tree(path)
         else:

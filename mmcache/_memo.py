@@ -116,7 +116,26 @@ def _check(meta: dict[str, Any], key: str, name: str, meta_path: Path) -> str:
 def _map(cache_dir: Path, key: str, data: str, meta: dict[str, Any]) -> Version:
     data_dir = cache_dir / data
     where = f"entry {key!r} ({str(data_dir)!r})"
-    return Version(key, data_dir, meta, _store.map_files(data_dir, meta["files"], key, where))
+    version = Version(key, data_dir, meta, _store.map_files(data_dir, meta["files"], key, where))
+    weakref.finalize(version, _released, cache_dir, data.partition(".")[0], data)
+    return version
+
+
+def _released(cache_dir: Path, name: str, data: str) -> None:
+    """This process dropped its last frame of a version: if the key was re-saved or deleted
+    meanwhile and no other process maps it, remove its files now (else the next save,
+    delete or clean of the key does). Never raises, never waits."""
+    try:
+        vst = _stat(cache_dir / data / VERSION_META)
+        cst = _stat(cache_dir / f"{name}.json")
+        if vst is None or (cst is not None and (vst.st_dev, vst.st_ino) == (
+                cst.st_dev, cst.st_ino)):
+            return  # gone already, or still the current version
+        from . import _clean
+
+        _clean.release_version(cache_dir, name, data)
+    except Exception:  # best effort, at garbage-collection time: never raise
+        pass
 
 
 def load(cache_dir: Path, key: str, name: str, *, use: bool = True) -> Version:

@@ -320,18 +320,43 @@ def test_item10_last_frame_to_go_unmaps_without_another_open(how, cache_dir):
     assert maps_under(cache_dir) == []  # was: kept until this process called open again
 
 
-def test_item10_ls_shows_versions_still_mapped(cache_dir):
+@pytest.mark.parametrize("how", ["re-save", "delete"])
+def test_item10_old_version_files_go_when_its_last_frame_goes(how, cache_dir):
     mmcache.save(tw.version_frame(1, 10_000), "k")
     held = mmcache.open("k")
-    mmcache.save(tw.version_frame(2, 10), "k")
-    # The old version stays on disk, mapped: `mmcache ls` counts it among its entry's users
-    # or as a leftover, never as nothing.
-    old_dirs = [p for p in cache_dir.iterdir() if p.is_dir()]
-    assert len(old_dirs) == 2
+    if how == "re-save":
+        mmcache.save(tw.version_frame(2, 10), "k")
+    else:
+        mmcache.delete("k")
+    # The old version stays on disk while mapped (a reference pickled from `held` must
+    # still open), at no memory cost ...
+    assert len([p for p in cache_dir.iterdir() if p.is_dir()]) == (2 if how == "re-save" else 1)
     del held
     gc.collect()
-    mmcache.save(tw.version_frame(3, 10), "k")
-    assert len([p for p in cache_dir.iterdir() if p.is_dir()]) == 1
+    # ... and goes as soon as its last frame does, with no other call.
+    assert len([p for p in cache_dir.iterdir() if p.is_dir()]) == (1 if how == "re-save" else 0)
+
+
+def test_item10_old_version_stays_while_another_process_maps_it(cache_dir):
+    mmcache.save(tw.version_frame(1, 10_000), "k")
+    code = ("import sys, time, mmcache; df = mmcache.open('k', cache_dir=sys.argv[1]); "
+            "print('ready', flush=True); sys.stdin.readline()")
+    with subprocess.Popen([sys.executable, "-c", code, str(cache_dir)],
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as child:
+        try:
+            assert child.stdout.readline().strip() == "ready"
+            held = mmcache.open("k")
+            mmcache.save(tw.version_frame(2, 10), "k")
+            del held
+            gc.collect()  # this process let go, the child did not: the version stays
+            assert len([p for p in cache_dir.iterdir() if p.is_dir()]) == 2
+            child.stdin.write("\n")
+            child.stdin.flush()
+            assert child.wait(timeout=WAIT) == 0  # the child let go at exit: the version goes
+            assert len([p for p in cache_dir.iterdir() if p.is_dir()]) == 1
+        finally:
+            child.kill()
+            child.wait(timeout=WAIT)
 
 
 def test_item13_pool_worker_keeps_nothing_mapped_after_its_task(cache_dir):
