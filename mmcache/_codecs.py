@@ -17,9 +17,12 @@ import base64
 import datetime as _dt
 import functools
 import math
+import re
+import zoneinfo
 from collections.abc import Callable
 from typing import Any
 
+import dateutil.tz
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -161,26 +164,107 @@ def check_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
 
 
 # --- time zones -------------------------------------------------------------------------
+# A zone is stored by name, never pickled. Forms (the first two are what earlier versions
+# wrote, kept for what they hold exactly): "Europe/Paris" or "dateutil/Europe/Paris" (pandas'
+# own name, rebuilt by pandas); {"offset": seconds[, "name": str]} (datetime.timezone);
+# {"zoneinfo": key}; {"dateutil": "tzutc" | "tzlocal" | "tzoffset" | "tzfile", ...}.
+
+# A dateutil zone key: IANA-like names only, so decoding never opens a path named by metadata.
+_TZ_KEY = re.compile(r"[A-Za-z0-9_+\-]+(/[A-Za-z0-9_+\-]+)*")
 
 
 def tz_to_json(tz: Any, where: str) -> Any:
+    """Name ``tz`` as JSON that rebuilds the same kind of zone, equal to it.
+
+    Raises UnsupportedTypeError when no form does (checked by decoding what would be stored).
+    """
+    for value in _tz_candidates(tz):
+        try:
+            if _same_tz(_tz_from_json(value), tz):
+                return value
+        except Exception:  # a form that cannot rebuild tz: try the next
+            continue
+    raise UnsupportedTypeError(
+        f"{where} has time zone {tz!r}, which mmcache cannot name so that open() rebuilds "
+        "it (only named IANA zones, fixed offsets and dateutil's tzutc, tzoffset, tzlocal and "
+        "gettz zones can be); convert it to a named zone before save(), e.g. "
+        ".dt.tz_convert('UTC') or .dt.tz_convert('Europe/Paris') on a column, "
+        ".tz_convert(...) on an index"
+    )
+
+
+def _tz_candidates(tz: Any) -> list[Any]:
     from pandas._libs.tslibs import timezones
 
-    name = timezones.get_timezone(tz)
+    out: list[Any] = []
+    try:
+        name = timezones.get_timezone(tz)
+    except (ValueError, TypeError):
+        name = None
     if isinstance(name, str):
-        return name
+        out.append(name)
     if isinstance(tz, _dt.timezone):
         offset = tz.utcoffset(None)
-        return {"offset": offset.total_seconds()}
-    raise UnsupportedTypeError(f"{where} has time zone {tz!r} which mmcache cannot name")
+        spec: Spec = {"offset": offset.total_seconds()}
+        if repr(tz) != repr(_dt.timezone(offset)):
+            spec["name"] = tz.tzname(None)
+        out.append(spec)
+    elif isinstance(tz, zoneinfo.ZoneInfo):
+        if tz.key is not None:
+            out.append({"zoneinfo": tz.key})
+    elif isinstance(tz, dateutil.tz.tzutc):
+        out.append({"dateutil": "tzutc"})
+    elif isinstance(tz, dateutil.tz.tzoffset):
+        out.append({"dateutil": "tzoffset", "name": tz.tzname(None),
+                    "offset": tz.utcoffset(None).total_seconds()})
+    elif isinstance(tz, dateutil.tz.tzlocal):
+        out.append({"dateutil": "tzlocal"})
+    elif isinstance(tz, dateutil.tz.tzfile):
+        key = getattr(tz, "_key", None)  # dateutil >= 4
+        filename = str(getattr(tz, "_filename", ""))
+        if key is None and "zoneinfo/" in filename:
+            key = filename.rsplit("zoneinfo/", 1)[1]
+        if key is not None:
+            out.append({"dateutil": "tzfile", "key": key})
+    return out
+
+
+def _same_tz(got: Any, want: Any) -> bool:
+    """Same class, same name and same rules (a ZoneInfo made with no_cache is its key's)."""
+    if type(got) is not type(want) or repr(got) != repr(want):
+        return False
+    if isinstance(want, zoneinfo.ZoneInfo):
+        return bool(got.key == want.key)
+    return bool(got == want)
 
 
 def _tz_from_json(value: Any) -> Any:
     from pandas._libs.tslibs import timezones
 
-    if isinstance(value, dict):
-        return _dt.timezone(_dt.timedelta(seconds=value["offset"]))
-    return timezones.maybe_get_tz(value)
+    if isinstance(value, str):
+        return timezones.maybe_get_tz(value)
+    if "zoneinfo" in value:
+        return zoneinfo.ZoneInfo(value["zoneinfo"])  # which refuses paths itself
+    if "dateutil" in value:
+        kind = value["dateutil"]
+        if kind == "tzutc":
+            return dateutil.tz.tzutc()
+        if kind == "tzlocal":
+            return dateutil.tz.tzlocal()
+        if kind == "tzoffset":
+            return dateutil.tz.tzoffset(value["name"], float(value["offset"]))
+        if kind == "tzfile":
+            key = value["key"]
+            if not isinstance(key, str) or not _TZ_KEY.fullmatch(key) or ".." in key:
+                raise ValueError(f"bad time zone key {key!r}")
+            tz = dateutil.tz.gettz(key)
+            if tz is None:
+                raise ValueError(f"no time zone {key!r} on this machine")
+            return tz
+        raise ValueError(f"unknown dateutil zone {kind!r}")
+    offset = _dt.timedelta(seconds=value["offset"])
+    name = value.get("name")
+    return _dt.timezone(offset) if name is None else _dt.timezone(offset, name)
 
 
 # --- Arrow arrays (pandas strings, ArrowDtype) ------------------------------------------
