@@ -14,14 +14,17 @@ otherwise dominate ``open``).
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as _dt
 import functools
 import math
 import re
+import warnings
 import zoneinfo
 from collections.abc import Callable
 from typing import Any
 
+import dateutil.relativedelta
 import dateutil.tz
 import numpy as np
 import pandas as pd
@@ -265,6 +268,132 @@ def _tz_from_json(value: Any) -> Any:
     offset = _dt.timedelta(seconds=value["offset"])
     name = value.get("name")
     return _dt.timezone(offset) if name is None else _dt.timezone(offset, name)
+
+
+# --- index freq ---------------------------------------------------------------------------
+# Stored as its freqstr (what earlier versions wrote) when pandas parses that back to an
+# equal offset, else as {"class": name in pandas.tseries.offsets, "n", "normalize", "kwds"}
+# with kwds tagged where JSON cannot tell types apart. Never code: only classes of
+# pandas.tseries.offsets are rebuilt, from data.
+
+
+class _NotStorable(Exception):
+    """A freq parameter that has no JSON form."""
+
+
+def freq_to_json(freq: Any, where: str) -> Any:
+    """The JSON form of an index's freq; UnsupportedTypeError unless it decodes equal."""
+    for value in _freq_candidates(freq):
+        try:
+            if _same_offset(freq_from_json(value), freq):
+                return value
+        except Exception:  # this form does not rebuild it: try the next
+            continue
+    raise UnsupportedTypeError(
+        f"{where} has freq {freq!r} ({type(freq).__module__}.{type(freq).__qualname__}), which "
+        "mmcache cannot store so that it comes back equal; drop it before save(): "
+        f"{'df.index.freq = None' if where == 'index' else 'set freq = None on that index'} "
+        "(the dates stay; pd.infer_freq(...) or df.asfreq(...) recover a freq after open())"
+    )
+
+
+def _freq_candidates(freq: Any) -> list[Any]:
+    out: list[Any] = []
+    freqstr = getattr(freq, "freqstr", None)
+    if isinstance(freqstr, str):
+        out.append(freqstr)
+    with contextlib.suppress(_NotStorable):
+        out.append(_offset_spec(freq))
+    return out
+
+
+def _offset_spec(freq: Any) -> Spec:
+    from pandas.tseries import offsets
+
+    cls = type(freq)
+    if getattr(offsets, cls.__name__, None) is not cls:
+        raise _NotStorable(cls)
+    return {"class": cls.__name__, "n": _param_to_json(freq.n),
+            "normalize": _param_to_json(freq.normalize),
+            "kwds": {k: _param_to_json(v) for k, v in sorted(freq.kwds.items())}}
+
+
+def _param_to_json(v: Any) -> Any:
+    if isinstance(v, np.generic) and not isinstance(v, np.datetime64 | np.timedelta64):
+        v = v.item()
+    if v is None or isinstance(v, bool | int | str):
+        return v
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            raise _NotStorable(v)
+        return v
+    if isinstance(v, tuple):
+        return {"tuple": [_param_to_json(x) for x in v]}
+    if isinstance(v, pd.Timedelta):
+        return {"Timedelta": v.value, "unit": v.unit}
+    if isinstance(v, _dt.timedelta):
+        return {"timedelta": [v.days, v.seconds, v.microseconds]}
+    if isinstance(v, _dt.time) and v.tzinfo is None:
+        return {"time": v.isoformat()}
+    if isinstance(v, np.datetime64):
+        unit = np.datetime_data(v.dtype)[0]
+        return {"datetime64": int(v.astype(np.int64)), "unit": unit}
+    if isinstance(v, np.busdaycalendar):
+        return {"busdaycalendar": "".join("1" if d else "0" for d in v.weekmask),
+                "holidays": [str(h) for h in v.holidays]}
+    if isinstance(v, dateutil.relativedelta.weekday):
+        return {"weekday": v.weekday, "n": v.n}
+    raise _NotStorable(v)
+
+
+def _param_from_json(v: Any) -> Any:
+    if not isinstance(v, dict):
+        return v
+    if "tuple" in v:
+        return tuple(_param_from_json(x) for x in v["tuple"])
+    if "Timedelta" in v:
+        return pd.Timedelta(int(v["Timedelta"]), unit="ns").as_unit(v["unit"])
+    if "timedelta" in v:
+        days, seconds, micros = (int(x) for x in v["timedelta"])
+        return _dt.timedelta(days=days, seconds=seconds, microseconds=micros)
+    if "time" in v:
+        return _dt.time.fromisoformat(v["time"])
+    if "datetime64" in v:
+        return np.array(int(v["datetime64"]), dtype=f"M8[{v['unit']}]")[()]
+    if "busdaycalendar" in v:
+        holidays = np.array([str(h) for h in v["holidays"]], dtype="M8[D]")
+        return np.busdaycalendar(weekmask=str(v["busdaycalendar"]), holidays=holidays)
+    if "weekday" in v:
+        return dateutil.relativedelta.weekday(int(v["weekday"]), v["n"])
+    raise ValueError(f"unknown freq parameter {v!r:.80}")
+
+
+def freq_from_json(value: Any) -> Any:
+    """Rebuild a freq from ``freq_to_json``'s form (or the bare freqstr of older entries)."""
+    from pandas.tseries import offsets
+
+    if isinstance(value, str):
+        with warnings.catch_warnings():
+            # a deprecated alias would warn at every open; it was checked at save
+            warnings.simplefilter("ignore")
+            return pd.tseries.frequencies.to_offset(value)
+    name = value["class"]
+    cls = getattr(offsets, name, None) if isinstance(name, str) else None
+    if not (isinstance(cls, type) and issubclass(cls, offsets.BaseOffset)
+            and cls.__name__ == name):
+        raise ValueError(f"{name!r} is not an offset class of pandas.tseries.offsets")
+    kwds = {str(k): _param_from_json(v) for k, v in value["kwds"].items()}
+    return cls(value["n"], normalize=bool(value["normalize"]), **kwds)
+
+
+def _same_offset(got: Any, want: Any) -> bool:
+    """Same class, equal, and the same parameters (== ignores some, e.g. a calendar)."""
+    if type(got) is not type(want) or got != want or repr(got) != repr(want):
+        return False
+    try:
+        return _offset_spec(got) == _offset_spec(want)
+    except _NotStorable:
+        return False
 
 
 # --- Arrow arrays (pandas strings, ArrowDtype) ------------------------------------------
@@ -528,7 +657,7 @@ def encode_index(index: pd.Index, pool: Pool, where: str, *, labels: bool = Fals
     spec: Spec = {"c": "index", "name": name, "values": encode_array(index._values, pool, where)}
     freq = getattr(index, "freq", None)
     if freq is not None and not isinstance(index, pd.PeriodIndex):
-        spec["freq"] = freq.freqstr
+        spec["freq"] = freq_to_json(freq, where)
     return spec
 
 
@@ -560,7 +689,7 @@ def decode_index(spec: Spec, m: Mapped) -> pd.Index:
             if "freq" in spec:
                 # The public setter checks the freq against every value (O(rows) at each
                 # open); it was valid when saved, so set it as pandas' own constructors do.
-                index._freq = pd.tseries.frequencies.to_offset(spec["freq"])
+                index._freq = freq_from_json(spec["freq"])
             return index
     except CorruptEntryError:
         raise

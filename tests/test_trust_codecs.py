@@ -20,6 +20,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from pandas.tseries import offsets as O
 
 import mmcache
 from tests._zerocopy import assert_zero_copy
@@ -120,3 +121,96 @@ def test_item7_unnameable_time_zone_refused(cache_dir, where):
     assert ("index" if where == "index" else "'when'") in msg
     assert "tz_convert" in msg
     _nothing_written(cache_dir)
+
+
+# --- item 8: index freq ---------------------------------------------------------------------
+
+_CAL = np.busdaycalendar(weekmask="1111110", holidays=["2020-01-02", "2020-01-09"])
+FREQS = {
+    "dateoffset-months": pd.DateOffset(months=1),
+    "dateoffset-mixed": pd.DateOffset(months=1, days=2, hour=3),
+    "dateoffset-n": pd.DateOffset(2, normalize=True, weeks=1),
+    "dateoffset-weekday": pd.DateOffset(months=1, weekday=dateutil.relativedelta.MO(2)),
+    "easter": O.Easter(),
+    "custom-business-day-calendar": O.CustomBusinessDay(calendar=_CAL),
+    "custom-business-day-holidays": O.CustomBusinessDay(2, holidays=["2020-01-03"],
+                                                        weekmask="Mon Wed Fri"),
+    "business-hour": O.BusinessHour(start="10:00", end="12:00"),
+    "custom-business-hour": O.CustomBusinessHour(start=["09:00", "13:00"],
+                                                 end=["12:00", "17:00"], holidays=["2020-01-06"]),
+    "month-end-normalize": O.MonthEnd(normalize=True),
+    "month-end-negative": O.MonthEnd(-2),
+    "business-day-offset": O.BusinessDay(offset=pd.Timedelta(hours=1)),
+    "custom-business-month-end": O.CustomBusinessMonthEnd(holidays=["2020-01-31"]),
+    "week": O.Week(weekday=2),
+    "week-of-month": O.WeekOfMonth(week=1, weekday=3),
+    "last-week-of-month": O.LastWeekOfMonth(weekday=4),
+    "semi-month-end": O.SemiMonthEnd(day_of_month=20),
+    "quarter-end": O.QuarterEnd(startingMonth=2),
+    "year-begin": O.YearBegin(month=3),
+    "fy5253": O.FY5253(weekday=1, startingMonth=2, variation="last"),
+    "fy5253-quarter": O.FY5253Quarter(weekday=1, startingMonth=2, qtr_with_extra_week=3,
+                                      variation="nearest"),
+    "hour": O.Hour(3),
+    "minute": O.Minute(90),
+    "day": O.Day(2),
+    "plain-month-end": O.MonthEnd(),
+}
+
+
+def _same_offset(got: Any, want: Any) -> None:
+    assert type(got) is type(want)
+    assert got == want and got.n == want.n and got.normalize == want.normalize
+    assert repr(got) == repr(want)
+    for k, v in want.kwds.items():
+        if k == "calendar":  # == ignores it, yet it decides which days count
+            assert (got.calendar.weekmask == v.weekmask).all()
+            assert (got.calendar.holidays == v.holidays).all()
+        else:
+            assert got.kwds[k] == v, k
+
+
+@pytest.mark.parametrize("name", list(FREQS))
+def test_item8_index_freq_round_trips(cache_dir, name):
+    freq = FREQS[name]
+    index = pd.date_range("2020-01-01", periods=5, freq=freq, name="t")
+    df = pd.DataFrame({"a": np.arange(len(index))}, index=index)
+    mmcache.save(df, "k")
+    got = mmcache.open("k")
+    pd.testing.assert_frame_equal(got, df)
+    _same_offset(got.index.freq, freq)
+    # the decoded freq really is the same: it generates the same dates
+    pd.testing.assert_index_equal(pd.date_range(index[0], periods=9, freq=got.index.freq),
+                                  pd.date_range(index[0], periods=9, freq=freq))
+    # pandas keeps the freq on a MultiIndex level and on datetime categories too
+    df = pd.DataFrame({"c": pd.Categorical(index)},
+                      index=pd.MultiIndex.from_arrays([index, np.arange(len(index))]))
+    mmcache.save(df, "k")
+    got = mmcache.open("k")
+    pd.testing.assert_frame_equal(got, df)
+    _same_offset(got.index.levels[0].freq, df.index.levels[0].freq)
+    _same_offset(got["c"].cat.categories.freq, df["c"].cat.categories.freq)
+    if isinstance(freq, O.Tick):  # a TimedeltaIndex's freq too
+        df = pd.DataFrame({"a": np.arange(4)}, index=pd.timedelta_range("1h", periods=4,
+                                                                         freq=freq))
+        mmcache.save(df, "td")
+        pd.testing.assert_frame_equal(mmcache.open("td"), df)
+        _same_offset(mmcache.open("td").index.freq, freq)
+
+
+class _HomeMadeOffset(pd.DateOffset):
+    """An offset class outside pandas.tseries.offsets: mmcache must never rebuild it."""
+
+
+def test_item8_freq_that_cannot_be_stored_is_refused(cache_dir):
+    index = pd.date_range("2020-01-01", periods=3, freq=_HomeMadeOffset(months=1))
+    assert isinstance(index.freq, _HomeMadeOffset)
+    df = pd.DataFrame({"a": [1, 2, 3]}, index=index)
+    with pytest.raises(mmcache.UnsupportedTypeError) as info:
+        mmcache.save(df, "k")
+    msg = str(info.value)
+    assert "index" in msg and "_HomeMadeOffset" in msg and "freq = None" in msg
+    _nothing_written(cache_dir)
+    df.index.freq = None  # what the message says to do works
+    mmcache.save(df, "k")
+    pd.testing.assert_frame_equal(mmcache.open("k"), df)
