@@ -31,7 +31,10 @@ import pandas as pd
 import pyarrow as pa
 from pandas.api.types import infer_dtype
 
+from . import _compat
 from ._errors import CorruptEntryError, UnsupportedTypeError
+
+_compat.install()  # masked columns over read-only maps need it (see _compat)
 
 Spec = dict[str, Any]
 # What decoding metadata that is well-formed JSON but not a layout mmcache wrote can raise

@@ -9,7 +9,9 @@ columns and refusal messages behave as a careful user expects.
 from __future__ import annotations
 
 import datetime as dt
+import warnings
 import zoneinfo
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -213,4 +215,216 @@ def test_item8_freq_that_cannot_be_stored_is_refused(cache_dir):
     _nothing_written(cache_dir)
     df.index.freq = None  # what the message says to do works
     mmcache.save(df, "k")
+    pd.testing.assert_frame_equal(mmcache.open("k"), df)
+
+
+# --- item 9: masked columns of an opened frame ----------------------------------------------
+
+MASKED = ["Int8", "Int16", "Int32", "Int64", "UInt8", "UInt16", "UInt32", "UInt64",
+          "Float32", "Float64", "boolean"]
+
+
+def _masked_frame() -> pd.DataFrame:
+    cols: dict[str, Any] = {}
+    for dtype in MASKED:
+        if dtype == "boolean":
+            values: list[Any] = [True, None, False, True, None, True, False]
+        else:
+            values = [3, None, 1 if dtype.startswith("U") else -1, 2, None, 5, 0]
+        arr = pd.array(values, dtype=dtype)
+        cols[dtype] = arr
+        cols[f"{dtype} no NA"] = arr.fillna(arr[0])
+    return pd.DataFrame(cols)
+
+
+def _inplace(method: str, *args: Any, **kwargs: Any) -> Callable[[Any], Any]:
+    def call(obj: Any) -> Any:
+        target = obj.copy(deep=False)
+        getattr(target, method)(*args, inplace=True, **kwargs)
+        return target
+
+    return call
+
+
+def _numeric(f: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """Only for non-boolean dtypes (pandas refuses the call on boolean itself)."""
+    return lambda s: f(s) if s.dtype != "boolean" else s
+
+
+def _set_then(f: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """The result of f edited in place: it must own (or copy) what it writes into."""
+
+    def call(s: Any) -> Any:
+        result = f(s)
+        result.iloc[1] = s.iloc[0]
+        return result
+
+    return call
+
+
+SERIES_METHODS: dict[str, Callable[[Any], Any]] = {
+    "cumsum": lambda s: s.cumsum(),
+    "cumprod": lambda s: s.cumprod(),
+    "cummin": lambda s: s.cummin(),
+    "cummax": lambda s: s.cummax(),
+    "cumsum-skipna-false": lambda s: s.cumsum(skipna=False),
+    "cummax-skipna-false": lambda s: s.cummax(skipna=False),
+    "cumsum-then-set": _set_then(lambda s: s.cumsum()),
+    "cummin-then-set": _set_then(lambda s: s.cummin()),
+    "fillna": lambda s: s.fillna(s.dropna().iloc[0]),
+    "fillna-limit": lambda s: s.fillna(s.dropna().iloc[0], limit=1),
+    "fillna-then-set": _set_then(lambda s: s.fillna(s.dropna().iloc[0])),
+    "ffill": lambda s: s.ffill(),
+    "bfill-limit": lambda s: s.bfill(limit=1),
+    "ffill-inside": lambda s: s.ffill(limit_area="inside"),
+    "interpolate": lambda s: s.interpolate() if s.dtype.kind == "f" else s,
+    "clip": _numeric(lambda s: s.clip(0, 2)),
+    "round": _numeric(lambda s: s.round(1)),
+    "abs": _numeric(lambda s: s.abs()),
+    "diff": _numeric(lambda s: s.diff()),
+    "shift": lambda s: s.shift(1),
+    "sum": lambda s: s.sum(),
+    "sum-skipna-false": lambda s: s.sum(skipna=False),
+    "prod": lambda s: s.prod(),
+    "min": lambda s: s.min(),
+    "max": lambda s: s.max(),
+    "mean": lambda s: s.mean(),
+    "median": lambda s: s.median(),
+    "std": lambda s: s.std(),
+    "var": lambda s: s.var(),
+    "sem": lambda s: s.sem(),
+    "skew": lambda s: s.skew(),
+    "kurt": lambda s: s.kurt(),
+    "any": lambda s: s.any(),
+    "all-skipna-false": lambda s: s.all(skipna=False),
+    "idxmax": lambda s: s.idxmax(),
+    "quantile": _numeric(lambda s: s.quantile(0.3)),
+    "describe": lambda s: s.describe(),
+    "nunique": lambda s: s.nunique(),
+    "unique": lambda s: s.unique(),
+    "value-counts": lambda s: s.value_counts(dropna=False),
+    "mode": lambda s: s.mode(),
+    "duplicated": lambda s: s.duplicated(),
+    "rank": lambda s: s.rank(),
+    "sort-values": lambda s: s.sort_values(),
+    "argsort": lambda s: s.argsort(),
+    "isna": lambda s: s.isna(),
+    "dropna": lambda s: s.dropna(),
+    "where": lambda s: s.where(s.index % 2 == 0),
+    "mask": lambda s: s.mask(s.index % 2 == 0),
+    "replace": lambda s: s.replace(s.iloc[0], s.iloc[2]),
+    "isin": lambda s: s.isin([s.iloc[0]]),
+    "astype-object": lambda s: s.astype(object),
+    "astype-Float64": lambda s: s.astype("Float64"),
+    "add": lambda s: s + s,
+    "compare": lambda s: s > s.iloc[0],
+    "numpy-ufunc": lambda s: np.maximum(s, s),
+    "rolling": _numeric(lambda s: s.rolling(2).sum()),
+    "expanding": _numeric(lambda s: s.expanding().mean()),
+    "groupby-sum": lambda s: s.groupby(s.index % 2).sum(),
+    "groupby-cumsum": lambda s: s.groupby(s.index % 2).cumsum(),
+    "groupby-cummax": lambda s: s.groupby(s.index % 2).cummax(),
+    "groupby-ffill": lambda s: s.groupby(s.index % 2).ffill(),
+    "combine-first": lambda s: s.combine_first(s.iloc[::-1]),
+    "hash": lambda s: pd.util.hash_pandas_object(s),
+    "fillna-inplace": lambda s: _inplace("fillna", s.dropna().iloc[0])(s),
+    "ffill-inplace": _inplace("ffill"),
+    "interpolate-inplace": lambda s: _inplace("interpolate")(s) if s.dtype.kind == "f" else s,
+    "clip-inplace": _numeric(_inplace("clip", 0, 2)),
+    "where-inplace": lambda s: _inplace("where", s.index % 2 == 0)(s),
+    "replace-inplace": lambda s: _inplace("replace", s.iloc[0], s.iloc[2])(s),
+}
+
+FRAME_METHODS: dict[str, Callable[[pd.DataFrame], Any]] = {
+    "cumsum": lambda df: df.cumsum(),
+    "cumprod": lambda df: df.cumprod(),
+    "cummin": lambda df: df.cummin(),
+    "cummax": lambda df: df.cummax(),
+    "cumsum-then-loc": lambda df: _set_then(lambda d: d.cumsum())(df),
+    "fillna": lambda df: df.fillna(1),
+    "fillna-inplace": _inplace("fillna", 1),
+    "ffill": lambda df: df.ffill(),
+    "sum": lambda df: df.sum(),
+    "min": lambda df: df.min(),
+    "mean": lambda df: df.mean(),
+    "any": lambda df: df.any(),
+    "describe": lambda df: df.describe(),
+    "transpose": lambda df: df.T,
+    "rank": lambda df: df.rank(),
+    "clip": lambda df: df.clip(0, 2),
+    "round": lambda df: df.round(1),
+    "quantile": lambda df: df.quantile(0.5),
+    "groupby-sum": lambda df: df.groupby(df.index % 2).sum(),
+    "groupby-cumsum": lambda df: df.groupby(df.index % 2).cumsum(),
+    "concat": lambda df: pd.concat([df, df]),
+    "stack": lambda df: df.stack(),
+    "drop-duplicates": lambda df: df.drop_duplicates(),
+}
+
+
+def _same_result(got: Any, want: Any) -> None:
+    if isinstance(want, pd.DataFrame):
+        pd.testing.assert_frame_equal(got, want)
+    elif isinstance(want, pd.Series):
+        pd.testing.assert_series_equal(got, want)
+    elif isinstance(want, pd.Index):
+        pd.testing.assert_index_equal(got, want)
+    elif isinstance(want, pd.api.extensions.ExtensionArray):
+        pd.testing.assert_extension_array_equal(got, want)
+    elif isinstance(want, np.ndarray):
+        np.testing.assert_array_equal(got, want)
+    else:
+        assert type(got) is type(want)
+        assert got is want or got == want or (pd.isna(got) and pd.isna(want))
+
+
+def _compare(f: Callable[[Any], Any], original: Any, opened: Any) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pandas' own (e.g. degrees of freedom) on both sides
+        try:
+            want = f(original)
+        except Exception as exc:  # pandas refuses the call on a plain frame too: same here
+            with pytest.raises(type(exc)):
+                f(opened)
+            return
+        got = f(opened)
+    _same_result(got, want)
+
+
+def test_item9_masked_accumulations_work_on_an_opened_frame(cache_dir):
+    df = _masked_frame()
+    mmcache.save(df, "k")
+    got = mmcache.open("k")
+    for col in MASKED:
+        for name in ("cumsum", "cumprod", "cummin", "cummax"):
+            if col == "boolean" and name == "cumprod":
+                continue  # pandas has no cumprod for boolean
+            pd.testing.assert_series_equal(getattr(got[col], name)(), getattr(df[col], name)())
+    pd.testing.assert_frame_equal(got.cumsum(), df.cumsum())
+    # the mapped buffers stay read-only: raw writes still raise, and nothing was changed
+    for col in MASKED:
+        with pytest.raises(ValueError, match="read-only"):
+            got[col].array._data[0] = 1
+        with pytest.raises(ValueError, match="read-only"):
+            got[col].array._mask[0] = True
+    pd.testing.assert_frame_equal(got, df)
+    pd.testing.assert_frame_equal(mmcache.open("k"), df)
+    assert_zero_copy(got, cache_dir)
+
+
+@pytest.mark.parametrize("method", list(SERIES_METHODS))
+def test_item9_series_methods_on_masked_columns_match_a_plain_frame(cache_dir, method):
+    df = _masked_frame()
+    mmcache.save(df, "k")
+    for col in df.columns:
+        _compare(SERIES_METHODS[method], df[col].copy(), mmcache.open("k")[col])
+    pd.testing.assert_frame_equal(mmcache.open("k"), df)  # nothing reached the cache
+
+
+@pytest.mark.parametrize("method", list(FRAME_METHODS))
+def test_item9_frame_methods_on_masked_columns_match_a_plain_frame(cache_dir, method):
+    df = _masked_frame()
+    mmcache.save(df, "k")
+    for cols in (MASKED, [f"{c} no NA" for c in MASKED], ["Int64", "Int64 no NA"]):
+        _compare(FRAME_METHODS[method], df[cols].copy(), mmcache.open("k")[cols])
     pd.testing.assert_frame_equal(mmcache.open("k"), df)
