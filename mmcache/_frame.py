@@ -72,6 +72,9 @@ def encode(obj: pd.DataFrame | pd.Series) -> tuple[Spec, Pool]:
     layout["index"] = encode_index(obj.index, pool, "index")
     layout["shared"] = pool.shared_specs
     layout["attrs"] = check_attrs(dict(obj.attrs))
+    if not obj.flags.allows_duplicate_labels:
+        # Only when set: layouts without "flags" (all older ones) mean pandas' default.
+        layout["flags"] = {"allows_duplicate_labels": False}
     return layout, pool
 
 
@@ -140,6 +143,10 @@ def decode(layout: Spec, m: Mapped, columns: Sequence[Any] | None) -> pd.DataFra
         else:
             obj = _decode_frame(layout, m, index, nrows, columns)
         obj.attrs = layout["attrs"]
+        flags = layout.get("flags")
+        if flags is not None:
+            # Setting it checks the labels are unique, as they were at save.
+            obj.flags.allows_duplicate_labels = bool(flags["allows_duplicate_labels"])
         pin(obj)
         return obj
     except MmcacheError:
@@ -235,8 +242,8 @@ def _positions(all_labels: pd.Index, columns: Sequence[Any], where: str) -> np.n
 class _Ref:
     """What a mapped frame needs to pickle as a reference and to tell if it was modified."""
 
-    __slots__ = ("attrs", "axes", "cache_dir", "columns", "key", "name", "names", "token",
-                 "values", "version")
+    __slots__ = ("attrs", "axes", "cache_dir", "columns", "flags", "key", "name", "names",
+                 "token", "values", "version")
 
     def __init__(self, obj: Any, cache_dir: str, version: Any, columns: Any) -> None:
         self.cache_dir, self.columns = cache_dir, columns
@@ -248,6 +255,7 @@ class _Ref:
         self.names = [list(ax.names) for ax in self.axes]
         self.name = obj.name if isinstance(obj, pd.Series) else None
         self.attrs = copy.deepcopy(obj.attrs)
+        self.flags = obj.flags.allows_duplicate_labels  # setting it is an edit too
         # Arrow-backed arrays are edited by swapping their _pa_array (no read-only buffer
         # stops it), so that identity is part of "unmodified" too.
         self.values = [(blk.values, getattr(blk.values, "_pa_array", None),
@@ -272,7 +280,7 @@ class _Ref:
                 return False
         if isinstance(obj, pd.Series) and not _same_label(obj.name, self.name):
             return False
-        return obj.attrs == self.attrs
+        return obj.attrs == self.attrs and obj.flags.allows_duplicate_labels == self.flags
 
 
 def _same_label(a: Any, b: Any) -> bool:

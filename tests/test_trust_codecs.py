@@ -9,6 +9,7 @@ columns and refusal messages behave as a careful user expects.
 from __future__ import annotations
 
 import datetime as dt
+import pickle
 import warnings
 import zoneinfo
 from collections.abc import Callable
@@ -428,3 +429,28 @@ def test_item9_frame_methods_on_masked_columns_match_a_plain_frame(cache_dir, me
     for cols in (MASKED, [f"{c} no NA" for c in MASKED], ["Int64", "Int64 no NA"]):
         _compare(FRAME_METHODS[method], df[cols].copy(), mmcache.open("k")[cols])
     pd.testing.assert_frame_equal(mmcache.open("k"), df)
+
+
+# --- item 14a: flags ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["frame", "series"])
+def test_item14a_allows_duplicate_labels_round_trips_and_counts_as_an_edit(cache_dir, kind):
+    obj: Any = pd.DataFrame({"a": [1, 2], "b": [3.0, 4.0]}) if kind == "frame" else pd.Series(
+        [1, 2], name="a")
+    strict = obj.set_flags(allows_duplicate_labels=False)
+    mmcache.save(strict, "strict")
+    got = mmcache.open("strict")
+    assert got.flags.allows_duplicate_labels is False
+    back = pickle.loads(pickle.dumps(got))
+    assert back.flags.allows_duplicate_labels is False
+    assert len(pickle.dumps(got)) < 1000  # still a reference while unmodified
+
+    mmcache.save(obj, "loose")
+    got = mmcache.open("loose")
+    assert got.flags.allows_duplicate_labels is True
+    assert len(pickle.dumps(got)) < 1000
+    got.flags.allows_duplicate_labels = False  # a modification: pickles with the flag
+    back = pickle.loads(pickle.dumps(got))
+    assert back.flags.allows_duplicate_labels is False
+    assert mmcache.open("loose").flags.allows_duplicate_labels is True  # other frames unchanged
