@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import datetime as _dt
+import decimal
 import functools
 import math
 import re
@@ -464,8 +465,12 @@ def _validate_arrow(arr: pa.Array, mapped: Mapped) -> pa.Array:
 # --- arrays: encode -----------------------------------------------------------------------
 
 
-def encode_array(values: Any, pool: Pool, where: str) -> Spec:
-    """Encode a 1-D ndarray or ExtensionArray (a column's or an index's values)."""
+def encode_array(values: Any, pool: Pool, where: str, *, code: str | None = None) -> Spec:
+    """Encode a 1-D ndarray or ExtensionArray (a column's or an index's values).
+
+    ``where`` names it in errors ("column 'a'"); ``code`` is how the user reaches it
+    (``df['a']``), for the conversion an error suggests.
+    """
     dtype = values.dtype
     if isinstance(values, np.ndarray) and dtype.kind in _NUMPY_KINDS:
         return {"c": "np", "v": pool.add(values)}
@@ -501,11 +506,11 @@ def encode_array(values: Any, pool: Pool, where: str) -> Spec:
             pa_arr = pa_arr.cast(pa.large_string())
         return {"c": "str", "na": na, "arrow": _encode_arrow(pa_arr, pool)}
     if isinstance(values, pd.arrays.NumpyExtensionArray):
-        return encode_array(values.to_numpy(), pool, where)
+        return encode_array(values.to_numpy(), pool, where, code=code)
     if isinstance(dtype, pd.ArrowDtype):
         pa_arr = values._pa_array
         if not _arrow_storable(pa_arr.type):
-            raise _unsupported(where, dtype)
+            raise _unsupported(where, dtype, code=code)
         return {"c": "arrow", "arrow": _encode_arrow(pa_arr, pool)}
     if isinstance(dtype, pd.PeriodDtype):
         return {"c": "period", "dtype": str(dtype), "v": pool.add(values.asi8)}
@@ -517,8 +522,8 @@ def encode_array(values: Any, pool: Pool, where: str) -> Spec:
             "r": encode_array(values.right._values, pool, f"{where} right"),
         }
     if isinstance(values, pd.arrays.DatetimeArray | pd.arrays.TimedeltaArray):
-        return encode_array(values._ndarray, pool, where)
-    raise _unsupported(where, dtype, values)
+        return encode_array(values._ndarray, pool, where, code=code)
+    raise _unsupported(where, dtype, values, code=code)
 
 
 def _is_object(dtype: Any) -> bool:
@@ -531,15 +536,82 @@ def _only_str(values: Any) -> bool:
     return infer_dtype(values, skipna=True) in kinds
 
 
-def _unsupported(where: str, dtype: Any, values: Any = None) -> UnsupportedTypeError:
-    held = ""
+# --- what cannot be stored, and what to do about it ---------------------------------------
+
+
+def _type_name(t: type) -> str:
+    module = t.__module__
+    if module == "builtins":
+        return t.__qualname__
+    if module.startswith(("pandas.", "numpy.")):
+        module = module.split(".", 1)[0]
+    return f"{module}.{t.__qualname__}"
+
+
+def _conversion(t: type, x: str) -> str | None:
+    """A concrete conversion of a column of ``t`` objects (``x`` names it) to a stored dtype."""
+    if issubclass(t, _dt.datetime | np.datetime64):  # pd.Timestamp is a datetime
+        return (f"{x} = pd.to_datetime({x}) makes datetime64 (utc=True for mixed time "
+                "zones)")
+    if issubclass(t, _dt.date):
+        return (f"{x} = pd.to_datetime({x}) makes datetime64, or "
+                f"{x}.astype(pd.ArrowDtype(pa.date32())) keeps dates")
+    if issubclass(t, _dt.time):
+        return f"{x}.astype(pd.ArrowDtype(pa.time64('us')))"
+    if issubclass(t, _dt.timedelta | np.timedelta64):
+        return f"{x} = pd.to_timedelta({x})"
+    if issubclass(t, decimal.Decimal):
+        return (f"{x}.astype(float), or {x}.astype(pd.ArrowDtype(pa.decimal128(38, 10))) "
+                "to keep them exact (pick the precision and scale you need)")
+    if issubclass(t, dict | list | tuple | set | frozenset):
+        return (f"{x}.map(json.dumps) stores them as str (mmcache stores no nested values), "
+                "or drop the column")
+    if issubclass(t, bytes | bytearray):
+        return f"{x}.astype(pd.ArrowDtype(pa.binary()))"
+    if issubclass(t, bool | np.bool_):
+        return f"{x}.astype('boolean')"
+    if issubclass(t, int | float | np.integer | np.floating):
+        return (f"{x} = pd.to_numeric({x}) makes a numeric column "
+                f"({x}.astype('Int64') or 'Float64' keeps missing values as <NA>)")
+    if issubclass(t, complex | np.complexfloating):
+        return f"{x}.astype(complex)"
+    if issubclass(t, pd.Period):
+        return f"{x}.astype('period[<freq>]'), e.g. 'period[D]'"
+    if issubclass(t, pd.Interval):
+        return f"pd.arrays.IntervalArray({x}.tolist())"
+    return None
+
+
+def _unsupported(
+    where: str, dtype: Any, values: Any = None, *, code: str | None = None
+) -> UnsupportedTypeError:
+    x = code or "s"
     if values is not None and _is_object(dtype):
-        kinds = sorted({type(v).__name__ for v in values[:1000] if v is not None})
-        held = f" holding {', '.join(kinds[:5])} values"
+        sample = np.asarray(values[:1000], dtype=object)
+        types = sorted({type(v) for v in sample if v is not None}, key=_type_name)
+        names = ", ".join(_type_name(t) for t in types[:5]) + (", ..." if len(types) > 5 else "")
+        hints = [h for h in (_conversion(t, x) for t in types) if h is not None]
+        if len(types) > 1:
+            hint = (f"one type per column; {x}.astype(str) if text is what you want"
+                    + (f", or first make them one type: {hints[0]}" if hints else ""))
+        elif hints:
+            hint = hints[0]
+        else:
+            hint = f"{x}.astype(str), or drop the column"
+        return UnsupportedTypeError(
+            f"{where} has dtype object holding Python {names} values, which mmcache cannot "
+            f"store; convert it before save(): {hint}"
+        )
+    if isinstance(dtype, pd.SparseDtype):
+        hint = f"{x}.sparse.to_dense()"
+    elif isinstance(dtype, pd.ArrowDtype):
+        hint = (f"nested Arrow types are not stored; flatten it, or serialise it, e.g. "
+                f"{x}.astype(str)")
+    else:
+        hint = f"{x}.astype(...) a dtype listed in the README's 'Supported dtypes', or drop it"
     return UnsupportedTypeError(
-        f"{where} has dtype {dtype}{held}; mmcache stores numbers, booleans, dates, "
-        "timedeltas, periods, intervals, categories, strings and flat Arrow types: "
-        "convert it or drop it before save()"
+        f"{where} has dtype {dtype}, which mmcache cannot store; convert it before save(): "
+        f"{hint}"
     )
 
 

@@ -58,7 +58,7 @@ def encode(obj: pd.DataFrame | pd.Series) -> tuple[Spec, Pool]:
             "nrows": len(obj),
             "ncols": 1,
             "name": label_to_json(obj.name, "Series name"),
-            "values": encode_array(obj._values, pool, f"Series {obj.name!r}"),
+            "values": encode_array(obj._values, pool, f"Series {obj.name!r}", code="s"),
         }
     elif isinstance(obj, pd.DataFrame):
         layout = {"kind": "frame", "nrows": len(obj), "ncols": obj.shape[1]}
@@ -120,7 +120,7 @@ def _encode_columns(df: pd.DataFrame, pool: Pool) -> Spec:
     columns: list[Spec | None] = [None] * df.shape[1]
     for pos, values in sorted(ext, key=lambda c: c[0]):
         label = df.columns[pos]
-        columns[pos] = encode_array(values, pool, f"column {label!r}")
+        columns[pos] = encode_array(values, pool, f"column {label!r}", code=f"df[{label!r}]")
     return {"blocks": blocks, "ext": {str(i): c for i, c in enumerate(columns) if c is not None}}
 
 

@@ -9,6 +9,7 @@ columns and refusal messages behave as a careful user expects.
 from __future__ import annotations
 
 import datetime as dt
+import decimal
 import pickle
 import warnings
 import zoneinfo
@@ -454,3 +455,35 @@ def test_item14a_allows_duplicate_labels_round_trips_and_counts_as_an_edit(cache
     back = pickle.loads(pickle.dumps(got))
     assert back.flags.allows_duplicate_labels is False
     assert mmcache.open("loose").flags.allows_duplicate_labels is True  # other frames unchanged
+
+
+# --- item 14d: messages for object columns --------------------------------------------------
+
+OBJECTS = {
+    "date": (dt.date(2020, 1, 1), "datetime.date", "pd.to_datetime"),
+    "datetime": (dt.datetime(2020, 1, 1), "datetime.datetime", "pd.to_datetime"),
+    "timestamp": (pd.Timestamp("2020"), "Timestamp", "pd.to_datetime"),
+    "time": (dt.time(12), "datetime.time", "pa.time64"),
+    "timedelta": (dt.timedelta(1), "datetime.timedelta", "pd.to_timedelta"),
+    "decimal": (decimal.Decimal("1.5"), "decimal.Decimal", "pa.decimal128"),
+    "dict": ({"a": 1}, "dict", "json.dumps"),
+    "list": ([1], "list", "json.dumps"),
+    "bytes": (b"x", "bytes", "pa.binary()"),
+    "int": (1, "int", "pd.to_numeric"),
+    "float": (1.5, "float", "pd.to_numeric"),
+    "bool": (True, "bool", "boolean"),
+    "object": (object(), "object", "astype(str)"),
+}
+
+
+@pytest.mark.parametrize("name", list(OBJECTS))
+def test_item14d_unsupported_object_messages_name_the_type_and_a_conversion(cache_dir, name):
+    value, type_name, conversion = OBJECTS[name]
+    df = pd.DataFrame({"col": pd.Series([value, None], dtype=object)})
+    with pytest.raises(mmcache.UnsupportedTypeError) as info:
+        mmcache.save(df, "k")
+    msg = str(info.value)
+    assert "'col'" in msg and type_name in msg and conversion in msg, msg
+    # never claims to store what it just refused
+    assert "stores numbers, booleans, dates" not in msg
+    _nothing_written(cache_dir)
