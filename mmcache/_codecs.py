@@ -115,7 +115,12 @@ class Mapped:
 # --- labels and names (JSON scalars) -----------------------------------------------------
 
 
-def label_to_json(value: Any, where: str) -> Any:
+# Tuples in labels nest a level per MultiIndex-like level; far deeper ones would exhaust the
+# recursion limit (here, in JSON and at open) instead of being refused.
+_MAX_LABEL_NESTING = 100
+
+
+def label_to_json(value: Any, where: str, _depth: int = 0) -> Any:
     """Encode a label or name as JSON, tagging what JSON cannot tell apart (tuples)."""
     if isinstance(value, np.generic):
         value = value.item()
@@ -124,7 +129,12 @@ def label_to_json(value: Any, where: str) -> Any:
     if isinstance(value, float):
         return value if math.isfinite(value) else {"float": repr(value)}
     if isinstance(value, tuple):
-        return {"tuple": [label_to_json(v, where) for v in value]}
+        if _depth >= _MAX_LABEL_NESTING:
+            raise UnsupportedTypeError(
+                f"{where} is nested too deeply (tuples in tuples more than "
+                f"{_MAX_LABEL_NESTING} levels): flatten or rename it before save()"
+            )
+        return {"tuple": [label_to_json(v, where, _depth + 1) for v in value]}
     raise UnsupportedTypeError(
         f"{where} is {value!r} of type {type(value).__name__}; mmcache stores labels and names "
         "that are str, int, float, bool, None or tuples of those: rename it before save()"
@@ -139,19 +149,32 @@ def label_from_json(value: Any) -> Any:
     return value
 
 
+# How deeply df.attrs may nest. JSON, copy.deepcopy (pandas copies attrs into derived frames;
+# mmcache into each opened one) and pickle all recurse once or more per level: far deeper
+# attrs would save but then fail to open or to pickle with RecursionError.
+MAX_ATTRS_NESTING = 100
+
+
 def check_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
     """Return ``attrs`` if JSON holds it exactly, else raise UnsupportedTypeError."""
 
-    def check(v: Any, path: str) -> None:
+    def check(v: Any, path: str, depth: int) -> None:
         if v is None or isinstance(v, (bool, int, str)):
             return
         if isinstance(v, float):
             if not math.isfinite(v):
                 raise UnsupportedTypeError(f"attrs{path} = {v!r}: JSON cannot hold it exactly")
             return
+        if isinstance(v, (list, dict)) and depth >= MAX_ATTRS_NESTING:
+            raise UnsupportedTypeError(
+                f"attrs{path[:200]}... nests lists and dicts more than {MAX_ATTRS_NESTING} "
+                "levels deep, which mmcache does not store (copying or pickling it would "
+                "exhaust Python's recursion limit); flatten it, or store it as one str, e.g. "
+                "json.dumps(...), before save()"
+            )
         if isinstance(v, list):
             for i, x in enumerate(v):
-                check(x, f"{path}[{i}]")
+                check(x, f"{path}[{i}]", depth + 1)
             return
         if isinstance(v, dict):
             for k, x in v.items():
@@ -159,14 +182,14 @@ def check_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
                     raise UnsupportedTypeError(
                         f"attrs{path} has key {k!r}; JSON keys must be str: convert it"
                     )
-                check(x, f"{path}[{k!r}]")
+                check(x, f"{path}[{k!r}]", depth + 1)
             return
         raise UnsupportedTypeError(
             f"attrs{path} = {v!r} of type {type(v).__name__}; mmcache keeps df.attrs as JSON "
             "(dict, list, str, int, finite float, bool, None): convert or drop it before save()"
         )
 
-    check(attrs, "")
+    check(attrs, "", 0)
     return attrs
 
 
@@ -471,6 +494,37 @@ def encode_array(values: Any, pool: Pool, where: str, *, code: str | None = None
     ``where`` names it in errors ("column 'a'"); ``code`` is how the user reaches it
     (``df['a']``), for the conversion an error suggests.
     """
+    try:
+        return _encode_array(values, pool, where, code)
+    except UnicodeEncodeError as exc:
+        x = code or "s"
+        # Arrow (strings) and pandas' hashing (categories) encode str as UTF-8, which a lone
+        # surrogate such as "\ud800" (os.fsdecode of bad bytes, a broken decode) cannot be.
+        raise UnsupportedTypeError(
+            f"{where} holds a str that is not valid Unicode{_first_bad_str(values)}: it contains "
+            "a lone surrogate, which mmcache cannot store as UTF-8 text; replace it before "
+            f"save(), e.g. {x}.str.encode('utf-8', 'replace').str.decode('utf-8'), or keep "
+            f"the raw bytes: {x}.str.encode('utf-8', 'surrogateescape')"
+            ".astype(pd.ArrowDtype(pa.binary()))"
+        ) from exc
+
+
+def _first_bad_str(values: Any) -> str:
+    try:
+        items = values.categories if isinstance(values.dtype, pd.CategoricalDtype) else values
+        for i, v in enumerate(np.asarray(items, dtype=object)):
+            if isinstance(v, str):
+                try:
+                    v.encode("utf-8")
+                except UnicodeEncodeError:
+                    at = "a category" if items is not values else f"row {i}"
+                    return f" ({at} is {v[:40]!r})"
+    except Exception:  # only decorates the message
+        pass
+    return ""
+
+
+def _encode_array(values: Any, pool: Pool, where: str, code: str | None) -> Spec:
     dtype = values.dtype
     if isinstance(values, np.ndarray) and dtype.kind in _NUMPY_KINDS:
         return {"c": "np", "v": pool.add(values)}
@@ -506,7 +560,7 @@ def encode_array(values: Any, pool: Pool, where: str, *, code: str | None = None
             pa_arr = pa_arr.cast(pa.large_string())
         return {"c": "str", "na": na, "arrow": _encode_arrow(pa_arr, pool)}
     if isinstance(values, pd.arrays.NumpyExtensionArray):
-        return encode_array(values.to_numpy(), pool, where, code=code)
+        return _encode_array(values.to_numpy(), pool, where, code)
     if isinstance(dtype, pd.ArrowDtype):
         pa_arr = values._pa_array
         if not _arrow_storable(pa_arr.type):
@@ -522,7 +576,7 @@ def encode_array(values: Any, pool: Pool, where: str, *, code: str | None = None
             "r": encode_array(values.right._values, pool, f"{where} right"),
         }
     if isinstance(values, pd.arrays.DatetimeArray | pd.arrays.TimedeltaArray):
-        return encode_array(values._ndarray, pool, where, code=code)
+        return _encode_array(values._ndarray, pool, where, code)
     raise _unsupported(where, dtype, values, code=code)
 
 

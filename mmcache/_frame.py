@@ -51,6 +51,17 @@ def encode(obj: pd.DataFrame | pd.Series) -> tuple[Spec, Pool]:
 
     Raises UnsupportedTypeError before anything is written if any part cannot be stored.
     """
+    try:
+        return _encode(obj)
+    except RecursionError as exc:
+        # Labels (tuples) or values nested absurdly deep: say so instead of a raw RecursionError.
+        raise UnsupportedTypeError(
+            f"cannot save this {type(obj).__name__}: something in it (labels, names or attrs) "
+            "is nested too deeply for Python's recursion limit; flatten it before save()"
+        ) from exc
+
+
+def _encode(obj: pd.DataFrame | pd.Series) -> tuple[Spec, Pool]:
     pool = Pool()
     if isinstance(obj, pd.Series):
         layout: Spec = {

@@ -457,6 +457,82 @@ def test_item14a_allows_duplicate_labels_round_trips_and_counts_as_an_edit(cache
     assert mmcache.open("loose").flags.allows_duplicate_labels is True  # other frames unchanged
 
 
+# --- item 14b: lone surrogates and deep nesting ---------------------------------------------
+
+_BAD = "a\ud800b"
+
+
+def _with_lone_surrogate(where: str) -> Any:
+    bad = pd.Index([_BAD, "x"], dtype=object)
+    if where == "column":
+        return pd.DataFrame({"ok": [1, 2], "text": pd.Series(bad, dtype=object)})
+    if where == "index":
+        return pd.DataFrame({"ok": [1, 2]}, index=bad)
+    if where == "categories":
+        return pd.DataFrame({"text": pd.Categorical(bad)})
+    if where == "series":
+        return pd.Series(bad, dtype=object, name="text")
+    df = pd.DataFrame([[1, 2]], columns=pd.Index(["a", "b"], dtype=object))
+    if where == "label":
+        df.columns = pd.Index([_BAD, "b"], dtype=object)
+    elif where == "index-name":
+        df.index.name = _BAD
+    elif where == "attrs-value":
+        df.attrs = {"note": _BAD}
+    else:
+        df.attrs = {_BAD: 1}
+    return df
+
+
+@pytest.mark.parametrize("where", ["column", "index", "categories", "series", "label",
+                                   "index-name", "attrs-value", "attrs-key"])
+def test_item14b_lone_surrogates_are_refused_by_name_or_round_trip(cache_dir, where):
+    """Values (stored as UTF-8) are refused naming where; labels, names and attrs (JSON, which
+    holds them exactly) may round-trip. Never a raw UnicodeEncodeError, never files left."""
+    obj = _with_lone_surrogate(where)
+    if where in ("column", "index", "categories", "series"):
+        with pytest.raises(mmcache.UnsupportedTypeError) as info:
+            mmcache.save(obj, "k")
+        msg = str(info.value)
+        assert ("index" if where == "index" else "'text'") in msg
+        assert "surrogate" in msg
+        _nothing_written(cache_dir)
+        return
+    try:
+        mmcache.save(obj, "k")
+    except mmcache.UnsupportedTypeError:
+        _nothing_written(cache_dir)
+        return
+    got = mmcache.open("k")
+    pd.testing.assert_frame_equal(got, obj)
+    assert got.attrs == obj.attrs
+
+
+@pytest.mark.parametrize("depth", [5000, 600])
+def test_item14b_deeply_nested_attrs_are_refused(cache_dir, depth):
+    nested: list[Any] = []
+    inner = nested
+    for _ in range(depth):
+        inner.append([])
+        inner = inner[0]
+    df = pd.DataFrame({"a": [1]})
+    df.attrs = {"deep": nested}
+    with pytest.raises(mmcache.UnsupportedTypeError, match="attrs"):
+        mmcache.save(df, "k")
+    _nothing_written(cache_dir)
+    df.attrs = {"ok": [[[[{"a": [1]}]]]]}  # ordinary nesting is fine
+    mmcache.save(df, "k")
+    assert mmcache.open("k").attrs == df.attrs
+    label: Any = "a"
+    for _ in range(depth):
+        label = (label,)
+    deep_label = pd.DataFrame({"a": [1]}, index=pd.Index([label], dtype=object,
+                                                          tupleize_cols=False))
+    with pytest.raises(mmcache.UnsupportedTypeError, match="nested too deeply"):
+        mmcache.save(deep_label, "deep-label")
+    assert not mmcache.exists("deep-label")
+
+
 # --- item 14d: messages for object columns --------------------------------------------------
 
 OBJECTS = {
