@@ -549,6 +549,10 @@ def _encode_array(values: Any, pool: Pool, where: str, code: str | None) -> Spec
         }
     if _is_object(dtype) and len(values) == 0:
         return {"c": "obj0"}  # an empty object column stays object: there is nothing to map
+    if _is_object(dtype):
+        nulls = _encode_nulls(values, pool)
+        if nulls is not None:
+            return nulls
     if isinstance(dtype, pd.StringDtype) or (_is_object(dtype) and _only_str(values)):
         na = "NA" if isinstance(dtype, pd.StringDtype) and dtype.na_value is pd.NA else "nan"
         if isinstance(dtype, pd.StringDtype) and dtype.storage == "pyarrow":
@@ -588,6 +592,55 @@ def _only_str(values: Any) -> bool:
     # An Index of object dtype that is empty stays object (kept exactly as JSON).
     kinds = ("string",) if isinstance(values, pd.Index) else ("string", "empty")
     return infer_dtype(values, skipna=True) in kinds
+
+
+# --- object columns holding only missing values -------------------------------------------
+# They stay object columns of exactly those values (a column of None is not a str column, and
+# accepts any later edit). Python objects cannot be mapped: open() builds the column in private
+# memory (8 bytes a row, one shared array per process), from a byte per row (or none, when
+# every row holds the same one).
+
+_NULLS: tuple[Any, ...] = (None, np.nan, pd.NA, pd.NaT)
+
+
+def _null_code(v: Any) -> int:
+    if v is None:
+        return 0
+    if isinstance(v, float | np.floating) and v != v:
+        return 1
+    if v is pd.NA:
+        return 2
+    if v is pd.NaT:
+        return 3
+    return -1
+
+
+def _encode_nulls(values: Any, pool: Pool) -> Spec | None:
+    """The spec of an object column of only None/NaN/NA/NaT, else None (a quick no)."""
+    arr = np.asarray(values, dtype=object)
+    if _null_code(arr[0]) < 0 or _null_code(arr[-1]) < 0 or not pd.isna(arr).all():
+        return None
+    codes = np.fromiter((_null_code(v) for v in arr), dtype=np.int8, count=len(arr))
+    if (codes < 0).any():
+        return None  # a missing value of another kind (numpy NaT, Decimal NaN, ...)
+    if (codes == codes[0]).all():
+        return {"c": "null", "n": len(codes), "fill": int(codes[0])}
+    return {"c": "null", "n": len(codes), "codes": pool.add(codes.astype(np.uint8))}
+
+
+def _decode_nulls(spec: Spec, m: Mapped) -> np.ndarray:
+    n = int(spec["n"])
+    if "codes" in spec:
+        codes = m.get(spec["codes"], "|u1")
+        if len(codes) != n or (len(codes) and int(codes.max()) >= len(_NULLS)):
+            raise CorruptEntryError(f"{m.where}: bad codes of a column of missing values")
+        out = np.array(_NULLS, dtype=object)[codes]
+    else:
+        out = np.full(n, _NULLS[int(spec["fill"])], dtype=object)
+    # Shared by every frame open() returns in this process (its memo): edits copy
+    # (copy-on-write), and raw writes raise as they do on mapped columns.
+    out.flags.writeable = False
+    return out
 
 
 # --- what cannot be stored, and what to do about it ---------------------------------------
@@ -642,7 +695,7 @@ def _unsupported(
     x = code or "s"
     if values is not None and _is_object(dtype):
         sample = np.asarray(values[:1000], dtype=object)
-        types = sorted({type(v) for v in sample if v is not None}, key=_type_name)
+        types = sorted({type(v) for v in sample if _null_code(v) < 0}, key=_type_name)
         names = ", ".join(_type_name(t) for t in types[:5]) + (", ..." if len(types) > 5 else "")
         hints = [h for h in (_conversion(t, x) for t in types) if h is not None]
         if len(types) > 1:
@@ -740,6 +793,7 @@ def _decode_interval(spec: Spec, m: Mapped) -> Any:
 _DECODERS: dict[str, Callable[[Spec, Mapped], Any]] = {
     "np": _decode_np,
     "obj0": lambda spec, m: np.empty(0, dtype=object),
+    "null": _decode_nulls,
     "dttz": _decode_dttz,
     "masked": _decode_masked,
     "cat": _decode_cat,

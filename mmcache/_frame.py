@@ -148,8 +148,11 @@ def decode(layout: Spec, m: Mapped, columns: Sequence[Any] | None) -> pd.DataFra
         if layout["kind"] == "series":
             values = decode_array(layout["values"], m)
             _check_len(values, nrows, m)
+            # dtype=object: pandas would infer datetime64 from an object array of NaT
+            dtype = object if isinstance(values, np.ndarray) and values.dtype == object else None
             obj: pd.DataFrame | pd.Series = pd.Series(
-                values, index=index, name=label_from_json(layout["name"]), copy=False
+                values, index=index, name=label_from_json(layout["name"]), dtype=dtype,
+                copy=False,
             )
         else:
             obj = _decode_frame(layout, m, index, nrows, columns)

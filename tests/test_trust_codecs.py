@@ -533,6 +533,49 @@ def test_item14b_deeply_nested_attrs_are_refused(cache_dir, depth):
     assert not mmcache.exists("deep-label")
 
 
+# --- item 14c: object columns holding only missing values -----------------------------------
+
+MISSING = {
+    "none": [None, None, None],
+    "nan": [np.nan, np.nan, np.nan],
+    "none-and-nan": [None, np.nan, None],
+    "na-and-none": [pd.NA, None, np.nan],
+    "nat-and-none": [pd.NaT, None, pd.NaT],
+}
+
+
+@pytest.mark.parametrize("name", list(MISSING))
+def test_item14c_all_missing_object_columns_stay_object(cache_dir, name):
+    values = MISSING[name]
+    df = pd.DataFrame({"note": pd.Series(values, dtype=object), "x": [1.0, 2.0, 3.0]})
+    mmcache.save(df, "k")
+    got = mmcache.open("k")
+    pd.testing.assert_frame_equal(got, df)
+    assert got["note"].dtype == object
+    assert [type(v) for v in got["note"]] == [type(v) for v in values]
+    with pytest.raises(ValueError, match="read-only"):
+        got["note"].to_numpy()[0] = 5  # shared by every open() in this process: read-only
+    got.loc[0, "note"] = 5  # an edit copies the column, as for any other column
+    assert got.loc[0, "note"] == 5
+    pd.testing.assert_frame_equal(mmcache.open("k"), df)
+    s = pd.Series(values, dtype=object, name="s")
+    mmcache.save(s, "s")
+    pd.testing.assert_series_equal(mmcache.open("s"), s)
+    opened = mmcache.open("s")
+    opened.iloc[1] = "text"
+    pd.testing.assert_series_equal(mmcache.open("s"), s)
+
+
+def test_item14c_issue_example(cache_dir):
+    df = pd.DataFrame({"note": [None, None]}, dtype=object)
+    mmcache.save(df, "k")
+    got = mmcache.open("k")
+    pd.testing.assert_frame_equal(got, df)
+    got.loc[0, "note"] = 5
+    assert got["note"].tolist() == [5, None]
+    assert pickle.loads(pickle.dumps(got))["note"].tolist() == [5, None]
+
+
 # --- item 14d: messages for object columns --------------------------------------------------
 
 OBJECTS = {
