@@ -197,7 +197,8 @@ def check_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
 # A zone is stored by name, never pickled. Forms (the first two are what earlier versions
 # wrote, kept for what they hold exactly): "Europe/Paris" or "dateutil/Europe/Paris" (pandas'
 # own name, rebuilt by pandas); {"offset": seconds[, "name": str]} (datetime.timezone);
-# {"zoneinfo": key}; {"dateutil": "tzutc" | "tzlocal" | "tzoffset" | "tzfile", ...}.
+# {"zoneinfo": key}; {"dateutil": "tzutc" | "tzlocal" | "tzoffset" | "tzfile", ...};
+# {"pytz": zone} or {"pytz_fixed": minutes} (the standard library's equal zone without pytz).
 
 # A dateutil zone key: IANA-like names only, so decoding never opens a path named by metadata.
 _TZ_KEY = re.compile(r"[A-Za-z0-9_+\-]+(/[A-Za-z0-9_+\-]+)*")
@@ -216,8 +217,8 @@ def tz_to_json(tz: Any, where: str) -> Any:
             continue
     raise UnsupportedTypeError(
         f"{where} has time zone {tz!r}, which mmcache cannot name so that open() rebuilds "
-        "it (only named IANA zones, fixed offsets and dateutil's tzutc, tzoffset, tzlocal and "
-        "gettz zones can be); convert it to a named zone before save(), e.g. "
+        "it (only named IANA zones, fixed offsets, pytz zones and dateutil's tzutc, tzoffset, "
+        "tzlocal and gettz zones can be); convert it to a named zone before save(), e.g. "
         ".dt.tz_convert('UTC') or .dt.tz_convert('Europe/Paris') on a column, "
         ".tz_convert(...) on an index"
     )
@@ -249,6 +250,13 @@ def _tz_candidates(tz: Any) -> list[Any]:
                     "offset": tz.utcoffset(None).total_seconds()})
     elif isinstance(tz, dateutil.tz.tzlocal):
         out.append({"dateutil": "tzlocal"})
+    elif type(tz).__module__.split(".")[0] == "pytz":
+        # pandas names pytz zones like ZoneInfo ones and rebuilds that name as a ZoneInfo
+        zone = getattr(tz, "zone", None)
+        if isinstance(zone, str):
+            out.append({"pytz": zone})
+        elif zone is None and tz.utcoffset(None) is not None:  # pytz.FixedOffset
+            out.append({"pytz_fixed": tz.utcoffset(None).total_seconds() / 60})
     elif isinstance(tz, dateutil.tz.tzfile):
         key = getattr(tz, "_key", None)  # dateutil >= 4
         filename = str(getattr(tz, "_filename", ""))
@@ -292,9 +300,28 @@ def _tz_from_json(value: Any) -> Any:
                 raise ValueError(f"no time zone {key!r} on this machine")
             return tz
         raise ValueError(f"unknown dateutil zone {kind!r}")
+    if "pytz" in value or "pytz_fixed" in value:
+        return _pytz_from_json(value)
     offset = _dt.timedelta(seconds=value["offset"])
     name = value.get("name")
     return _dt.timezone(offset) if name is None else _dt.timezone(offset, name)
+
+
+def _pytz_from_json(value: Spec) -> Any:
+    """A pytz zone; without pytz installed, the equal zone of the standard library."""
+    try:
+        import pytz
+    except ImportError:
+        pytz = None
+    if "pytz_fixed" in value:
+        minutes = float(value["pytz_fixed"])
+        if pytz is None:
+            return _dt.timezone(_dt.timedelta(minutes=minutes))
+        return pytz.FixedOffset(minutes)
+    zone = value["pytz"]
+    if not isinstance(zone, str) or not _TZ_KEY.fullmatch(zone) or ".." in zone:
+        raise ValueError(f"bad time zone name {zone!r}")
+    return zoneinfo.ZoneInfo(zone) if pytz is None else pytz.timezone(zone)
 
 
 # --- index freq ---------------------------------------------------------------------------

@@ -94,6 +94,29 @@ def test_item7_time_zones_round_trip(cache_dir, name):
     pd.testing.assert_frame_equal(mmcache.open("cat"), cat)
 
 
+def test_item7_pytz_zones_round_trip_as_pytz_or_their_standard_equal(cache_dir, monkeypatch):
+    """pytz zones saved before (coming back as ZoneInfo) must not start being refused: they
+    come back as pytz zones, or as the standard library's equal zone where pytz is missing."""
+    pytz = pytest.importorskip("pytz")
+    zones = [pytz.timezone("Europe/Paris"), pytz.utc, pytz.FixedOffset(90)]
+    df = pd.DataFrame({f"t{i}": pd.date_range("2020-03-28", periods=4, freq="11h", tz=tz)
+                       for i, tz in enumerate(zones)})
+    mmcache.save(df, "k")
+    mmcache.save(df, "elsewhere")
+    got = mmcache.open("k")
+    pd.testing.assert_frame_equal(got, df)
+    for i, tz in enumerate(zones):
+        assert got[f"t{i}"].dt.tz is tz
+    monkeypatch.setitem(__import__("sys").modules, "pytz", None)  # a process without pytz
+    got = mmcache.open("elsewhere")
+    standard = [zoneinfo.ZoneInfo("Europe/Paris"), zoneinfo.ZoneInfo("UTC"),
+                dt.timezone(dt.timedelta(minutes=90))]
+    for i, tz in enumerate(standard):
+        _same_tz(got[f"t{i}"].dt.tz, tz)
+        pd.testing.assert_series_equal(got[f"t{i}"].dt.tz_convert("UTC"),
+                                       df[f"t{i}"].dt.tz_convert("UTC"))
+
+
 def test_item7_time_zones_from_parquet_round_trip(cache_dir, tmp_path):
     table = pa.table({
         "utc": pa.array([0, 10**6], pa.timestamp("us", tz="UTC")),
