@@ -624,8 +624,9 @@ def _only_str(values: Any) -> bool:
 # --- object columns holding only missing values -------------------------------------------
 # They stay object columns of exactly those values (a column of None is not a str column, and
 # accepts any later edit). Python objects cannot be mapped: open() builds the column in private
-# memory (8 bytes a row, one shared array per process), from a byte per row (or none, when
-# every row holds the same one).
+# memory (8 bytes a row, one shared array per process) from a stored byte per row. (Always a
+# buffer, even when all rows are alike: a row count alone in metadata would let a damaged or
+# hostile entry make open() allocate any amount; a buffer's size is checked against its file.)
 
 _NULLS: tuple[Any, ...] = (None, np.nan, pd.NA, pd.NaT)
 
@@ -650,20 +651,14 @@ def _encode_nulls(values: Any, pool: Pool) -> Spec | None:
     codes = np.fromiter((_null_code(v) for v in arr), dtype=np.int8, count=len(arr))
     if (codes < 0).any():
         return None  # a missing value of another kind (numpy NaT, Decimal NaN, ...)
-    if (codes == codes[0]).all():
-        return {"c": "null", "n": len(codes), "fill": int(codes[0])}
-    return {"c": "null", "n": len(codes), "codes": pool.add(codes.astype(np.uint8))}
+    return {"c": "null", "codes": pool.add(codes.astype(np.uint8))}
 
 
 def _decode_nulls(spec: Spec, m: Mapped) -> np.ndarray:
-    n = int(spec["n"])
-    if "codes" in spec:
-        codes = m.get(spec["codes"], "|u1")
-        if len(codes) != n or (len(codes) and int(codes.max()) >= len(_NULLS)):
-            raise CorruptEntryError(f"{m.where}: bad codes of a column of missing values")
-        out = np.array(_NULLS, dtype=object)[codes]
-    else:
-        out = np.full(n, _NULLS[int(spec["fill"])], dtype=object)
+    codes = m.get(spec["codes"], "|u1")
+    if len(codes) and int(codes.max()) >= len(_NULLS):
+        raise CorruptEntryError(f"{m.where}: bad codes of a column of missing values")
+    out = np.array(_NULLS, dtype=object)[codes]
     # Shared by every frame open() returns in this process (its memo): edits copy
     # (copy-on-write), and raw writes raise as they do on mapped columns.
     out.flags.writeable = False

@@ -587,6 +587,16 @@ def test_item14c_all_missing_object_columns_stay_object(cache_dir, name):
     opened = mmcache.open("s")
     opened.iloc[1] = "text"
     pd.testing.assert_series_equal(mmcache.open("s"), s)
+    # a damaged entry is refused, not misread: codes are checked at open
+    other = cache_dir.parent / "damaged"
+    mmcache.save(s, "s", cache_dir=other)
+    (codes_file,) = [f for f in other.glob("*/*.npy") if np.load(f).dtype == np.uint8]
+    damaged = np.load(codes_file, mmap_mode="r+")
+    damaged[:] = 200
+    damaged.flush()
+    del damaged
+    with pytest.raises(mmcache.CorruptEntryError):
+        mmcache.open("s", cache_dir=other)
 
 
 def test_item14c_issue_example(cache_dir):
