@@ -14,18 +14,28 @@ otherwise dominate ``open``).
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as _dt
+import decimal
 import functools
 import math
+import re
+import warnings
+import zoneinfo
 from collections.abc import Callable
 from typing import Any
 
+import dateutil.relativedelta
+import dateutil.tz
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 from pandas.api.types import infer_dtype
 
+from . import _compat
 from ._errors import CorruptEntryError, UnsupportedTypeError
+
+_compat.install()  # masked columns over read-only maps need it (see _compat)
 
 Spec = dict[str, Any]
 # What decoding metadata that is well-formed JSON but not a layout mmcache wrote can raise
@@ -105,7 +115,12 @@ class Mapped:
 # --- labels and names (JSON scalars) -----------------------------------------------------
 
 
-def label_to_json(value: Any, where: str) -> Any:
+# Tuples in labels nest a level per MultiIndex-like level; far deeper ones would exhaust the
+# recursion limit (here, in JSON and at open) instead of being refused.
+_MAX_LABEL_NESTING = 100
+
+
+def label_to_json(value: Any, where: str, _depth: int = 0) -> Any:
     """Encode a label or name as JSON, tagging what JSON cannot tell apart (tuples)."""
     if isinstance(value, np.generic):
         value = value.item()
@@ -114,7 +129,12 @@ def label_to_json(value: Any, where: str) -> Any:
     if isinstance(value, float):
         return value if math.isfinite(value) else {"float": repr(value)}
     if isinstance(value, tuple):
-        return {"tuple": [label_to_json(v, where) for v in value]}
+        if _depth >= _MAX_LABEL_NESTING:
+            raise UnsupportedTypeError(
+                f"{where} is nested too deeply (tuples in tuples more than "
+                f"{_MAX_LABEL_NESTING} levels): flatten or rename it before save()"
+            )
+        return {"tuple": [label_to_json(v, where, _depth + 1) for v in value]}
     raise UnsupportedTypeError(
         f"{where} is {value!r} of type {type(value).__name__}; mmcache stores labels and names "
         "that are str, int, float, bool, None or tuples of those: rename it before save()"
@@ -129,19 +149,32 @@ def label_from_json(value: Any) -> Any:
     return value
 
 
+# How deeply df.attrs may nest. JSON, copy.deepcopy (pandas copies attrs into derived frames;
+# mmcache into each opened one) and pickle all recurse once or more per level: far deeper
+# attrs would save but then fail to open or to pickle with RecursionError.
+MAX_ATTRS_NESTING = 100
+
+
 def check_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
     """Return ``attrs`` if JSON holds it exactly, else raise UnsupportedTypeError."""
 
-    def check(v: Any, path: str) -> None:
+    def check(v: Any, path: str, depth: int) -> None:
         if v is None or isinstance(v, (bool, int, str)):
             return
         if isinstance(v, float):
             if not math.isfinite(v):
                 raise UnsupportedTypeError(f"attrs{path} = {v!r}: JSON cannot hold it exactly")
             return
+        if isinstance(v, (list, dict)) and depth >= MAX_ATTRS_NESTING:
+            raise UnsupportedTypeError(
+                f"attrs{path[:200]}... nests lists and dicts more than {MAX_ATTRS_NESTING} "
+                "levels deep, which mmcache does not store (copying or pickling it would "
+                "exhaust Python's recursion limit); flatten it, or store it as one str, e.g. "
+                "json.dumps(...), before save()"
+            )
         if isinstance(v, list):
             for i, x in enumerate(v):
-                check(x, f"{path}[{i}]")
+                check(x, f"{path}[{i}]", depth + 1)
             return
         if isinstance(v, dict):
             for k, x in v.items():
@@ -149,38 +182,272 @@ def check_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
                     raise UnsupportedTypeError(
                         f"attrs{path} has key {k!r}; JSON keys must be str: convert it"
                     )
-                check(x, f"{path}[{k!r}]")
+                check(x, f"{path}[{k!r}]", depth + 1)
             return
         raise UnsupportedTypeError(
             f"attrs{path} = {v!r} of type {type(v).__name__}; mmcache keeps df.attrs as JSON "
             "(dict, list, str, int, finite float, bool, None): convert or drop it before save()"
         )
 
-    check(attrs, "")
+    check(attrs, "", 0)
     return attrs
 
 
 # --- time zones -------------------------------------------------------------------------
+# A zone is stored by name, never pickled. Forms (the first two are what earlier versions
+# wrote, kept for what they hold exactly): "Europe/Paris" or "dateutil/Europe/Paris" (pandas'
+# own name, rebuilt by pandas); {"offset": seconds[, "name": str]} (datetime.timezone);
+# {"zoneinfo": key}; {"dateutil": "tzutc" | "tzlocal" | "tzoffset" | "tzfile", ...};
+# {"pytz": zone} or {"pytz_fixed": minutes} (the standard library's equal zone without pytz).
+
+# A dateutil zone key: IANA-like names only, so decoding never opens a path named by metadata.
+_TZ_KEY = re.compile(r"[A-Za-z0-9_+\-]+(/[A-Za-z0-9_+\-]+)*")
 
 
 def tz_to_json(tz: Any, where: str) -> Any:
+    """Name ``tz`` as JSON that rebuilds the same kind of zone, equal to it.
+
+    Raises UnsupportedTypeError when no form does (checked by decoding what would be stored).
+    """
+    for value in _tz_candidates(tz):
+        try:
+            if _same_tz(_tz_from_json(value), tz):
+                return value
+        except Exception:  # a form that cannot rebuild tz: try the next
+            continue
+    raise UnsupportedTypeError(
+        f"{where} has time zone {tz!r}, which mmcache cannot name so that open() rebuilds "
+        "it (only named IANA zones, fixed offsets, pytz zones and dateutil's tzutc, tzoffset, "
+        "tzlocal and gettz zones can be); convert it to a named zone before save(), e.g. "
+        ".dt.tz_convert('UTC') or .dt.tz_convert('Europe/Paris') on a column, "
+        ".tz_convert(...) on an index"
+    )
+
+
+def _tz_candidates(tz: Any) -> list[Any]:
     from pandas._libs.tslibs import timezones
 
-    name = timezones.get_timezone(tz)
+    out: list[Any] = []
+    try:
+        name = timezones.get_timezone(tz)
+    except (ValueError, TypeError):
+        name = None
     if isinstance(name, str):
-        return name
+        out.append(name)
     if isinstance(tz, _dt.timezone):
         offset = tz.utcoffset(None)
-        return {"offset": offset.total_seconds()}
-    raise UnsupportedTypeError(f"{where} has time zone {tz!r} which mmcache cannot name")
+        spec: Spec = {"offset": offset.total_seconds()}
+        if repr(tz) != repr(_dt.timezone(offset)):
+            spec["name"] = tz.tzname(None)
+        out.append(spec)
+    elif isinstance(tz, zoneinfo.ZoneInfo):
+        if tz.key is not None:
+            out.append({"zoneinfo": tz.key})
+    elif isinstance(tz, dateutil.tz.tzutc):
+        out.append({"dateutil": "tzutc"})
+    elif isinstance(tz, dateutil.tz.tzoffset):
+        out.append({"dateutil": "tzoffset", "name": tz.tzname(None),
+                    "offset": tz.utcoffset(None).total_seconds()})
+    elif isinstance(tz, dateutil.tz.tzlocal):
+        out.append({"dateutil": "tzlocal"})
+    elif type(tz).__module__.split(".")[0] == "pytz":
+        # pandas names pytz zones like ZoneInfo ones and rebuilds that name as a ZoneInfo
+        zone = getattr(tz, "zone", None)
+        if isinstance(zone, str):
+            out.append({"pytz": zone})
+        elif zone is None and tz.utcoffset(None) is not None:  # pytz.FixedOffset
+            out.append({"pytz_fixed": tz.utcoffset(None).total_seconds() / 60})
+    elif isinstance(tz, dateutil.tz.tzfile):
+        key = getattr(tz, "_key", None)  # dateutil >= 4
+        filename = str(getattr(tz, "_filename", ""))
+        if key is None and "zoneinfo/" in filename:
+            key = filename.rsplit("zoneinfo/", 1)[1]
+        if key is not None:
+            out.append({"dateutil": "tzfile", "key": key})
+    return out
+
+
+def _same_tz(got: Any, want: Any) -> bool:
+    """Same class, same name and same rules (a ZoneInfo made with no_cache is its key's)."""
+    if type(got) is not type(want) or repr(got) != repr(want):
+        return False
+    if isinstance(want, zoneinfo.ZoneInfo):
+        return bool(got.key == want.key)
+    return bool(got == want)
 
 
 def _tz_from_json(value: Any) -> Any:
     from pandas._libs.tslibs import timezones
 
-    if isinstance(value, dict):
-        return _dt.timezone(_dt.timedelta(seconds=value["offset"]))
-    return timezones.maybe_get_tz(value)
+    if isinstance(value, str):
+        return timezones.maybe_get_tz(value)
+    if "zoneinfo" in value:
+        return zoneinfo.ZoneInfo(value["zoneinfo"])  # which refuses paths itself
+    if "dateutil" in value:
+        kind = value["dateutil"]
+        if kind == "tzutc":
+            return dateutil.tz.tzutc()
+        if kind == "tzlocal":
+            return dateutil.tz.tzlocal()
+        if kind == "tzoffset":
+            return dateutil.tz.tzoffset(value["name"], float(value["offset"]))
+        if kind == "tzfile":
+            key = value["key"]
+            if not isinstance(key, str) or not _TZ_KEY.fullmatch(key) or ".." in key:
+                raise ValueError(f"bad time zone key {key!r}")
+            tz = dateutil.tz.gettz(key)
+            if tz is None:
+                raise ValueError(f"no time zone {key!r} on this machine")
+            return tz
+        raise ValueError(f"unknown dateutil zone {kind!r}")
+    if "pytz" in value or "pytz_fixed" in value:
+        return _pytz_from_json(value)
+    offset = _dt.timedelta(seconds=value["offset"])
+    name = value.get("name")
+    return _dt.timezone(offset) if name is None else _dt.timezone(offset, name)
+
+
+def _pytz_from_json(value: Spec) -> Any:
+    """A pytz zone; without pytz installed, the equal zone of the standard library."""
+    try:
+        import pytz
+    except ImportError:
+        pytz = None
+    if "pytz_fixed" in value:
+        minutes = float(value["pytz_fixed"])
+        if pytz is None:
+            return _dt.timezone(_dt.timedelta(minutes=minutes))
+        return pytz.FixedOffset(minutes)
+    zone = value["pytz"]
+    if not isinstance(zone, str) or not _TZ_KEY.fullmatch(zone) or ".." in zone:
+        raise ValueError(f"bad time zone name {zone!r}")
+    return zoneinfo.ZoneInfo(zone) if pytz is None else pytz.timezone(zone)
+
+
+# --- index freq ---------------------------------------------------------------------------
+# Stored as its freqstr (what earlier versions wrote) when pandas parses that back to an
+# equal offset, else as {"class": name in pandas.tseries.offsets, "n", "normalize", "kwds"}
+# with kwds tagged where JSON cannot tell types apart. Never code: only classes of
+# pandas.tseries.offsets are rebuilt, from data.
+
+
+class _NotStorable(Exception):
+    """A freq parameter that has no JSON form."""
+
+
+def freq_to_json(freq: Any, where: str) -> Any:
+    """The JSON form of an index's freq; UnsupportedTypeError unless it decodes equal."""
+    for value in _freq_candidates(freq):
+        try:
+            if _same_offset(freq_from_json(value), freq):
+                return value
+        except Exception:  # this form does not rebuild it: try the next
+            continue
+    raise UnsupportedTypeError(
+        f"{where} has freq {freq!r} ({type(freq).__module__}.{type(freq).__qualname__}), which "
+        "mmcache cannot store so that it comes back equal; drop it before save(): "
+        f"{'df.index.freq = None' if where == 'index' else 'set freq = None on that index'} "
+        "(the dates stay; pd.infer_freq(...) or df.asfreq(...) recover a freq after open())"
+    )
+
+
+def _freq_candidates(freq: Any) -> list[Any]:
+    out: list[Any] = []
+    freqstr = getattr(freq, "freqstr", None)
+    if isinstance(freqstr, str):
+        out.append(freqstr)
+    with contextlib.suppress(_NotStorable):
+        out.append(_offset_spec(freq))
+    return out
+
+
+def _offset_spec(freq: Any) -> Spec:
+    from pandas.tseries import offsets
+
+    cls = type(freq)
+    if getattr(offsets, cls.__name__, None) is not cls:
+        raise _NotStorable(cls)
+    return {"class": cls.__name__, "n": _param_to_json(freq.n),
+            "normalize": _param_to_json(freq.normalize),
+            "kwds": {k: _param_to_json(v) for k, v in sorted(freq.kwds.items())}}
+
+
+def _param_to_json(v: Any) -> Any:
+    if isinstance(v, np.generic) and not isinstance(v, np.datetime64 | np.timedelta64):
+        v = v.item()
+    if v is None or isinstance(v, bool | int | str):
+        return v
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            raise _NotStorable(v)
+        return v
+    if isinstance(v, tuple):
+        return {"tuple": [_param_to_json(x) for x in v]}
+    if isinstance(v, pd.Timedelta):
+        return {"Timedelta": v.value, "unit": v.unit}
+    if isinstance(v, _dt.timedelta):
+        return {"timedelta": [v.days, v.seconds, v.microseconds]}
+    if isinstance(v, _dt.time) and v.tzinfo is None:
+        return {"time": v.isoformat()}
+    if isinstance(v, np.datetime64):
+        unit = np.datetime_data(v.dtype)[0]
+        return {"datetime64": int(v.astype(np.int64)), "unit": unit}
+    if isinstance(v, np.busdaycalendar):
+        return {"busdaycalendar": "".join("1" if d else "0" for d in v.weekmask),
+                "holidays": [str(h) for h in v.holidays]}
+    if isinstance(v, dateutil.relativedelta.weekday):
+        return {"weekday": v.weekday, "n": v.n}
+    raise _NotStorable(v)
+
+
+def _param_from_json(v: Any) -> Any:
+    if not isinstance(v, dict):
+        return v
+    if "tuple" in v:
+        return tuple(_param_from_json(x) for x in v["tuple"])
+    if "Timedelta" in v:
+        return pd.Timedelta(int(v["Timedelta"]), unit="ns").as_unit(v["unit"])
+    if "timedelta" in v:
+        days, seconds, micros = (int(x) for x in v["timedelta"])
+        return _dt.timedelta(days=days, seconds=seconds, microseconds=micros)
+    if "time" in v:
+        return _dt.time.fromisoformat(v["time"])
+    if "datetime64" in v:
+        return np.array(int(v["datetime64"]), dtype=f"M8[{v['unit']}]")[()]
+    if "busdaycalendar" in v:
+        holidays = np.array([str(h) for h in v["holidays"]], dtype="M8[D]")
+        return np.busdaycalendar(weekmask=str(v["busdaycalendar"]), holidays=holidays)
+    if "weekday" in v:
+        return dateutil.relativedelta.weekday(int(v["weekday"]), v["n"])
+    raise ValueError(f"unknown freq parameter {v!r:.80}")
+
+
+def freq_from_json(value: Any) -> Any:
+    """Rebuild a freq from ``freq_to_json``'s form (or the bare freqstr of older entries)."""
+    from pandas.tseries import offsets
+
+    if isinstance(value, str):
+        with warnings.catch_warnings():
+            # a deprecated alias would warn at every open; it was checked at save
+            warnings.simplefilter("ignore")
+            return pd.tseries.frequencies.to_offset(value)
+    name = value["class"]
+    cls = getattr(offsets, name, None) if isinstance(name, str) else None
+    if not (isinstance(cls, type) and issubclass(cls, offsets.BaseOffset)
+            and cls.__name__ == name):
+        raise ValueError(f"{name!r} is not an offset class of pandas.tseries.offsets")
+    kwds = {str(k): _param_from_json(v) for k, v in value["kwds"].items()}
+    return cls(value["n"], normalize=bool(value["normalize"]), **kwds)
+
+
+def _same_offset(got: Any, want: Any) -> bool:
+    """Same class, equal, and the same parameters (== ignores some, e.g. a calendar)."""
+    if type(got) is not type(want) or got != want or repr(got) != repr(want):
+        return False
+    try:
+        return _offset_spec(got) == _offset_spec(want)
+    except _NotStorable:
+        return False
 
 
 # --- Arrow arrays (pandas strings, ArrowDtype) ------------------------------------------
@@ -248,8 +515,43 @@ def _validate_arrow(arr: pa.Array, mapped: Mapped) -> pa.Array:
 # --- arrays: encode -----------------------------------------------------------------------
 
 
-def encode_array(values: Any, pool: Pool, where: str) -> Spec:
-    """Encode a 1-D ndarray or ExtensionArray (a column's or an index's values)."""
+def encode_array(values: Any, pool: Pool, where: str, *, code: str | None = None) -> Spec:
+    """Encode a 1-D ndarray or ExtensionArray (a column's or an index's values).
+
+    ``where`` names it in errors ("column 'a'"); ``code`` is how the user reaches it
+    (``df['a']``), for the conversion an error suggests.
+    """
+    try:
+        return _encode_array(values, pool, where, code)
+    except UnicodeEncodeError as exc:
+        x = code or "s"
+        # Arrow (strings) and pandas' hashing (categories) encode str as UTF-8, which a lone
+        # surrogate such as "\ud800" (os.fsdecode of bad bytes, a broken decode) cannot be.
+        raise UnsupportedTypeError(
+            f"{where} holds a str that is not valid Unicode{_first_bad_str(values)}: it contains "
+            "a lone surrogate, which mmcache cannot store as UTF-8 text; replace it before "
+            f"save(), e.g. {x}.str.encode('utf-8', 'replace').str.decode('utf-8'), or keep "
+            f"the raw bytes: {x}.str.encode('utf-8', 'surrogateescape')"
+            ".astype(pd.ArrowDtype(pa.binary()))"
+        ) from exc
+
+
+def _first_bad_str(values: Any) -> str:
+    try:
+        items = values.categories if isinstance(values.dtype, pd.CategoricalDtype) else values
+        for i, v in enumerate(np.asarray(items, dtype=object)):
+            if isinstance(v, str):
+                try:
+                    v.encode("utf-8")
+                except UnicodeEncodeError:
+                    at = "a category" if items is not values else f"row {i}"
+                    return f" ({at} is {v[:40]!r})"
+    except Exception:  # only decorates the message
+        pass
+    return ""
+
+
+def _encode_array(values: Any, pool: Pool, where: str, code: str | None) -> Spec:
     dtype = values.dtype
     if isinstance(values, np.ndarray) and dtype.kind in _NUMPY_KINDS:
         return {"c": "np", "v": pool.add(values)}
@@ -274,6 +576,10 @@ def encode_array(values: Any, pool: Pool, where: str) -> Spec:
         }
     if _is_object(dtype) and len(values) == 0:
         return {"c": "obj0"}  # an empty object column stays object: there is nothing to map
+    if _is_object(dtype):
+        nulls = _encode_nulls(values, pool)
+        if nulls is not None:
+            return nulls
     if isinstance(dtype, pd.StringDtype) or (_is_object(dtype) and _only_str(values)):
         na = "NA" if isinstance(dtype, pd.StringDtype) and dtype.na_value is pd.NA else "nan"
         if isinstance(dtype, pd.StringDtype) and dtype.storage == "pyarrow":
@@ -285,11 +591,11 @@ def encode_array(values: Any, pool: Pool, where: str) -> Spec:
             pa_arr = pa_arr.cast(pa.large_string())
         return {"c": "str", "na": na, "arrow": _encode_arrow(pa_arr, pool)}
     if isinstance(values, pd.arrays.NumpyExtensionArray):
-        return encode_array(values.to_numpy(), pool, where)
+        return _encode_array(values.to_numpy(), pool, where, code)
     if isinstance(dtype, pd.ArrowDtype):
         pa_arr = values._pa_array
         if not _arrow_storable(pa_arr.type):
-            raise _unsupported(where, dtype)
+            raise _unsupported(where, dtype, code=code)
         return {"c": "arrow", "arrow": _encode_arrow(pa_arr, pool)}
     if isinstance(dtype, pd.PeriodDtype):
         return {"c": "period", "dtype": str(dtype), "v": pool.add(values.asi8)}
@@ -301,8 +607,8 @@ def encode_array(values: Any, pool: Pool, where: str) -> Spec:
             "r": encode_array(values.right._values, pool, f"{where} right"),
         }
     if isinstance(values, pd.arrays.DatetimeArray | pd.arrays.TimedeltaArray):
-        return encode_array(values._ndarray, pool, where)
-    raise _unsupported(where, dtype, values)
+        return _encode_array(values._ndarray, pool, where, code)
+    raise _unsupported(where, dtype, values, code=code)
 
 
 def _is_object(dtype: Any) -> bool:
@@ -315,15 +621,126 @@ def _only_str(values: Any) -> bool:
     return infer_dtype(values, skipna=True) in kinds
 
 
-def _unsupported(where: str, dtype: Any, values: Any = None) -> UnsupportedTypeError:
-    held = ""
+# --- object columns holding only missing values -------------------------------------------
+# They stay object columns of exactly those values (a column of None is not a str column, and
+# accepts any later edit). Python objects cannot be mapped: open() builds the column in private
+# memory (8 bytes a row, one shared array per process) from a stored byte per row. (Always a
+# buffer, even when all rows are alike: a row count alone in metadata would let a damaged or
+# hostile entry make open() allocate any amount; a buffer's size is checked against its file.)
+
+_NULLS: tuple[Any, ...] = (None, np.nan, pd.NA, pd.NaT)
+
+
+def _null_code(v: Any) -> int:
+    if v is None:
+        return 0
+    if isinstance(v, float | np.floating) and v != v:
+        return 1
+    if v is pd.NA:
+        return 2
+    if v is pd.NaT:
+        return 3
+    return -1
+
+
+def _encode_nulls(values: Any, pool: Pool) -> Spec | None:
+    """The spec of an object column of only None/NaN/NA/NaT, else None (a quick no)."""
+    arr = np.asarray(values, dtype=object)
+    if _null_code(arr[0]) < 0 or _null_code(arr[-1]) < 0 or not pd.isna(arr).all():
+        return None
+    codes = np.fromiter((_null_code(v) for v in arr), dtype=np.int8, count=len(arr))
+    if (codes < 0).any():
+        return None  # a missing value of another kind (numpy NaT, Decimal NaN, ...)
+    return {"c": "null", "codes": pool.add(codes.astype(np.uint8))}
+
+
+def _decode_nulls(spec: Spec, m: Mapped) -> np.ndarray:
+    codes = m.get(spec["codes"], "|u1")
+    if len(codes) and int(codes.max()) >= len(_NULLS):
+        raise CorruptEntryError(f"{m.where}: bad codes of a column of missing values")
+    out = np.array(_NULLS, dtype=object)[codes]
+    # Shared by every frame open() returns in this process (its memo): edits copy
+    # (copy-on-write), and raw writes raise as they do on mapped columns.
+    out.flags.writeable = False
+    return out
+
+
+# --- what cannot be stored, and what to do about it ---------------------------------------
+
+
+def _type_name(t: type) -> str:
+    module = t.__module__
+    if module == "builtins":
+        return t.__qualname__
+    if module.startswith(("pandas.", "numpy.")):
+        module = module.split(".", 1)[0]
+    return f"{module}.{t.__qualname__}"
+
+
+def _conversion(t: type, x: str) -> str | None:
+    """A concrete conversion of a column of ``t`` objects (``x`` names it) to a stored dtype."""
+    if issubclass(t, _dt.datetime | np.datetime64):  # pd.Timestamp is a datetime
+        return (f"{x} = pd.to_datetime({x}) makes datetime64 (utc=True for mixed time "
+                "zones)")
+    if issubclass(t, _dt.date):
+        return (f"{x} = pd.to_datetime({x}) makes datetime64, or "
+                f"{x}.astype(pd.ArrowDtype(pa.date32())) keeps dates")
+    if issubclass(t, _dt.time):
+        return f"{x}.astype(pd.ArrowDtype(pa.time64('us')))"
+    if issubclass(t, _dt.timedelta | np.timedelta64):
+        return f"{x} = pd.to_timedelta({x})"
+    if issubclass(t, decimal.Decimal):
+        return (f"{x}.astype(float), or {x}.astype(pd.ArrowDtype(pa.decimal128(38, 10))) "
+                "to keep them exact (pick the precision and scale you need)")
+    if issubclass(t, dict | list | tuple | set | frozenset):
+        return (f"{x}.map(json.dumps) stores them as str (mmcache stores no nested values), "
+                "or drop the column")
+    if issubclass(t, bytes | bytearray):
+        return f"{x}.astype(pd.ArrowDtype(pa.binary()))"
+    if issubclass(t, bool | np.bool_):
+        return f"{x}.astype('boolean')"
+    if issubclass(t, int | float | np.integer | np.floating):
+        return (f"{x} = pd.to_numeric({x}) makes a numeric column "
+                f"({x}.astype('Int64') or 'Float64' keeps missing values as <NA>)")
+    if issubclass(t, complex | np.complexfloating):
+        return f"{x}.astype(complex)"
+    if issubclass(t, pd.Period):
+        return f"{x}.astype('period[<freq>]'), e.g. 'period[D]'"
+    if issubclass(t, pd.Interval):
+        return f"pd.arrays.IntervalArray({x}.tolist())"
+    return None
+
+
+def _unsupported(
+    where: str, dtype: Any, values: Any = None, *, code: str | None = None
+) -> UnsupportedTypeError:
+    x = code or "s"
     if values is not None and _is_object(dtype):
-        kinds = sorted({type(v).__name__ for v in values[:1000] if v is not None})
-        held = f" holding {', '.join(kinds[:5])} values"
+        sample = np.asarray(values[:1000], dtype=object)
+        types = sorted({type(v) for v in sample if _null_code(v) < 0}, key=_type_name)
+        names = ", ".join(_type_name(t) for t in types[:5]) + (", ..." if len(types) > 5 else "")
+        hints = [h for h in (_conversion(t, x) for t in types) if h is not None]
+        if len(types) > 1:
+            hint = (f"one type per column; {x}.astype(str) if text is what you want"
+                    + (f", or first make them one type: {hints[0]}" if hints else ""))
+        elif hints:
+            hint = hints[0]
+        else:
+            hint = f"{x}.astype(str), or drop the column"
+        return UnsupportedTypeError(
+            f"{where} has dtype object holding Python {names} values, which mmcache cannot "
+            f"store; convert it before save(): {hint}"
+        )
+    if isinstance(dtype, pd.SparseDtype):
+        hint = f"{x}.sparse.to_dense()"
+    elif isinstance(dtype, pd.ArrowDtype):
+        hint = (f"nested Arrow types are not stored; flatten it, or serialise it, e.g. "
+                f"{x}.astype(str)")
+    else:
+        hint = f"{x}.astype(...) a dtype listed in the README's 'Supported dtypes', or drop it"
     return UnsupportedTypeError(
-        f"{where} has dtype {dtype}{held}; mmcache stores numbers, booleans, dates, "
-        "timedeltas, periods, intervals, categories, strings and flat Arrow types: "
-        "convert it or drop it before save()"
+        f"{where} has dtype {dtype}, which mmcache cannot store; convert it before save(): "
+        f"{hint}"
     )
 
 
@@ -398,6 +815,7 @@ def _decode_interval(spec: Spec, m: Mapped) -> Any:
 _DECODERS: dict[str, Callable[[Spec, Mapped], Any]] = {
     "np": _decode_np,
     "obj0": lambda spec, m: np.empty(0, dtype=object),
+    "null": _decode_nulls,
     "dttz": _decode_dttz,
     "masked": _decode_masked,
     "cat": _decode_cat,
@@ -444,7 +862,7 @@ def encode_index(index: pd.Index, pool: Pool, where: str, *, labels: bool = Fals
     spec: Spec = {"c": "index", "name": name, "values": encode_array(index._values, pool, where)}
     freq = getattr(index, "freq", None)
     if freq is not None and not isinstance(index, pd.PeriodIndex):
-        spec["freq"] = freq.freqstr
+        spec["freq"] = freq_to_json(freq, where)
     return spec
 
 
@@ -476,7 +894,7 @@ def decode_index(spec: Spec, m: Mapped) -> pd.Index:
             if "freq" in spec:
                 # The public setter checks the freq against every value (O(rows) at each
                 # open); it was valid when saved, so set it as pandas' own constructors do.
-                index._freq = pd.tseries.frequencies.to_offset(spec["freq"])
+                index._freq = freq_from_json(spec["freq"])
             return index
     except CorruptEntryError:
         raise

@@ -51,6 +51,17 @@ def encode(obj: pd.DataFrame | pd.Series) -> tuple[Spec, Pool]:
 
     Raises UnsupportedTypeError before anything is written if any part cannot be stored.
     """
+    try:
+        return _encode(obj)
+    except RecursionError as exc:
+        # Labels (tuples) or values nested absurdly deep: say so instead of a raw RecursionError.
+        raise UnsupportedTypeError(
+            f"cannot save this {type(obj).__name__}: something in it (labels, names or attrs) "
+            "is nested too deeply for Python's recursion limit; flatten it before save()"
+        ) from exc
+
+
+def _encode(obj: pd.DataFrame | pd.Series) -> tuple[Spec, Pool]:
     pool = Pool()
     if isinstance(obj, pd.Series):
         layout: Spec = {
@@ -58,7 +69,7 @@ def encode(obj: pd.DataFrame | pd.Series) -> tuple[Spec, Pool]:
             "nrows": len(obj),
             "ncols": 1,
             "name": label_to_json(obj.name, "Series name"),
-            "values": encode_array(obj._values, pool, f"Series {obj.name!r}"),
+            "values": encode_array(obj._values, pool, f"Series {obj.name!r}", code="s"),
         }
     elif isinstance(obj, pd.DataFrame):
         layout = {"kind": "frame", "nrows": len(obj), "ncols": obj.shape[1]}
@@ -72,6 +83,9 @@ def encode(obj: pd.DataFrame | pd.Series) -> tuple[Spec, Pool]:
     layout["index"] = encode_index(obj.index, pool, "index")
     layout["shared"] = pool.shared_specs
     layout["attrs"] = check_attrs(dict(obj.attrs))
+    if not obj.flags.allows_duplicate_labels:
+        # Only when set: layouts without "flags" (all older ones) mean pandas' default.
+        layout["flags"] = {"allows_duplicate_labels": False}
     return layout, pool
 
 
@@ -117,7 +131,7 @@ def _encode_columns(df: pd.DataFrame, pool: Pool) -> Spec:
     columns: list[Spec | None] = [None] * df.shape[1]
     for pos, values in sorted(ext, key=lambda c: c[0]):
         label = df.columns[pos]
-        columns[pos] = encode_array(values, pool, f"column {label!r}")
+        columns[pos] = encode_array(values, pool, f"column {label!r}", code=f"df[{label!r}]")
     return {"blocks": blocks, "ext": {str(i): c for i, c in enumerate(columns) if c is not None}}
 
 
@@ -134,12 +148,19 @@ def decode(layout: Spec, m: Mapped, columns: Sequence[Any] | None) -> pd.DataFra
         if layout["kind"] == "series":
             values = decode_array(layout["values"], m)
             _check_len(values, nrows, m)
+            # dtype=object: pandas would infer datetime64 from an object array of NaT
+            dtype = object if isinstance(values, np.ndarray) and values.dtype == object else None
             obj: pd.DataFrame | pd.Series = pd.Series(
-                values, index=index, name=label_from_json(layout["name"]), copy=False
+                values, index=index, name=label_from_json(layout["name"]), dtype=dtype,
+                copy=False,
             )
         else:
             obj = _decode_frame(layout, m, index, nrows, columns)
         obj.attrs = layout["attrs"]
+        flags = layout.get("flags")
+        if flags is not None:
+            # Setting it checks the labels are unique, as they were at save.
+            obj.flags.allows_duplicate_labels = bool(flags["allows_duplicate_labels"])
         pin(obj)
         return obj
     except MmcacheError:
@@ -235,8 +256,8 @@ def _positions(all_labels: pd.Index, columns: Sequence[Any], where: str) -> np.n
 class _Ref:
     """What a mapped frame needs to pickle as a reference and to tell if it was modified."""
 
-    __slots__ = ("attrs", "axes", "cache_dir", "columns", "key", "name", "names", "token",
-                 "values", "version")
+    __slots__ = ("attrs", "axes", "cache_dir", "columns", "flags", "key", "name", "names",
+                 "token", "values", "version")
 
     def __init__(self, obj: Any, cache_dir: str, version: Any, columns: Any) -> None:
         self.cache_dir, self.columns = cache_dir, columns
@@ -248,6 +269,7 @@ class _Ref:
         self.names = [list(ax.names) for ax in self.axes]
         self.name = obj.name if isinstance(obj, pd.Series) else None
         self.attrs = copy.deepcopy(obj.attrs)
+        self.flags = obj.flags.allows_duplicate_labels  # setting it is an edit too
         # Arrow-backed arrays are edited by swapping their _pa_array (no read-only buffer
         # stops it), so that identity is part of "unmodified" too.
         self.values = [(blk.values, getattr(blk.values, "_pa_array", None),
@@ -272,7 +294,7 @@ class _Ref:
                 return False
         if isinstance(obj, pd.Series) and not _same_label(obj.name, self.name):
             return False
-        return obj.attrs == self.attrs
+        return obj.attrs == self.attrs and obj.flags.allows_duplicate_labels == self.flags
 
 
 def _same_label(a: Any, b: Any) -> bool:
