@@ -512,6 +512,13 @@ def _validate_arrow(arr: pa.Array, mapped: Mapped) -> pa.Array:
     return arr
 
 
+def _validate_arrow_full(arr: pa.Array | pa.ChunkedArray, mapped: Mapped) -> None:
+    try:
+        arr.validate(full=True)
+    except pa.ArrowInvalid as exc:
+        raise CorruptEntryError(f"{mapped.where}: Arrow data is damaged: {exc}") from exc
+
+
 # --- arrays: encode -----------------------------------------------------------------------
 
 
@@ -779,7 +786,7 @@ def _decode_cat(spec: Spec, m: Mapped) -> Any:
     if cats is None:
         if not isinstance(cats_id, int) or not 0 <= cats_id < len(m.shared_specs):
             raise CorruptEntryError(f"{m.where}: bad categories reference {cats_id!r}")
-        cats = m.shared[cats_id] = decode_index(m.shared_specs[cats_id], m)
+        cats = m.shared[cats_id] = decode_index(m.shared_specs[cats_id], m, labels=True)
     # The checked constructor hashes the categories again (~100 µs a column); they were
     # unique when saved and the metadata is checksummed.
     dtype = pd.CategoricalDtype._from_fastpath(cats, ordered=bool(spec["ordered"]))
@@ -866,7 +873,10 @@ def encode_index(index: pd.Index, pool: Pool, where: str, *, labels: bool = Fals
     return spec
 
 
-def decode_index(spec: Spec, m: Mapped) -> pd.Index:
+def decode_index(spec: Spec, m: Mapped, *, labels: bool = False) -> pd.Index:
+    """Rebuild an Index. ``labels`` (column labels, categories: small, and hashed at once)
+    also checks Arrow string data in full, so damage is a CorruptEntryError, not a raw
+    UnicodeDecodeError from deep inside pandas."""
     try:
         kind = spec["c"]
         if kind == "range":
@@ -874,7 +884,7 @@ def decode_index(spec: Spec, m: Mapped) -> pd.Index:
                                  name=label_from_json(spec["name"]))
         if kind == "multi":
             return pd.MultiIndex(
-                levels=[decode_index(s, m) for s in spec["levels"]],
+                levels=[decode_index(s, m, labels=labels) for s in spec["levels"]],
                 codes=[m.get(c) for c in spec["codes"]],
                 names=[label_from_json(n) for n in spec["names"]],
                 verify_integrity=False,
@@ -886,6 +896,8 @@ def decode_index(spec: Spec, m: Mapped) -> pd.Index:
             values = decode_array(spec["values"], m)
             name = label_from_json(spec["name"])
             if isinstance(values, pd.arrays.ArrowExtensionArray):
+                if labels:
+                    _validate_arrow_full(values._pa_array, m)
                 # A plain Index is the right class for Arrow data; skip the constructor's
                 # inference (~50 µs, which adds up over 10,000 columns' categories).
                 index = pd.Index._simple_new(values, name=name)

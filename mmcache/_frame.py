@@ -177,7 +177,7 @@ def _check_len(values: Any, nrows: int, m: Mapped) -> None:
 def _decode_frame(
     layout: Spec, m: Mapped, index: pd.Index, nrows: int, columns: Sequence[Any] | None
 ) -> pd.DataFrame:
-    all_labels = decode_index(layout["columns"], m)
+    all_labels = decode_index(layout["columns"], m, labels=True)
     ncols = int(layout["ncols"])
     if len(all_labels) != ncols:
         raise CorruptEntryError(f"{m.where}: {len(all_labels)} column labels, expected {ncols}")

@@ -393,3 +393,24 @@ def test_item14_errors_from_save_and_open_name_key_and_path(cache_dir):
         pickle.loads(pickle.dumps(info2.value))
     again = pickle.loads(pickle.dumps(info2.value))
     assert (again.key, again.path) == ("k", info2.value.path)
+
+
+def test_damaged_string_labels_are_a_corrupt_entry_not_a_raw_unicode_error(cache_dir):
+    # Found by the fuzz test: data files are not checksummed, and invalid UTF-8 in the
+    # Arrow buffer of column labels (or categories) used to escape as UnicodeDecodeError.
+    df = pd.DataFrame({"alphabetical": [1, 2], "zebra": pd.Categorical(["quokka", "quokka"])})
+    df.columns = df.columns.astype("str")
+    mmcache.save(df, "k")
+    for needle in (b"alphabetical", b"quokka"):
+        damaged = False
+        for f in cache_dir.rglob("*.npy"):
+            raw = f.read_bytes()
+            if needle in raw:
+                os.chmod(f, 0o600)
+                f.write_bytes(raw.replace(needle, b"\xff" * len(needle)))
+                damaged = True
+        assert damaged, needle
+        mmcache._cache._MEMO.clear()
+        with pytest.raises(mmcache.CorruptEntryError, match="damaged"):
+            mmcache.open("k")
+        mmcache.save(df, "k")  # intact again for the next needle
