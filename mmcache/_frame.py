@@ -34,7 +34,6 @@ from ._codecs import (
     label_from_json,
     label_to_json,
     tz_dtype,
-    tz_to_json,
 )
 from ._errors import (
     ColumnNotFoundError,
@@ -44,6 +43,7 @@ from ._errors import (
     MmcacheError,
     UnsupportedTypeError,
 )
+from ._time import tz_to_json
 
 
 def encode(obj: pd.DataFrame | pd.Series) -> tuple[Spec, Pool]:
