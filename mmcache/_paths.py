@@ -9,6 +9,11 @@ Layout of a cache directory (everything for one key shares the prefix ``NAME``):
 
 ``NAME`` is a readable prefix of the key (``[A-Za-z0-9_-]`` only) plus a hash of the full key,
 so no key can produce ``/``, ``..``, NUL or a leading dot, whatever it contains.
+
+Those four forms (``TOKEN``: 16 hex digits), and inside a data directory ``<n>.npy`` and
+``meta.json``, are the only names mmcache ever removes: :func:`own_name` and
+:func:`own_data_file` are the one rule every remover follows, so a cache directory that also
+holds other files (or is reached through a symlink to someone's home) never loses them.
 """
 
 from __future__ import annotations
@@ -30,6 +35,14 @@ MAX_KEY_LEN = 200
 _PREFIX_LEN = 48
 _HASH_HEX = 24
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+_TOKEN_HEX = 16  # _store.new_token()
+_STEM = rf"[A-Za-z0-9_-]{{1,{_PREFIX_LEN}}}-[0-9a-f]{{{_HASH_HEX}}}"
+_TOKEN = rf"[0-9a-f]{{{_TOKEN_HEX}}}"
+_OWN_NAME = re.compile(
+    rf"(?P<stem>{_STEM})\.(?:(?P<meta>json)|(?P<lock>lock)|(?P<data>{_TOKEN})"
+    rf"|json\.(?P<tmp>{_TOKEN})\.tmp)"
+)
+_OWN_DATA_FILE = re.compile(r"(?:0|[1-9][0-9]*)\.npy|meta\.json")
 
 
 def check_key(key: object) -> str:
@@ -52,6 +65,26 @@ def entry_name(key: str) -> str:
     """The file-name stem of ``key``'s entry: safe, unique, readable."""
     digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:_HASH_HEX]
     return f"{_UNSAFE.sub('_', key)[:_PREFIX_LEN]}-{digest}"
+
+
+def own_name(name: str) -> tuple[str, str] | None:
+    """``(stem, kind)`` if ``name`` is one mmcache writes in a cache directory, else None.
+
+    ``kind`` is ``"meta"`` (``NAME.json``), ``"lock"`` (``NAME.lock``), ``"data"``
+    (``NAME.TOKEN``, a data directory) or ``"tmp"`` (``NAME.json.TOKEN.tmp``). Anything else
+    (``.git``, ``report.csv``, ``NAME.json.bak``) is not mmcache's, and is never touched.
+    """
+    m = _OWN_NAME.fullmatch(name)
+    if m is None:
+        return None
+    kind = next(k for k in ("meta", "lock", "data", "tmp") if m.group(k) is not None)
+    return m.group("stem"), kind
+
+
+def own_data_file(name: str) -> bool:
+    """True if ``name`` is one mmcache writes inside a data directory (``<n>.npy``,
+    ``meta.json``); only those are removed from it, and it is removed only once empty."""
+    return _OWN_DATA_FILE.fullmatch(name) is not None
 
 
 def default_cache_dir() -> Path:
