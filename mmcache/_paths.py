@@ -51,7 +51,9 @@ def check_key(key: object) -> str:
         raise InvalidKeyError(
             f"key must be a str, got {type(key).__name__} {key!r}; pass a string key", key=None
         )
-    if not key or len(key) > MAX_KEY_LEN:
+    if not key:
+        raise InvalidKeyError("key is empty; pass a non-empty string key", key=key)
+    if len(key) > MAX_KEY_LEN:
         raise InvalidKeyError(
             f"key must have 1 to {MAX_KEY_LEN} characters, got {len(key)}; use a shorter key",
             key=key,
@@ -102,14 +104,19 @@ def resolve_cache_dir(cache_dir: str | os.PathLike[str] | None, *, create: bool 
     Order: the argument, else ``$MMCACHE_DIR``, else :func:`default_cache_dir`. The
     environment is read at each call, not at import. With ``create`` (saving) a missing
     directory is made, mode 0700; without it (reading, listing, cleaning) a missing directory
-    is returned as is and simply holds nothing, so a typo never litters the disk. The default
+    is returned as is and simply holds nothing, so a typo never litters the disk. A relative
+    path is made absolute here, once, so entries and frames pickled by reference name the same
+    directory in a process with another working directory. The default
     directory must be a real directory owned by the user with no group or other access (a
     planted symlink or a foreign directory would let another user read or swap the data); a
     directory the user chose must be owned by them (or root) and not writable by others.
     """
     chosen = cache_dir if cache_dir is not None else os.environ.get(ENV_DIR) or None
     is_default = chosen is None
-    path = default_cache_dir() if chosen is None else Path(os.fspath(chosen)).expanduser()
+    if chosen is None:
+        path = default_cache_dir()
+    else:
+        path = _absolute(Path(os.fspath(chosen)).expanduser())
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -172,3 +179,17 @@ def resolve_cache_dir(cache_dir: str | os.PathLike[str] | None, *, create: bool 
             path=path,
         )
     return path
+
+
+def _absolute(path: Path) -> Path:
+    # Not os.path.abspath: collapsing "a/.." lexically is wrong when "a" is a symlink.
+    if path.is_absolute():
+        return path
+    try:
+        return Path(os.getcwd()) / path
+    except FileNotFoundError as exc:
+        raise CacheDirError(
+            f"cache directory {str(path)!r} is relative, and the current directory no longer "
+            "exists; pass an absolute path",
+            path=path,
+        ) from exc
