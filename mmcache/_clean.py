@@ -130,13 +130,14 @@ def survey(cache_dir: Path, *, users: bool = True, strays: bool = True) -> Surve
     if not out.names:
         return out
     pids = mapping_pids(cache_dir) if users or strays else None
-    seen_before = _SUMMARIES.get(str(cache_dir), {})
+    where = os.fspath(cache_dir)
+    seen_before = _SUMMARIES.get(where, {})
     seen: dict[tuple[int, int, int, int], _Summary] = {}
     for stem, names in out.names.items():
         problem: Problem | None = None
         has_meta = f"{stem}.json" in names
         if has_meta:
-            found = _read_entry(cache_dir, stem, seen_before, seen)
+            found = _read_entry(where, stem, seen_before, seen)
             if found is None:
                 has_meta = False  # deleted since the listing
             elif isinstance(found, Problem):
@@ -161,37 +162,66 @@ def survey(cache_dir: Path, *, users: bool = True, strays: bool = True) -> Surve
                 out.problems.append(replace(problem, nbytes=problem.nbytes + extra))
         elif problem is not None:
             out.problems.append(problem)
-    _SUMMARIES[str(cache_dir)] = seen
+    _SUMMARIES[where] = seen
     out.entries.sort(key=lambda e: e.created)
     return out
 
 
+def _sizes(cache_dir: Path) -> dict[str, int]:
+    """Key -> bytes (data and metadata) of every listable entry: what the size limit needs
+    before each save, so only a listing and one ``lstat`` per entry when nothing changed."""
+    where = os.fspath(cache_dir)
+    try:
+        listing = os.listdir(where)
+    except FileNotFoundError:
+        return {}
+    before = _SUMMARIES.get(where, {})
+    seen: dict[tuple[int, int, int, int], _Summary] = {}
+    out = {}
+    for name in listing:
+        if not name.endswith(".json"):
+            continue
+        own = own_name(name)
+        if own is None:
+            continue
+        found = _read_entry(where, own[0], before, seen)
+        if isinstance(found, tuple):
+            summary, st = found
+            out[summary.key] = summary.nbytes + st.st_size  # as entry_from_meta counts
+    _SUMMARIES[where] = seen
+    return out
+
+
 def _read_entry(
-    cache_dir: Path, stem: str, before: dict[tuple[int, int, int, int], _Summary],
+    cache_dir: str, stem: str, before: dict[tuple[int, int, int, int], _Summary],
     seen: dict[tuple[int, int, int, int], _Summary],
 ) -> tuple[_Summary, os.stat_result] | Problem | None:
-    path = cache_dir / f"{stem}.json"
+    """``stem``'s entry as listing needs it: from the memo when its metadata file is the one
+    parsed before, else read (and remembered). None if it is gone. Hot: plain str paths."""
+    path = f"{cache_dir}/{stem}.json"
     try:
         st = os.lstat(path)
     except FileNotFoundError:
         return None
     if stat.S_ISLNK(st.st_mode):
-        return Problem(stem, None, path, 0, "damaged",
+        return Problem(stem, None, Path(path), 0, "damaged",
                        "the metadata file is a symlink, which mmcache never follows")
     sig = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
     summary = before.get(sig)
     if summary is None:
         try:
-            summary = _summarise(stem, path, _store.read_meta(path, None))
+            summary = _summarise(stem, path, _store.read_meta(Path(path), None))
         except FileNotFoundError:
             return None
         except PermissionError as exc:
-            return Problem(stem, None, path, st.st_size, "unreadable",
+            return Problem(stem, None, Path(path), st.st_size, "unreadable",
                            f"its metadata cannot be read ({exc.strerror}): another user's?")
         except UnsupportedFormatError as exc:
-            return Problem(stem, _key_hint(path, stem), path, st.st_size, "newer", _why(exc))
+            return Problem(stem, _key_hint(path, stem), Path(path), st.st_size, "newer",
+                           _why(exc))
         except CorruptEntryError as exc:
-            return Problem(stem, _key_hint(path, stem), path, st.st_size, "damaged", _why(exc))
+            return Problem(stem, _key_hint(path, stem), Path(path), st.st_size, "damaged",
+                           _why(exc))
         try:
             if _sig(os.lstat(path)) != sig:
                 return summary, st  # replaced while being read: do not remember it
@@ -205,21 +235,21 @@ def _sig(st: os.stat_result) -> tuple[int, int, int, int]:
     return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
 
 
-def _summarise(stem: str, path: Path, meta: dict[str, Any]) -> _Summary:
+def _summarise(stem: str, path: str, meta: dict[str, Any]) -> _Summary:
     key, data = meta["key"], meta["data"]  # str: read_meta checked the types
     if entry_name(key) != stem:
         raise CorruptEntryError(
-            f"metadata {str(path)!r} holds key {key!r}, which belongs in another file",
+            f"metadata {path!r} holds key {key!r}, which belongs in another file",
             path=path,
         )
     if not data.startswith(f"{stem}.") or "/" in data:  # the rule open() applies
-        raise CorruptEntryError(f"metadata {str(path)!r} points outside its entry", path=path)
+        raise CorruptEntryError(f"metadata {path!r} points outside its entry", path=path)
     layout = meta["layout"]
     try:
         return _Summary(key, data, float(meta["created"]), int(meta["nbytes"]),
                         int(layout.get("nrows", 0)), int(layout.get("ncols", 0)))
     except (TypeError, ValueError, OverflowError) as exc:
-        raise CorruptEntryError(f"metadata {str(path)!r} has fields of the wrong type",
+        raise CorruptEntryError(f"metadata {path!r} has fields of the wrong type",
                                 path=path) from exc
 
 
@@ -228,7 +258,7 @@ def _why(exc: MmcacheError) -> str:
     return exc.message.split("; ")[0]
 
 
-def _key_hint(path: Path, stem: str) -> str | None:
+def _key_hint(path: str, stem: str) -> str | None:
     """The key a damaged metadata file still names, if it does and it belongs here."""
     with contextlib.suppress(OSError, ValueError, UnicodeDecodeError):
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -427,12 +457,13 @@ def fit_limit(cache: Cache, cache_dir: Path, key: str, nbytes: int, limit: int) 
     one listing and one ``lstat`` per entry (metadata is re-read only when it changed);
     /proc is scanned only when something must go.
     """
+    sizes = _sizes(cache_dir)
+    if sum(n for k, n in sizes.items() if k != key) + nbytes <= limit:
+        return
     with one_scan():
         s = survey(cache_dir, users=False, strays=False)
         others = [e for e in s.entries if e.key != key]
         total = sum(e.nbytes for e in others)
-        if total + nbytes <= limit:
-            return
         pids = mapping_pids(cache_dir) or {}
         in_use = {e.key: len(pids.get(s.data.get(entry_name(e.key), ""), ())) for e in others}
         for victim in sorted(others, key=lambda e: (bool(in_use[e.key]), e.last_used)):

@@ -79,8 +79,7 @@ def own_name(name: str) -> tuple[str, str] | None:
     m = _OWN_NAME.fullmatch(name)
     if m is None:
         return None
-    kind = next(k for k in ("meta", "lock", "data", "tmp") if m.group(k) is not None)
-    return m.group("stem"), kind
+    return m.group("stem"), m.lastgroup  # type: ignore[return-value]  # the suffix's group
 
 
 def own_data_file(name: str) -> bool:
