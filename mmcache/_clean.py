@@ -306,8 +306,7 @@ def _classify(
                     Stray(path, nbytes, f"old version mapped by {n} live process(es)", True)
                 )
                 continue
-            what = ("data of an interrupted save" if not has_meta
-                    else "data of an old version or of an interrupted save")
+            what = "data no entry points to"  # an interrupted save, or a version let go
         elif kind == "tmp":
             nbytes, what = st.st_size, "metadata of an interrupted save"
         else:

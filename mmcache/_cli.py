@@ -173,8 +173,9 @@ def _ls(cache: Cache, as_json: bool) -> None:
 def _strays(s: Survey) -> None:
     """The lines of `ls` about what no entry uses."""
     if s.stale:
-        print(f"stale leftovers of interrupted saves: {len(s.stale)}, "
-              f"{human(sum(x.nbytes for x in s.stale))} (`mmcache clean --stale` removes them)")
+        print(f"stale leftovers (of interrupted saves, or versions no longer mapped): "
+              f"{len(s.stale)}, {human(sum(x.nbytes for x in s.stale))} "
+              "(`mmcache clean --stale` removes them)")
     if s.kept:
         print(f"old versions still mapped by live processes: {len(s.kept)}, "
               f"{human(sum(x.nbytes for x in s.kept))} (freed once those processes exit "
@@ -255,7 +256,9 @@ def _clean(cache: Cache, args: argparse.Namespace) -> None:
         if report.stale:
             what.append(_count(len(report.stale), "stale leftover", "stale leftovers"))
         listed = " and ".join([", ".join(what[:-1]), what[-1]] if len(what) > 1 else what)
-        print(f"would free {human(entries_bytes + stale_bytes)} in {listed}")
+        later = sum(e.nbytes for e in report.entries if e.in_use)
+        print(f"would free {human(entries_bytes + stale_bytes - later)} in {listed}"
+              + (f" ({human(later)} more once the processes mapping them exit)" if later else ""))
         return
     if report.stale:
         n = _count(len(report.stale), "stale leftover", "stale leftovers")
