@@ -195,7 +195,7 @@ class Cache:
             meta_bytes = _store.publish_meta(cache_dir, name, token, meta,
                                               data_dir / _memo.VERSION_META)
         except BaseException as exc:
-            _store.remove_tree(data_dir, files)
+            _clean.remove_data_dir(data_dir)
             # write() errors carry no file name: say which directory filled up here.
             if isinstance(exc, OSError) and (full := _store.full_error(exc, key, cache_dir)):
                 raise full from exc
@@ -334,15 +334,21 @@ class Cache:
         check_key(key)
         return self._delete(self.dir, key, timeout=LOCK_TIMEOUT)
 
-    def _delete(self, cache_dir: Path, key: str, *, timeout: float) -> bool:
-        """Delete under the key's lock; with ``timeout=0`` give up (False) if it is busy."""
+    def _delete(
+        self, cache_dir: Path, key: str, *, timeout: float, names: list[str] | None = None
+    ) -> bool:
+        """Delete under the key's lock; with ``timeout=0`` give up (False) if it is busy.
+
+        ``names``: the key's own file names from the caller's listing of the directory
+        (``clean`` lists it once for all keys instead of once per key).
+        """
         name = entry_name(key)
         _memo.forget(cache_dir, key)
         if not os.path.lexists(cache_dir / f"{name}.json"):
             return False  # nothing to delete (a save in progress has not published yet)
         try:
             with locked(cache_dir, name, key, timeout):
-                return _clean.delete_locked(cache_dir, name, key)
+                return _clean.delete_locked(cache_dir, name, key, names)
         except LockTimeoutError:
             if timeout == 0:
                 return False
@@ -369,16 +375,32 @@ class Cache:
         (bytes or ``"10GB"``) evicts least recently used entries until the rest fits, entries
         mapped by live processes last. ``dry_run`` removes nothing and returns
         what would go. Leftovers of killed saves are removed only when no live process holds
-        their key's lock, so a save in progress is never touched.
+        their key's lock, so a save in progress is never touched. Only names mmcache writes
+        are removed (see ``_paths.own_name``): other files in the directory are never touched.
+        Cost: one listing of the directory and one /proc scan, whatever the number of entries.
         """
         if isinstance(keys, str):
             keys = [keys]
-        return _clean.clean(
-            self, keys,
+        return self._clean_report(
+            keys,
             None if older_than is None else _duration_arg(older_than),
             None if max_bytes is None else _size_arg(max_bytes, "max_bytes"),
             dry_run,
-        )
+        ).entries
+
+    @_api
+    def _clean_report(
+        self, keys: Sequence[str] | None, older_than: float | None, max_bytes: int | None,
+        dry_run: bool, *, stale_only: bool = False,
+    ) -> _clean.Cleaned:
+        """For ``mmcache clean``: :meth:`clean`, also saying which damaged entries and
+        leftovers went (or would go)."""
+        return _clean.clean(self, keys, older_than, max_bytes, dry_run, stale_only=stale_only)
+
+    @_api
+    def _survey(self) -> _clean.Survey:
+        """For ``mmcache ls``: entries, damaged entries and leftovers (changes nothing)."""
+        return _clean.survey(self.dir)
 
     @_api
     def share(self, obj: Frame) -> Entry:

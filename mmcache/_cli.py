@@ -7,17 +7,19 @@ Exit status: 0 on success, 1 on an error (one ``Error: ...`` line on stderr, no 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
 import json
-import os
+import shlex
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
+from dataclasses import replace
 from typing import Any
 
 from . import Cache, Entry, MmcacheError, __version__
+from ._clean import Problem, Stray, Survey
+from ._errors import CacheDirError, CorruptEntryError, EntryNotFoundError, UnsupportedFormatError
+from ._paths import entry_name
 from ._units import human, parse_duration, parse_size
 
 
@@ -58,6 +60,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="only entries unused for AGE (90s, 30m, 2h, 7d)")
     clean.add_argument("--max-size", type=_size, metavar="SIZE",
                        help="evict least recently used entries until the rest fits (10GB)")
+    clean.add_argument("--stale", action="store_true",
+                       help="remove only damaged entries and leftovers of interrupted saves")
     clean.add_argument("--dry-run", action="store_true", help="remove nothing, show what would go")
     return p
 
@@ -69,6 +73,41 @@ def _shown(key: str) -> str:
 
 def _entries(n: int) -> str:
     return f"{n} entr{'y' if n == 1 else 'ies'}"
+
+
+def _count(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
+def _problem_name(p: Problem) -> str:
+    return _shown(p.key) if p.key is not None else f"(key unreadable) {p.name}"
+
+
+def _remedy(p: Problem) -> str:
+    """What to do about an entry that cannot be listed."""
+    if p.kind == "newer":
+        return "upgrade mmcache to read it"
+    if p.kind == "unreadable":
+        return "only its owner can read or remove it"
+    if p.key is not None and p.key.isprintable():
+        return f"`mmcache clean {shlex.quote(p.key)}` removes it"
+    return "`mmcache clean --stale` removes it"
+
+
+_KINDS = {"damaged": "DAMAGED", "unreadable": "UNREADABLE", "newer": "NEWER FORMAT"}
+
+
+def _stray_name(x: Stray) -> str:
+    return _shown(x.path.name) + ("/" if x.is_dir else "")
+
+
+def _stray_json(x: Stray) -> dict[str, Any]:
+    return {"path": str(x.path), "nbytes": x.nbytes, "what": x.what}
+
+
+def _group_json(items: list[Stray]) -> dict[str, Any]:
+    return {"count": len(items), "nbytes": sum(x.nbytes for x in items),
+            "items": [_stray_json(x) for x in items]}
 
 
 def _when(t: dt.datetime) -> str:
@@ -101,21 +140,21 @@ def _table(rows: list[list[str]], right: Sequence[int] = ()) -> str:
     return "\n".join(lines)
 
 
-def _du(path: Path) -> int:
-    total = 0
-    for root, _dirs, files in os.walk(path):
-        for f in files:
-            with contextlib.suppress(OSError):
-                total += os.lstat(os.path.join(root, f)).st_size
-    return total
-
-
 def _ls(cache: Cache, as_json: bool) -> None:
-    entries = cache.entries()
+    s = cache._survey()
+    entries = s.entries
     total = sum(e.nbytes for e in entries)
     if as_json:
-        print(json.dumps({"cache_dir": str(cache.dir), "total_bytes": total,
-                          "entries": [_entry_json(e) for e in entries]}, indent=2))
+        print(json.dumps({
+            "cache_dir": str(cache.dir), "total_bytes": total,
+            "entries": [_entry_json(e) for e in entries],
+            "problems": [{"key": p.key, "name": p.name, "path": str(p.path), "nbytes": p.nbytes,
+                          "kind": p.kind, "problem": p.why, "remedy": _remedy(p)}
+                         for p in s.problems],
+            "leftovers": _group_json(s.stale),
+            "kept_mapped": _group_json(s.kept),
+            "saving": _group_json(s.saving),
+        }, indent=2))
         return
     if entries:
         rows = [["KEY", "SIZE", "ROWS", "COLS", "CREATED", "LAST USED", "IN USE"]]
@@ -124,11 +163,33 @@ def _ls(cache: Cache, as_json: bool) -> None:
                          _when(e.created), _ago(e.last_used),
                          "?" if e.in_use is None else str(e.in_use)])
         print(_table(rows, right=(1, 2, 3, 6)))
-    print(f"{_entries(len(entries))}, {human(total)} in {cache.dir}")
+    for p in s.problems:
+        print(f"{_KINDS[p.kind]} {_problem_name(p)}  {human(p.nbytes)}: {_shown(p.why)}; "
+              f"{_remedy(p)}")
+    _strays(s)
+    print(f"{_entries(len(entries))}, {human(total)} in {_shown(str(cache.dir))}")
+
+
+def _strays(s: Survey) -> None:
+    """The lines of `ls` about what no entry uses."""
+    if s.stale:
+        print(f"stale leftovers (of interrupted saves, or versions no longer mapped): "
+              f"{len(s.stale)}, {human(sum(x.nbytes for x in s.stale))} "
+              "(`mmcache clean --stale` removes them)")
+    if s.kept:
+        print(f"old versions still mapped by live processes: {len(s.kept)}, "
+              f"{human(sum(x.nbytes for x in s.kept))} (freed once those processes exit "
+              "and `mmcache clean` runs)")
+    if s.saving:
+        print(f"saves in progress: {len(s.saving)}, {human(sum(x.nbytes for x in s.saving))}")
 
 
 def _info(cache: Cache, key: str, as_json: bool) -> None:
-    entry, dtypes, index, files = cache._describe(key)
+    try:
+        entry, dtypes, index, files = cache._describe(key)
+    except EntryNotFoundError:
+        _not_listed(cache, key)
+        raise
     if as_json:
         out = _entry_json(entry)
         out.update({"index": index, "columns": [{"name": n, "dtype": d} for n, d in dtypes],
@@ -137,45 +198,81 @@ def _info(cache: Cache, key: str, as_json: bool) -> None:
         return
     users = "unknown" if entry.in_use is None else f"{entry.in_use} process(es)"
     print(_table([
-        ["key", entry.key], ["path", str(entry.path)],
+        ["key", _shown(entry.key)], ["path", _shown(str(entry.path))],
         ["size", f"{human(entry.nbytes)} ({entry.nbytes:,} bytes)"],
         ["rows", f"{entry.nrows:,}"], ["columns", f"{entry.ncols:,}"],
         ["created", _when(entry.created)],
         ["last used", f"{_when(entry.last_used)} ({_ago(entry.last_used)})"],
-        ["in use by", users], ["index", index],
+        ["in use by", users], ["index", _shown(index)],
     ]))
     if dtypes:
         print()
-        print(_table([["COLUMN", "DTYPE"]] + [[n, d] for n, d in dtypes]))
+        print(_table([["COLUMN", "DTYPE"]] + [[_shown(n), _shown(d)] for n, d in dtypes]))
     print()
     print(_table([["FILE", "DTYPE", "SIZE"]]
-                 + [[f["name"], f["dtype"], human(f["size"])] for f in files], right=(2,)))
+                 + [[_shown(str(f["name"])), _shown(str(f["dtype"])), human(f["size"])]
+                    for f in files], right=(2,)))
+
+
+def _not_listed(cache: Cache, key: str) -> None:
+    """Raise what is wrong with ``key``'s entry if it exists but cannot be listed."""
+    name = entry_name(key)
+    for p in cache._survey().problems:
+        if p.name != name:
+            continue
+        p = replace(p, key=key)  # known here even when the metadata no longer says it
+        about = f"entry {key!r} "
+        if p.kind == "damaged":
+            raise CorruptEntryError(f"{about}is damaged: {p.why}; {_remedy(p)}, then save it "
+                                    "again", key=key, path=p.path)
+        if p.kind == "newer":
+            raise UnsupportedFormatError(f"{about}cannot be read: {p.why}; {_remedy(p)}",
+                                         key=key, path=p.path)
+        raise CacheDirError(f"{about}cannot be read: {p.why}", key=key, path=p.path)
 
 
 def _clean(cache: Cache, args: argparse.Namespace) -> None:
     cache_dir = cache.dir
-    before = _du(cache_dir)
-    removed = cache.clean(args.keys or None, older_than=args.older_than,
-                          max_bytes=args.max_size, dry_run=args.dry_run)
+    report = cache._clean_report(args.keys or None, args.older_than, args.max_size,
+                                 args.dry_run, stale_only=args.stale)
     verb = "would remove" if args.dry_run else "removed"
+    gone = {e.key for e in report.entries} | {p.name for p in report.damaged}
     for key in args.keys:
-        if key not in {e.key for e in removed}:
+        if key not in gone and entry_name(key) not in gone:
             print(f"no entry for key {_shown(key)}")
-    for e in removed:
+    for e in report.entries:
         in_use = f", mapped by {e.in_use} process(es)" if e.in_use else ""
         print(f"{verb} {_shown(e.key)}  {human(e.nbytes)}  (last used {_ago(e.last_used)}{in_use})")
-    entries_bytes = sum(e.nbytes for e in removed)
+    for p in report.damaged:
+        print(f"{verb} damaged entry {_problem_name(p)}  {human(p.nbytes)}  ({_shown(p.why)})")
+    for x in report.stale:
+        print(f"{verb} stale leftover {_stray_name(x)}  {human(x.nbytes)}  ({x.what})")
+    entries_bytes = sum(e.nbytes for e in report.entries) + sum(p.nbytes for p in report.damaged)
+    stale_bytes = sum(x.nbytes for x in report.stale)
     if args.dry_run:
-        print(f"would free {human(entries_bytes)} in {_entries(len(removed))}")
+        what = [_entries(len(report.entries))]
+        if report.damaged:
+            what.append(_count(len(report.damaged), "damaged entry", "damaged entries"))
+        if report.stale:
+            what.append(_count(len(report.stale), "stale leftover", "stale leftovers"))
+        listed = " and ".join([", ".join(what[:-1]), what[-1]] if len(what) > 1 else what)
+        later = sum(e.nbytes for e in report.entries if e.in_use)
+        print(f"would free {human(entries_bytes + stale_bytes - later)} in {listed}"
+              + (f" ({human(later)} more once the processes mapping them exit)" if later else ""))
         return
-    freed = max(0, before - _du(cache_dir))
-    leftovers = max(0, freed - entries_bytes)
-    if leftovers:
-        print(f"removed stale leftovers  {human(leftovers)}")
-    remaining = cache.entries()
-    print(f"freed {human(freed)}; {_entries(len(remaining))} "
-          f"({human(sum(e.nbytes for e in remaining))}) left in {cache_dir}")
-    if any(e.in_use for e in removed):
+    if report.stale:
+        n = _count(len(report.stale), "stale leftover", "stale leftovers")
+        print(f"removed {n}  {human(stale_bytes)}")
+    after = cache._survey()
+    freed = max(0, report.nbytes_before - after.nbytes)
+    print(f"freed {human(freed)}; {_entries(len(after.entries))} "
+          f"({human(sum(e.nbytes for e in after.entries))}) left in {_shown(str(cache_dir))}")
+    if after.kept:
+        n = _count(len(after.kept), "old version", "old versions")
+        print(f"kept {n} still mapped by live processes "
+              f"({human(sum(x.nbytes for x in after.kept))}): their memory returns when those "
+              "processes exit; `mmcache clean` then removes the files")
+    elif any(e.in_use for e in report.entries):
         print("note: entries still mapped by live processes free their memory when those exit")
 
 

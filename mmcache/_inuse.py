@@ -6,21 +6,56 @@ does; ``ls`` shows the count and eviction removes such entries last.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
+from collections.abc import Iterator
 from pathlib import Path
+
+# Within `one_scan()`: cache dir (real path) -> the scan made for it, so a clean of N entries
+# reads /proc once, not once per entry (which made clean O(N x processes)).
+_SCANS: contextvars.ContextVar[dict[str, dict[str, set[int]] | None] | None] = (
+    contextvars.ContextVar("mmcache_scans", default=None)
+)
+
+
+@contextlib.contextmanager
+def one_scan() -> Iterator[None]:
+    """Within the block, :func:`mapping_pids` scans /proc at most once per cache dir.
+
+    For one listing-and-removal pass: a process that maps a version only after the scan is
+    not seen, which is the same race a fresh scan has with a process mapping just after it.
+    """
+    token = _SCANS.set({})
+    try:
+        yield
+    finally:
+        _SCANS.reset(token)
 
 
 def mapping_pids(cache_dir: Path) -> dict[str, set[int]] | None:
     """Data directory name -> pids mapping a file in it; None where /proc is not available.
 
-    Cost: reads every readable /proc/PID/maps once (tens of ms on a busy machine). Processes
-    of other users are invisible unless running as root, so counts are lower bounds.
+    Cost: reads every readable /proc/PID/maps once (tens of ms on a busy machine); inside
+    :func:`one_scan`, only the first call per cache dir does. Processes of other users are
+    invisible unless running as root, so counts are lower bounds.
     """
+    prefix = os.path.realpath(cache_dir) + os.sep
+    scans = _SCANS.get()
+    if scans is not None and prefix in scans:
+        return scans[prefix]
+    found = _mapping_pids(prefix)
+    if scans is not None:
+        scans[prefix] = found
+    return found
+
+
+def _mapping_pids(prefix: str) -> dict[str, set[int]] | None:
     proc = Path("/proc")
     if not (proc / "self" / "maps").exists():
         return None
     try:
-        return _scan(proc, os.path.realpath(cache_dir) + os.sep)
+        return _scan(proc, prefix)
     except OSError:  # out of descriptors, /proc unreadable: say "unknown", never fail
         return None
 

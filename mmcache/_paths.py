@@ -9,6 +9,11 @@ Layout of a cache directory (everything for one key shares the prefix ``NAME``):
 
 ``NAME`` is a readable prefix of the key (``[A-Za-z0-9_-]`` only) plus a hash of the full key,
 so no key can produce ``/``, ``..``, NUL or a leading dot, whatever it contains.
+
+Those four forms (``TOKEN``: 16 hex digits), and inside a data directory ``<n>.npy`` and
+``meta.json``, are the only names mmcache ever removes: :func:`own_name` and
+:func:`own_data_file` are the one rule every remover follows, so a cache directory that also
+holds other files (or is reached through a symlink to someone's home) never loses them.
 """
 
 from __future__ import annotations
@@ -30,6 +35,14 @@ MAX_KEY_LEN = 200
 _PREFIX_LEN = 48
 _HASH_HEX = 24
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+_TOKEN_HEX = 16  # _store.new_token()
+_STEM = rf"[A-Za-z0-9_-]{{1,{_PREFIX_LEN}}}-[0-9a-f]{{{_HASH_HEX}}}"
+_TOKEN = rf"[0-9a-f]{{{_TOKEN_HEX}}}"
+_OWN_NAME = re.compile(
+    rf"(?P<stem>{_STEM})\.(?:(?P<meta>json)|(?P<lock>lock)|(?P<data>{_TOKEN})"
+    rf"|json\.(?P<tmp>{_TOKEN})\.tmp)"
+)
+_OWN_DATA_FILE = re.compile(r"(?:0|[1-9][0-9]*)\.npy|meta\.json")
 
 
 def check_key(key: object) -> str:
@@ -38,7 +51,9 @@ def check_key(key: object) -> str:
         raise InvalidKeyError(
             f"key must be a str, got {type(key).__name__} {key!r}; pass a string key", key=None
         )
-    if not key or len(key) > MAX_KEY_LEN:
+    if not key:
+        raise InvalidKeyError("key is empty; pass a non-empty string key", key=key)
+    if len(key) > MAX_KEY_LEN:
         raise InvalidKeyError(
             f"key must have 1 to {MAX_KEY_LEN} characters, got {len(key)}; use a shorter key",
             key=key,
@@ -52,6 +67,25 @@ def entry_name(key: str) -> str:
     """The file-name stem of ``key``'s entry: safe, unique, readable."""
     digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:_HASH_HEX]
     return f"{_UNSAFE.sub('_', key)[:_PREFIX_LEN]}-{digest}"
+
+
+def own_name(name: str) -> tuple[str, str] | None:
+    """``(stem, kind)`` if ``name`` is one mmcache writes in a cache directory, else None.
+
+    ``kind`` is ``"meta"`` (``NAME.json``), ``"lock"`` (``NAME.lock``), ``"data"``
+    (``NAME.TOKEN``, a data directory) or ``"tmp"`` (``NAME.json.TOKEN.tmp``). Anything else
+    (``.git``, ``report.csv``, ``NAME.json.bak``) is not mmcache's, and is never touched.
+    """
+    m = _OWN_NAME.fullmatch(name)
+    if m is None:
+        return None
+    return m.group("stem"), m.lastgroup  # type: ignore[return-value]  # the suffix's group
+
+
+def own_data_file(name: str) -> bool:
+    """True if ``name`` is one mmcache writes inside a data directory (``<n>.npy``,
+    ``meta.json``); only those are removed from it, and it is removed only once empty."""
+    return _OWN_DATA_FILE.fullmatch(name) is not None
 
 
 def default_cache_dir() -> Path:
@@ -69,14 +103,19 @@ def resolve_cache_dir(cache_dir: str | os.PathLike[str] | None, *, create: bool 
     Order: the argument, else ``$MMCACHE_DIR``, else :func:`default_cache_dir`. The
     environment is read at each call, not at import. With ``create`` (saving) a missing
     directory is made, mode 0700; without it (reading, listing, cleaning) a missing directory
-    is returned as is and simply holds nothing, so a typo never litters the disk. The default
+    is returned as is and simply holds nothing, so a typo never litters the disk. A relative
+    path is made absolute here, once, so entries and frames pickled by reference name the same
+    directory in a process with another working directory. The default
     directory must be a real directory owned by the user with no group or other access (a
     planted symlink or a foreign directory would let another user read or swap the data); a
     directory the user chose must be owned by them (or root) and not writable by others.
     """
     chosen = cache_dir if cache_dir is not None else os.environ.get(ENV_DIR) or None
     is_default = chosen is None
-    path = default_cache_dir() if chosen is None else Path(os.fspath(chosen)).expanduser()
+    if chosen is None:
+        path = default_cache_dir()
+    else:
+        path = _absolute(Path(os.fspath(chosen)).expanduser())
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -139,3 +178,17 @@ def resolve_cache_dir(cache_dir: str | os.PathLike[str] | None, *, create: bool 
             path=path,
         )
     return path
+
+
+def _absolute(path: Path) -> Path:
+    # Not os.path.abspath: collapsing "a/.." lexically is wrong when "a" is a symlink.
+    if path.is_absolute():
+        return path
+    try:
+        return Path(os.getcwd()) / path
+    except FileNotFoundError as exc:
+        raise CacheDirError(
+            f"cache directory {str(path)!r} is relative, and the current directory no longer "
+            "exists; pass an absolute path",
+            path=path,
+        ) from exc

@@ -16,7 +16,6 @@ import hashlib
 import io
 import json
 import os
-import shutil
 import stat
 import uuid
 from pathlib import Path
@@ -307,21 +306,6 @@ def _map_npy(path: Path, dtype: np.dtype, count: int, size: int, key: str) -> np
     # A plain read-only ndarray over the mapping (never np.memmap, which pandas treats as a
     # foreign class); it keeps the mapping alive for as long as any view of it lives.
     return buf[offset:].view(dtype)
-
-
-def remove_tree(path: Path, files: list[Spec] | None = None) -> None:
-    """Remove a data directory; readers that mapped its files keep their pages until unmap.
-
-    With ``files`` (the names it holds) it needs no file descriptor, so a save that failed
-    for lack of descriptors still removes its partial directory.
-    """
-    if files is not None:
-        for spec in files:
-            with contextlib.suppress(OSError):
-                os.unlink(path / spec["name"])
-        with contextlib.suppress(OSError):
-            os.rmdir(path)
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def _unlink(path: Path) -> None:
