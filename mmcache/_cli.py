@@ -178,8 +178,8 @@ def _strays(s: Survey) -> None:
               "(`mmcache clean --stale` removes them)")
     if s.kept:
         print(f"old versions still mapped by live processes: {len(s.kept)}, "
-              f"{human(sum(x.nbytes for x in s.kept))} (freed once those processes exit "
-              "and `mmcache clean` runs)")
+              f"{human(sum(x.nbytes for x in s.kept))} (their files go when the last "
+              "of those processes drops its frames of them, or exits)")
     if s.saving:
         print(f"saves in progress: {len(s.saving)}, {human(sum(x.nbytes for x in s.saving))}")
 
@@ -270,10 +270,11 @@ def _clean(cache: Cache, args: argparse.Namespace) -> None:
     if after.kept:
         n = _count(len(after.kept), "old version", "old versions")
         print(f"kept {n} still mapped by live processes "
-              f"({human(sum(x.nbytes for x in after.kept))}): their memory returns when those "
-              "processes exit; `mmcache clean` then removes the files")
+              f"({human(sum(x.nbytes for x in after.kept))}): their files go when the last "
+              "of those processes drops its frames of them, or exits")
     elif any(e.in_use for e in report.entries):
-        print("note: entries still mapped by live processes free their memory when those exit")
+        print("note: entries still mapped by live processes free their memory when those "
+              "drop their frames of them, or exit")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
