@@ -291,6 +291,14 @@ class Cache:
             base = version.frames.setdefault(ckey, base)
         return _frame.hand_out(base, cache_dir, version, ckey)
 
+    def _current_token(self, key: str) -> str | None:
+        """The version ``key`` holds now, or None."""
+        try:
+            meta = _store.read_meta(self.dir / f"{entry_name(key)}.json", key)
+        except (FileNotFoundError, MmcacheError):
+            return None
+        return str(meta["token"])
+
     def _open_version(self, key: str, token: str, columns: Any) -> Frame | None:
         """Open exactly version ``token`` of ``key`` (unpickling a reference), or None."""
         cache_dir = self.dir

@@ -43,6 +43,7 @@ from ._errors import (
     MmcacheError,
     UnsupportedTypeError,
 )
+from ._memo import VERSION_META
 from ._time import tz_to_json
 
 
@@ -278,7 +279,14 @@ class _Ref:
     def openable(self) -> bool:
         """The receiver can map this version: its files are on disk, and kept there while
         this process maps them (an old version is removed only once nobody maps it)."""
-        return self.version.maps_files and os.path.isdir(self.version.data_dir)
+        if not self.version.maps_files:
+            return False  # nothing mapped keeps the files: pickling the data is tiny anyway
+        if os.path.exists(self.version.data_dir / VERSION_META):
+            return True
+        # Written before versions linked their metadata: openable only while current.
+        from ._cache import Cache
+
+        return Cache(self.cache_dir)._current_token(self.key) == self.token
 
     def unmodified(self, obj: Any) -> bool:
         mgr = obj._mgr

@@ -414,3 +414,18 @@ def test_damaged_string_labels_are_a_corrupt_entry_not_a_raw_unicode_error(cache
         with pytest.raises(mmcache.CorruptEntryError, match="damaged"):
             mmcache.open("k")
         mmcache.save(df, "k")  # intact again for the next needle
+
+
+def test_item3_entries_of_the_previous_format_pickle_in_full_once_replaced(cache_dir):
+    # Data directories written before versions linked their metadata cannot be opened by
+    # token once the key moves on: a frame of one must then carry its data, not a reference.
+    mmcache.save(tw.version_frame(1), "k")
+    for link in cache_dir.glob("*/meta.json"):
+        link.unlink()  # as an older mmcache wrote it
+    mmcache._cache._MEMO.clear()
+    old = mmcache.open("k")
+    assert len(pickle.dumps(old)) < 1000  # still current: a reference
+    mmcache.save(tw.version_frame(2), "k")
+    payload = pickle.dumps(old)
+    assert len(payload) > 10_000
+    assert tw.which_version(pickle.loads(payload)) == 1
