@@ -343,12 +343,15 @@ class Cache:
         return self._delete(self.dir, key, timeout=LOCK_TIMEOUT)
 
     def _delete(
-        self, cache_dir: Path, key: str, *, timeout: float, names: list[str] | None = None
+        self, cache_dir: Path, key: str, *, timeout: float, names: list[str] | None = None,
+        unused_since: float | None = None,
     ) -> bool:
         """Delete under the key's lock; with ``timeout=0`` give up (False) if it is busy.
 
         ``names``: the key's own file names from the caller's listing of the directory
-        (``clean`` lists it once for all keys instead of once per key).
+        (``clean`` lists it once for all keys instead of once per key). ``unused_since``:
+        delete only if the entry was not used (or re-saved) at or after that time, checked
+        under the lock (an entry chosen by age may have been opened since it was listed).
         """
         name = entry_name(key)
         _memo.forget(cache_dir, key)
@@ -356,7 +359,7 @@ class Cache:
             return False  # nothing to delete (a save in progress has not published yet)
         try:
             with locked(cache_dir, name, key, timeout):
-                return _clean.delete_locked(cache_dir, name, key, names)
+                return _clean.delete_locked(cache_dir, name, key, names, unused_since)
         except LockTimeoutError:
             if timeout == 0:
                 return False

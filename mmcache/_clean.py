@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from . import _store
 from ._entry import Entry, entry_from_meta
-from ._errors import CorruptEntryError, MmcacheError, UnsupportedFormatError
+from ._errors import CacheDirError, CorruptEntryError, MmcacheError, UnsupportedFormatError
 from ._inuse import mapping_pids, one_scan
 from ._lock import KeyLock
 from ._paths import check_key, entry_name, own_data_file, own_name
@@ -393,6 +393,7 @@ def clean(
     """See :meth:`Cache.clean` (arguments already parsed). ``stale_only``: no entry that
     opens, only damaged entries and leftovers."""
     cache_dir = cache.dir
+    listed_at = time.time()
     with one_scan():
         s = survey(cache_dir)
         chosen = [] if stale_only else s.entries
@@ -406,10 +407,12 @@ def clean(
             selector = older_than is None and max_bytes is None
             damaged = [p for p in damaged if selector and p.name in stems]
             stale = []
+        unused_since = None  # chosen by use: re-checked under each key's lock
         if older_than is not None:
-            cutoff = time.time() - older_than
+            unused_since = cutoff = time.time() - older_than
             chosen = [e for e in chosen if e.last_used.timestamp() < cutoff]
         if max_bytes is not None:
+            unused_since = listed_at if unused_since is None else min(unused_since, listed_at)
             total = sum(e.nbytes for e in s.entries)
             lru = sorted(chosen, key=lambda e: (bool(e.in_use), e.last_used))
             chosen = []
@@ -420,8 +423,9 @@ def clean(
                 total -= e.nbytes
         if dry_run:
             return Cleaned(chosen, damaged, stale, s.nbytes)
-        removed = [e for e in chosen if cache._delete(
-            cache_dir, e.key, timeout=cache.lock_timeout, names=s.names.get(entry_name(e.key)),
+        removed = [e for e in chosen if _delete_or_skip(
+            cache, cache_dir, e.key, names=s.names.get(entry_name(e.key)),
+            unused_since=unused_since,
         )]
         done = {entry_name(e.key) for e in removed}
         gone: list[Problem] = []
@@ -441,6 +445,19 @@ def clean(
                     gone.extend(p for p in damaged if p.name == stem)
         left = [x for x in stale if not os.path.lexists(x.path)]
     return Cleaned(removed, gone, left, s.nbytes)
+
+
+def _delete_or_skip(
+    cache: Cache, cache_dir: Path, key: str, names: list[str] | None,
+    unused_since: float | None,
+) -> bool:
+    """One key of a clean: a key whose lock cannot be taken at all (a directory planted in
+    place of its lock file) is skipped, not allowed to stop the clean of every other key."""
+    try:
+        return cache._delete(cache_dir, key, timeout=cache.lock_timeout, names=names,
+                             unused_since=unused_since)
+    except CacheDirError:
+        return False
 
 
 def _stem(stray: Stray) -> str:
@@ -492,7 +509,7 @@ def _remove_stale(cache_dir: Path, stem: str, names: list[str]) -> bool:
         if not lock.acquire(0):
             return False
     except OSError as exc:
-        if exc.errno in (errno.EACCES, errno.EPERM, errno.ELOOP):
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.ELOOP, errno.EISDIR):
             return False  # not ours to touch, or a symlink planted again meanwhile
         raise
     try:
@@ -632,13 +649,22 @@ def _unlink_sized(path: Path) -> int | None:
     return size
 
 
-def delete_locked(cache_dir: Path, name: str, key: str, names: list[str] | None = None) -> bool:
+def delete_locked(
+    cache_dir: Path, name: str, key: str, names: list[str] | None = None,
+    unused_since: float | None = None,
+) -> bool:
     """With ``name``'s lock held: unpublish the entry, then sweep its versions.
 
     ``names``: the key's own names from a listing made by the caller (``clean`` lists the
     directory once for all keys); else the directory is listed here.
     """
     meta_path = cache_dir / f"{name}.json"
+    if unused_since is not None:
+        try:
+            if os.stat(meta_path).st_atime >= unused_since:
+                return False  # used (or re-saved) since it was chosen: keep it
+        except FileNotFoundError:
+            return False
     data = None
     try:
         data = _store.read_meta(meta_path, key)["data"]

@@ -332,12 +332,17 @@ def _reopen(cache_dir: str, key: str, token: str, columns: Any) -> Any:
     raise error
 
 
-# Worker loops that lose the task (Pool: hangs; executors: BrokenProcessPool) when
-# unpickling it raises: (function name, end of its file's path).
+# Pool and executor loops that lose a task or a result when unpickling it raises (Pool: a
+# worker dies and map() waits forever, or the result thread dies; executors break with
+# BrokenProcessPool): (function name, end of its file's path). Worker loops read tasks,
+# the others read results sent back by workers (a worker may return an opened frame).
 _TASK_LOOPS = (
     ("worker", os.path.join("multiprocessing", "pool.py")),
+    ("_handle_results", os.path.join("multiprocessing", "pool.py")),
     ("_process_worker", os.path.join("concurrent", "futures", "process.py")),
+    ("wait_result_broken_or_wakeup", os.path.join("concurrent", "futures", "process.py")),
     ("_process_worker", os.path.join("loky", "process_executor.py")),
+    ("wait_result_broken_or_wakeup", os.path.join("loky", "process_executor.py")),
 )
 
 
@@ -354,8 +359,14 @@ def _in_task_loop() -> bool:
 
 
 class Unavailable:
-    """Stands in for a frame whose pickled version could not be opened in a worker: any
-    use raises the EntryChangedError that says why (and names the key)."""
+    """Stands in for a frame whose pickled version could not be opened inside a pool: any
+    use raises the EntryChangedError that says why (and names the key).
+
+    Attribute access is the one thing that does not raise: it gives another stand-in, so a
+    task that unpickles into ``getattr(frame, "query")`` (a bound method sent as the task)
+    still reaches the point where it is used, and raises there, as the task's own error.
+    ``repr`` says what it is, for debugging; ``str`` and formatting raise, like any use.
+    """
 
     __slots__ = ("_mmcache_error",)
 
@@ -367,19 +378,29 @@ class Unavailable:
         raise type(e)(e.message, key=e.key, path=e.path)
 
     def __getattr__(self, name: str) -> Any:
-        return self._fail()
+        if name.startswith("__") and name.endswith("__"):
+            return self._fail()  # protocol probes (e.g. __array_interface__): a use
+        return Unavailable(object.__getattribute__(self, "_mmcache_error"))
 
     def __repr__(self) -> str:
         return f"<mmcache.Unavailable: {object.__getattribute__(self, '_mmcache_error')}>"
 
 
-for _name in ("__getitem__", "__setitem__", "__delitem__", "__len__", "__iter__", "__contains__",
-              "__bool__", "__array__", "__eq__", "__ne__", "__lt__", "__le__", "__gt__",
-              "__ge__", "__hash__", "__add__", "__radd__", "__sub__", "__rsub__", "__mul__",
-              "__rmul__", "__truediv__", "__rtruediv__", "__floordiv__", "__mod__", "__pow__",
-              "__and__", "__or__", "__xor__", "__neg__", "__abs__", "__invert__", "__setattr__",
-              "__delattr__", "__reduce__", "__reduce_ex__", "__copy__", "__deepcopy__",
-              "__dataframe__", "__arrow_c_stream__", "__array_ufunc__"):
+for _name in (
+    "__getitem__", "__setitem__", "__delitem__", "__len__", "__iter__", "__reversed__",
+    "__contains__", "__bool__", "__array__", "__array_ufunc__", "__array_function__",
+    "__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge__", "__hash__", "__call__",
+    "__str__", "__format__", "__bytes__", "__int__", "__float__", "__complex__", "__index__",
+    "__round__", "__trunc__", "__floor__", "__ceil__", "__neg__", "__pos__", "__abs__",
+    "__invert__", "__add__", "__radd__", "__iadd__", "__sub__", "__rsub__", "__isub__",
+    "__mul__", "__rmul__", "__imul__", "__matmul__", "__rmatmul__", "__truediv__",
+    "__rtruediv__", "__itruediv__", "__floordiv__", "__rfloordiv__", "__mod__", "__rmod__",
+    "__divmod__", "__rdivmod__", "__pow__", "__rpow__", "__ipow__", "__lshift__", "__rshift__",
+    "__and__", "__rand__", "__or__", "__ror__", "__xor__", "__rxor__", "__setattr__",
+    "__delattr__", "__reduce__", "__reduce_ex__", "__copy__", "__deepcopy__",
+    "__getstate__", "__enter__", "__exit__", "__dataframe__", "__arrow_c_stream__",
+    "__dir__", "__sizeof__", "__fspath__",
+):
     setattr(Unavailable, _name, Unavailable._fail)
 
 

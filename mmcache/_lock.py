@@ -116,11 +116,13 @@ def locked(
     try:
         got = lock.acquire(timeout)
     except OSError as exc:
-        if exc.errno != errno.ELOOP:
+        if exc.errno not in (errno.ELOOP, errno.EISDIR):
             raise  # no permission, no descriptors: said at the API boundary
+        what = "a symlink, which mmcache never follows" if exc.errno == errno.ELOOP else \
+            "a directory, which mmcache never creates there"
         raise CacheDirError(
-            f"key {key!r}: lock file {str(lock.path)!r} is a symlink, which mmcache "
-            "never follows; remove it (`mmcache clean` removes planted symlinks)",
+            f"key {key!r}: lock file {str(lock.path)!r} is {what}; remove it "
+            "(`mmcache clean` removes planted symlinks; a directory is left to you)",
             key=key, path=lock.path,
         ) from exc
     if not got:

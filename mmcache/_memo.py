@@ -146,11 +146,14 @@ def load(cache_dir: Path, key: str, name: str, *, use: bool = True) -> Version:
     meta_path = cache_dir / f"{name}.json"
     memo_key = (str(cache_dir), key)
     missing_in: str | None = None
+    superseded: Version | None = None
     for _ in range(OPEN_RETRIES):
         try:
             st = os.stat(meta_path)
         except FileNotFoundError:
             forget(cache_dir, key)
+            if superseded is not None:
+                return superseded  # deleted right after we mapped it: still a valid frame
             raise not_found(key, cache_dir) from None
         sig = _sig(st)
         with _MEMO_LOCK:
@@ -173,11 +176,31 @@ def load(cache_dir: Path, key: str, name: str, *, use: bool = True) -> Version:
                     ) from None
                 missing_in = meta["token"]
                 continue  # replaced or deleted between stat and mapping: look again
+            if not _still_current(meta_path, version):
+                # Replaced between reading the metadata and mapping: a sweep may have found
+                # no process mapping this version and removed its files under us (the frame
+                # would be intact, but no reference to it could be opened). Take the newer.
+                superseded = version
+                continue
             _remember(memo_key, sig, version)
         if use:
             touch(meta_path, st)
         return version
+    if superseded is not None:
+        return superseded  # re-saved faster than we could open: the last one we mapped
     raise not_found(key, cache_dir)
+
+
+def _still_current(meta_path: Path, version: Version) -> bool:
+    """True if ``NAME.json`` is (still) the metadata of ``version``: then no sweep removed
+    it before this process mapped it (only versions no longer current are swept), and later
+    sweeps see the mapping."""
+    vst = _stat(version.data_dir / VERSION_META)
+    if vst is None:
+        # Written before versions linked their metadata (nothing to compare), or swept.
+        return os.path.isdir(version.data_dir)
+    cst = _stat(meta_path)
+    return cst is not None and (cst.st_dev, cst.st_ino) == (vst.st_dev, vst.st_ino)
 
 
 def load_version(cache_dir: Path, key: str, name: str, token: str) -> Version | None:

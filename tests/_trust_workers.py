@@ -243,3 +243,23 @@ def model_server(conn: Any, marker_dir: str) -> None:
             conn.send(("ok", out))
         except Exception as exc:
             conn.send(("err", (type(exc).__name__, str(exc))))
+
+
+def return_deferred(payload: bytes) -> Deferred:
+    """A task whose result unpickles, in the parent, the reference pickled earlier (as when
+    a worker returns an opened frame and the version goes before the parent reads it)."""
+    return Deferred(payload)
+
+
+class BoundMethodOf:
+    """Pickles as ``getattr(<the frame of payload>, name)``: a bound method sent as a task."""
+
+    def __init__(self, payload: bytes, name: str) -> None:
+        self.payload, self.name = payload, name
+
+    def __reduce__(self) -> Any:
+        return (getattr, (Deferred(self.payload), self.name))
+
+
+def call(fn: Any) -> Any:
+    return fn()

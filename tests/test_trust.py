@@ -206,10 +206,39 @@ def test_item4_stand_in_raises_on_any_use():
     err = mmcache.EntryChangedError("key 'k' is gone", key="k", path="/x")
     stand_in = _frame.Unavailable(err)
     for use in (lambda x: x["a"], lambda x: x.sum(), len, lambda x: x + 1, bool, pickle.dumps,
-                lambda x: np.asarray(x), iter):
+                lambda x: np.asarray(x), iter, str, lambda x: f"{x}", "{}".format,
+                float, int, round, lambda x: 2 ** x, lambda x: x.query("a > 1"),
+                lambda x: x.loc[0], lambda x: x.shape[0], lambda x: x == 1, hash):
         with pytest.raises(mmcache.EntryChangedError, match="'k'"):
             use(stand_in)
     assert "'k'" in repr(stand_in)
+
+
+def test_item4_pool_result_whose_version_is_gone_does_not_hang(cache_dir):
+    # Review finding: a worker returning an opened frame, whose version went before the
+    # parent read the result, killed Pool's result thread (map() waited forever).
+    payload = _gone_reference(cache_dir)
+    with mp.get_context("spawn").Pool(2) as pool:
+        got = pool.apply_async(tw.return_deferred, (payload,)).get(WAIT)
+        with pytest.raises(mmcache.EntryChangedError, match="'gone'"):
+            got["x"]
+        mmcache.save(tw.version_frame(3), "ok")
+        assert pool.map(tw.open_and_sum, [("ok", str(cache_dir))], chunksize=1)[0] > 0
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as ex:
+        got = ex.submit(tw.return_deferred, payload).result(WAIT)
+        with pytest.raises(mmcache.EntryChangedError, match="'gone'"):
+            got.sum()
+        assert ex.submit(tw.open_and_sum, ("ok", str(cache_dir))).result(WAIT) > 0
+
+
+def test_item4_bound_method_of_a_gone_version_as_a_task(cache_dir):
+    # Review finding: getattr(frame, "sum") runs while the task is unpickled; it must not
+    # raise there (the worker would die and the task be lost), but where it is called.
+    payload = _gone_reference(cache_dir)
+    with mp.get_context("spawn").Pool(1) as pool:
+        result = pool.apply_async(tw.call, (tw.BoundMethodOf(payload, "sum"),))
+        with pytest.raises(mmcache.EntryChangedError, match="'gone'"):
+            result.get(WAIT)
 
 
 # --- item 5: in-place edits after a re-save or delete -----------------------------------------
@@ -429,3 +458,68 @@ def test_item3_entries_of_the_previous_format_pickle_in_full_once_replaced(cache
     payload = pickle.dumps(old)
     assert len(payload) > 10_000
     assert tw.which_version(pickle.loads(payload)) == 1
+
+
+def test_item3_open_never_keeps_a_version_swept_while_it_was_being_mapped(cache_dir, monkeypatch):
+    # Review finding: a reader that read NAME.json before a re-save published, and mapped
+    # after the re-saver's /proc scan, kept a frame whose files were then removed (it could
+    # only pickle in full; a reference to it could not be opened).
+    from mmcache import _memo
+
+    mmcache.save(tw.version_frame(1), "k")
+    real_map = _memo._map
+    raced = []
+
+    def map_then_race(cache_dir_, key, data, meta):
+        version = real_map(cache_dir_, key, data, meta)
+        if not raced:
+            raced.append(data)
+            monkeypatch.setattr(_memo, "_map", real_map)
+            mmcache.save(tw.version_frame(2), "k")
+            # ... and a sweeper that had scanned /proc before this process mapped v1:
+            for f in (Path(cache_dir_) / data).iterdir():
+                f.unlink()
+            (Path(cache_dir_) / data).rmdir()
+        return version
+
+    monkeypatch.setattr(_memo, "_map", map_then_race)
+    got = mmcache.open("k")
+    assert raced
+    assert tw.which_version(got) == 2  # the current version, whose files are all there
+    assert len(pickle.dumps(got)) < 1000
+
+
+def test_item6_clean_by_age_rechecks_use_under_the_lock(cache_dir, monkeypatch):
+    # Review finding: clean(older_than=) chose entries from one listing, then deleted them
+    # one by one; an entry opened meanwhile was removed although used within the window.
+    from mmcache import _clean
+
+    for k in ("idle", "busy"):
+        mmcache.save(tw.version_frame(1), k)
+        meta = cache_dir / f"{entry_name(k)}.json"
+        os.utime(meta, ns=(time.time_ns() - 7200 * 10**9, os.stat(meta).st_mtime_ns))
+    real_survey = _clean.survey
+
+    def survey_then_open(*args, **kwargs):
+        listed = real_survey(*args, **kwargs)
+        mmcache.open("busy")  # used after the listing, before the deletions
+        return listed
+
+    monkeypatch.setattr(_clean, "survey", survey_then_open)
+    removed = [e.key for e in mmcache.clean(older_than="1h")]
+    assert removed == ["idle"]
+    assert mmcache.exists("busy")
+
+
+def test_clean_goes_on_past_a_directory_planted_as_a_lock_file(cache_dir):
+    # Review finding: one such key made clean() raise, so no other key was cleaned.
+    for k in ("a", "b", "c"):
+        mmcache.save(tw.version_frame(1), k)
+    lock = cache_dir / f"{entry_name('b')}.lock"
+    lock.unlink(missing_ok=True)
+    lock.mkdir()
+    removed = sorted(e.key for e in mmcache.clean())
+    assert removed == ["a", "c"]
+    with pytest.raises(mmcache.CacheDirError, match="is a directory"):
+        mmcache.save(tw.version_frame(2), "b")
+    assert lock.is_dir()  # not ours: left alone
