@@ -344,7 +344,7 @@ class Cache:
 
     def _delete(
         self, cache_dir: Path, key: str, *, timeout: float, names: list[str] | None = None,
-        unused_since: float | None = None,
+        unused_since: float | None = None, defer: list[tuple[str, str]] | None = None,
     ) -> bool:
         """Delete under the key's lock; with ``timeout=0`` give up (False) if it is busy.
 
@@ -352,6 +352,8 @@ class Cache:
         (``clean`` lists it once for all keys instead of once per key). ``unused_since``:
         delete only if the entry was not used (or re-saved) at or after that time, checked
         under the lock (an entry chosen by age may have been opened since it was listed).
+        ``defer``: a batch's list; the unpublished version is left there to be swept after
+        one fresh scan of /proc (see _clean.delete_locked).
         """
         name = entry_name(key)
         _memo.forget(cache_dir, key)
@@ -359,7 +361,7 @@ class Cache:
             return False  # nothing to delete (a save in progress has not published yet)
         try:
             with locked(cache_dir, name, key, timeout):
-                return _clean.delete_locked(cache_dir, name, key, names, unused_since)
+                return _clean.delete_locked(cache_dir, name, key, names, unused_since, defer)
         except LockTimeoutError:
             if timeout == 0:
                 return False

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from . import _store
 from ._entry import Entry, entry_from_meta
 from ._errors import CacheDirError, CorruptEntryError, MmcacheError, UnsupportedFormatError
-from ._inuse import mapping_pids, one_scan
+from ._inuse import mapping_pids, one_scan, rescan
 from ._lock import KeyLock
 from ._paths import check_key, entry_name, own_data_file, own_name
 
@@ -423,10 +423,12 @@ def clean(
                 total -= e.nbytes
         if dry_run:
             return Cleaned(chosen, damaged, stale, s.nbytes)
+        deferred: list[tuple[str, str]] = []
         removed = [e for e in chosen if _delete_or_skip(
             cache, cache_dir, e.key, names=s.names.get(entry_name(e.key)),
-            unused_since=unused_since,
+            unused_since=unused_since, defer=deferred,
         )]
+        _sweep_deferred(cache_dir, deferred)
         done = {entry_name(e.key) for e in removed}
         gone: list[Problem] = []
         if keys is not None:
@@ -449,13 +451,13 @@ def clean(
 
 def _delete_or_skip(
     cache: Cache, cache_dir: Path, key: str, names: list[str] | None,
-    unused_since: float | None,
+    unused_since: float | None, defer: list[tuple[str, str]],
 ) -> bool:
     """One key of a clean: a key whose lock cannot be taken at all (a directory planted in
     place of its lock file) is skipped, not allowed to stop the clean of every other key."""
     try:
         return cache._delete(cache_dir, key, timeout=cache.lock_timeout, names=names,
-                             unused_since=unused_since)
+                             unused_since=unused_since, defer=defer)
     except CacheDirError:
         return False
 
@@ -482,12 +484,15 @@ def fit_limit(cache: Cache, cache_dir: Path, key: str, nbytes: int, limit: int) 
         total = sum(e.nbytes for e in others)
         pids = mapping_pids(cache_dir) or {}
         in_use = {e.key: len(pids.get(s.data.get(entry_name(e.key), ""), ())) for e in others}
+        deferred: list[tuple[str, str]] = []
         for victim in sorted(others, key=lambda e: (bool(in_use[e.key]), e.last_used)):
             if total + nbytes <= limit:
-                return
+                break
             name = entry_name(victim.key)
-            if cache._delete(cache_dir, victim.key, timeout=0, names=s.names.get(name)):
+            if cache._delete(cache_dir, victim.key, timeout=0, names=s.names.get(name),
+                             defer=deferred):
                 total -= victim.nbytes
+        _sweep_deferred(cache_dir, deferred)
 
 
 # --- removal (always under the key's lock) -------------------------------------------------------
@@ -651,7 +656,7 @@ def _unlink_sized(path: Path) -> int | None:
 
 def delete_locked(
     cache_dir: Path, name: str, key: str, names: list[str] | None = None,
-    unused_since: float | None = None,
+    unused_since: float | None = None, defer: list[tuple[str, str]] | None = None,
 ) -> bool:
     """With ``name``'s lock held: unpublish the entry, then sweep its versions.
 
@@ -677,5 +682,20 @@ def delete_locked(
         names = own_names(cache_dir).get(name, [])
     if isinstance(data, str) and data not in names:
         names = [*names, data]  # saved after the caller's listing
+    if defer is not None and isinstance(data, str):
+        # Part of a batch that scanned /proc once, before this version stopped being
+        # current: a process may have mapped it since. The batch sweeps it after one fresh
+        # scan (see clean and fit_limit).
+        names = [n for n in names if n != data]
+        defer.append((name, data))
     sweep(cache_dir, name, [cache_dir / n for n in names])
     return True
+
+
+def _sweep_deferred(cache_dir: Path, deferred: list[tuple[str, str]]) -> None:
+    """Versions a batch unpublished: sweep them after one fresh scan of /proc."""
+    if not deferred:
+        return
+    rescan(cache_dir)
+    for name, data in deferred:
+        _remove_stale(cache_dir, name, [data])

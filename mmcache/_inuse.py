@@ -33,6 +33,14 @@ def one_scan() -> Iterator[None]:
         _SCANS.reset(token)
 
 
+def rescan(cache_dir: Path) -> None:
+    """Within :func:`one_scan`, make the next :func:`mapping_pids` of ``cache_dir`` read
+    /proc afresh (a batch that unpublished versions must see who maps them now)."""
+    scans = _SCANS.get()
+    if scans is not None:
+        scans.pop(os.path.realpath(cache_dir) + os.sep, None)
+
+
 def mapping_pids(cache_dir: Path) -> dict[str, set[int]] | None:
     """Data directory name -> pids mapping a file in it; None where /proc is not available.
 

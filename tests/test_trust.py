@@ -523,3 +523,36 @@ def test_clean_goes_on_past_a_directory_planted_as_a_lock_file(cache_dir):
     with pytest.raises(mmcache.CacheDirError, match="is a directory"):
         mmcache.save(tw.version_frame(2), "b")
     assert lock.is_dir()  # not ours: left alone
+
+
+def test_item3_clean_never_sweeps_a_version_mapped_after_it_listed(cache_dir, monkeypatch):
+    # Review finding: clean scanned /proc once, before choosing; a process that mapped a
+    # version after that scan lost its files when clean removed the entry, so references
+    # its sender still held could not be opened.
+    from mmcache import _clean
+
+    mmcache.save(tw.version_frame(1, 10_000), "k")
+    code = ("import sys, mmcache; df = mmcache.open('k', cache_dir=sys.argv[1]); "
+            "print('ready', flush=True); sys.stdin.readline()")
+    real_survey = _clean.survey
+    children = []
+
+    def survey_then_map_elsewhere(*args, **kwargs):
+        listed = real_survey(*args, **kwargs)
+        if not children:
+            child = subprocess.Popen([sys.executable, "-c", code, str(cache_dir)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            children.append(child)
+            assert child.stdout.readline().strip() == "ready"
+        return listed
+
+    monkeypatch.setattr(_clean, "survey", survey_then_map_elsewhere)
+    try:
+        assert [e.key for e in mmcache.clean()] == ["k"]
+        assert len([p for p in cache_dir.iterdir() if p.is_dir()]) == 1  # kept: mapped
+    finally:
+        for child in children:
+            child.kill()
+            child.wait(timeout=WAIT)
+            child.stdin.close()
+            child.stdout.close()

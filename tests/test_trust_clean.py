@@ -507,9 +507,11 @@ def test_item12_clean_and_ls_are_linear_in_the_number_of_entries(tmp_path, capsy
         for what, c in [("ls", ls_cold), ("ls again", ls_warm), ("clean", cl)]:
             # A constant number of listings and /proc scans, each name looked at a few times.
             assert c.listings <= 2, f"{what} of {n} entries listed the directory {c.listings}x"
-            assert c.proc_scans <= 1, f"{what} of {n} entries scanned /proc {c.proc_scans}x"
+            # (clean scans twice: before choosing, and once after unpublishing what it
+            # removes, so no version a process mapped meanwhile is swept under it)
+            assert c.proc_scans <= 2, f"{what} of {n} entries scanned /proc {c.proc_scans}x"
             assert c.listed <= 2 * names, f"{what}: {c.listed} names listed for {names}"
-            assert c.meta_opens <= 3 * n, f"{what}: {c.meta_opens} metadata opens for {n}"
+            assert c.meta_opens <= 4 * n, f"{what}: {c.meta_opens} metadata opens for {n}"
         # What this process parsed before is not read again while it is unchanged.
         assert ls_warm.meta_opens == 0, ls_warm.meta_opens
         counts[n] = (ls_cold.work(), cl.work())
@@ -540,7 +542,8 @@ def test_item12_save_under_a_size_limit_costs_no_scan_of_all_entries(tmp_path):
     os.utime(d / f"{entry_name('b')}.json", (1, os.stat(d / f"{entry_name('b')}.json").st_mtime))
     with counting(d) as c:
         cache.save(frame(1000), "d")
-    assert c.proc_scans == 1
+    # One scan to rank the victims, one after unpublishing them (before sweeping their files)
+    assert c.proc_scans == 2
     assert sorted(e.key for e in cache.entries()) == ["a", "c", "d"]
 
 
