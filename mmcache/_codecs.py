@@ -330,8 +330,22 @@ def _encode_array(values: Any, pool: Pool, where: str, code: str | None) -> Spec
         if isinstance(dtype, pd.StringDtype) and dtype.storage == "pyarrow":
             pa_arr = values._pa_array
         else:
-            pa_arr = pa.array(np.asarray(values, dtype=object), type=pa.large_string(),
-                              from_pandas=True)
+            objs = np.asarray(values, dtype=object)
+            try:
+                pa_arr = pa.array(objs, type=pa.large_string(), from_pandas=True)
+            except UnicodeError:
+                raise  # a lone surrogate: encode_array names it
+            except (pa.ArrowException, TypeError, ValueError):
+                # Missing values Arrow does not take for null (np.float32("nan"), ...):
+                # every missing value of a str column is stored as null.
+                objs = objs.copy()
+                objs[pd.isna(objs)] = None
+                try:
+                    pa_arr = pa.array(objs, type=pa.large_string(), from_pandas=True)
+                except UnicodeError:
+                    raise
+                except (pa.ArrowException, TypeError, ValueError) as exc:
+                    raise _unsupported(where, dtype, values) from exc
         if pa_arr.type != pa.large_string():
             pa_arr = pa_arr.cast(pa.large_string())
         return {"c": "str", "na": na, "arrow": _encode_arrow(pa_arr, pool)}
@@ -363,7 +377,13 @@ def _is_object(dtype: Any) -> bool:
 def _only_str(values: Any) -> bool:
     # An Index of object dtype that is empty stays object (kept exactly as JSON).
     kinds = ("string",) if isinstance(values, pd.Index) else ("string", "empty")
-    return infer_dtype(values, skipna=True) in kinds
+    kind = infer_dtype(values, skipna=True)
+    if kind == "mixed" and not isinstance(values, pd.Index):
+        # str with missing values infer_dtype does not skip (pd.NaT, ...): still text.
+        objs = np.asarray(values, dtype=object)
+        rest = objs[~pd.isna(objs)]
+        return len(rest) > 0 and all(isinstance(v, str) for v in rest)
+    return kind in kinds
 
 
 # --- object columns holding only missing values -------------------------------------------

@@ -21,6 +21,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -55,8 +56,12 @@ class KeyLock:
         deadline = time.monotonic() + timeout
         sleep = _MIN_SLEEP
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
+                         | os.O_CLOEXEC, 0o600)
             try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    # A FIFO, socket or device planted under the lock's name: not ours.
+                    raise OSError(errno.EISDIR, "not a regular file", str(self.path))
                 if timeout == float("inf"):
                     fcntl.flock(fd, fcntl.LOCK_EX)
                     got = True
@@ -119,7 +124,7 @@ def locked(
         if exc.errno not in (errno.ELOOP, errno.EISDIR):
             raise  # no permission, no descriptors: said at the API boundary
         what = "a symlink, which mmcache never follows" if exc.errno == errno.ELOOP else \
-            "a directory, which mmcache never creates there"
+            "not a regular file (a directory or a pipe?), which mmcache never creates there"
         raise CacheDirError(
             f"key {key!r}: lock file {str(lock.path)!r} is {what}; remove it "
             "(`mmcache clean` removes planted symlinks; a directory is left to you)",

@@ -52,7 +52,7 @@ def map_file(path: str | os.PathLike[str], size: int) -> np.ndarray:
     """A read-only uint8 array over ``path``, which must be a regular file of exactly
     ``size`` bytes (else ValueError): a mapping past the end of a file faults with SIGBUS when
     touched, so the size is checked on the very descriptor that is mapped."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)  # no FIFO wait
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_size != size or size <= 0:

@@ -174,11 +174,14 @@ def _write_new(path: Path, data: bytes) -> None:
 def read_meta(path: Path, key: str | None) -> Spec:
     """Read and check an entry's metadata. FileNotFoundError passes through."""
     # O_NOATIME: the atime records last use (set by open()); listing must not bump it.
+    # O_NONBLOCK: a FIFO planted under this name must not block the reader (it is refused
+    # below as not a regular file); it changes nothing for a regular file.
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     try:
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | _O_NOATIME)
+            fd = os.open(path, flags | _O_NOATIME)
         except PermissionError:  # O_NOATIME needs ownership; others' readers just read
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+            fd = os.open(path, flags)
     except OSError as exc:
         if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
             raise  # not found, no permission, no descriptors: not damage; the caller says
@@ -188,13 +191,20 @@ def read_meta(path: Path, key: str | None) -> Spec:
             "with `mmcache clean`",
             key=key, path=path,
         ) from exc
-    with open(fd, "rb", closefd=True) as f:
-        st = os.fstat(f.fileno())
+    try:
+        st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_META_BYTES:
+            # (checked before wrapping the descriptor: io refuses a directory with an
+            # IsADirectoryError that names the descriptor, not the path)
             raise CorruptEntryError(
-                f"metadata {str(path)!r} is not a regular file of sane size; delete the entry",
+                f"metadata {str(path)!r} is not a regular file of sane size (a directory or "
+                "a pipe someone put there?); remove it, or delete the entry and save it again",
                 key=key, path=path,
             )
+    except BaseException:
+        os.close(fd)
+        raise
+    with open(fd, "rb", closefd=True) as f:
         raw = f.read()
     try:
         meta = json.loads(raw)

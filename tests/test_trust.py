@@ -520,7 +520,7 @@ def test_clean_goes_on_past_a_directory_planted_as_a_lock_file(cache_dir):
     lock.mkdir()
     removed = sorted(e.key for e in mmcache.clean())
     assert removed == ["a", "c"]
-    with pytest.raises(mmcache.CacheDirError, match="is a directory"):
+    with pytest.raises(mmcache.CacheDirError, match="not a regular file"):
         mmcache.save(tw.version_frame(2), "b")
     assert lock.is_dir()  # not ours: left alone
 
@@ -556,3 +556,41 @@ def test_item3_clean_never_sweeps_a_version_mapped_after_it_listed(cache_dir, mo
             child.wait(timeout=WAIT)
             child.stdin.close()
             child.stdout.close()
+
+
+# --- found by the independent review of clean, the CLI and the codecs ---------------------------
+
+
+@pytest.mark.timeout(60)
+def test_pipes_and_directories_under_own_names_never_block_or_crash(cache_dir):
+    mmcache.save(tw.version_frame(1), "k")
+    name = entry_name("k")
+    meta = cache_dir / f"{name}.json"
+    (data,) = [p for p in cache_dir.iterdir() if p.is_dir()]
+    npy = data / "0.npy"
+    npy.unlink()
+    os.mkfifo(npy)  # a reader would wait forever on a blocking open of a pipe
+    mmcache._cache._MEMO.clear()
+    with pytest.raises(mmcache.CorruptEntryError):
+        mmcache.open("k")
+    meta.unlink()
+    meta.mkdir()  # a directory where the metadata goes
+    (meta / "mine.txt").write_text("user data")
+    with pytest.raises(mmcache.CorruptEntryError, match="not a regular file"):
+        mmcache.open("k")
+    assert mmcache.exists("k") in (True, False)
+    lock = cache_dir / f"{entry_name('p')}.lock"
+    os.mkfifo(lock)
+    with pytest.raises(mmcache.CacheDirError, match="not a regular file"):
+        mmcache.save(tw.version_frame(1), "p")
+    assert (meta / "mine.txt").read_text() == "user data"
+
+
+@pytest.mark.parametrize("missing", [np.float32("nan"), np.float16("nan"), pd.NaT, pd.NA])
+def test_str_columns_with_any_kind_of_missing_value_save(missing, cache_dir):
+    df = pd.DataFrame({"s": pd.Series(["x", missing, "y"], dtype=object)})
+    mmcache.save(df, "k")  # was: a raw ArrowTypeError, or a refusal blaming the str values
+    got = mmcache.open("k")
+    assert str(got["s"].dtype) == "str"
+    assert got["s"].tolist()[0] == "x" and got["s"].tolist()[2] == "y"
+    assert pd.isna(got["s"].iloc[1])
