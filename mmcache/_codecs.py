@@ -641,9 +641,17 @@ def decode_index(spec: Spec, m: Mapped, *, labels: bool = False) -> pd.Index:
             return pd.RangeIndex(spec["start"], spec["stop"], spec["step"],
                                  name=label_from_json(spec["name"]))
         if kind == "multi":
+            levels = [decode_index(s, m, labels=labels) for s in spec["levels"]]
+            codes = [m.get(c) for c in spec["codes"]]
+            for level, c in zip(levels, codes, strict=True):
+                # pandas indexes levels with these codes unchecked (verify_integrity=False,
+                # which skips far costlier checks): a damaged code would crash the process.
+                # One pass over small integers: the price of never segfaulting.
+                if len(c) and (c.min() < -1 or c.max() >= len(level)):
+                    raise CorruptEntryError(f"{m.where}: MultiIndex codes out of range")
             return pd.MultiIndex(
-                levels=[decode_index(s, m, labels=labels) for s in spec["levels"]],
-                codes=[m.get(c) for c in spec["codes"]],
+                levels=levels,
+                codes=codes,
                 names=[label_from_json(n) for n in spec["names"]],
                 verify_integrity=False,
             )

@@ -594,3 +594,23 @@ def test_str_columns_with_any_kind_of_missing_value_save(missing, cache_dir):
     assert str(got["s"].dtype) == "str"
     assert got["s"].tolist()[0] == "x" and got["s"].tolist()[2] == "y"
     assert pd.isna(got["s"].iloc[1])
+
+
+def test_damaged_multiindex_codes_are_a_corrupt_entry_not_a_crash(cache_dir):
+    # Review finding: pandas uses MultiIndex codes unchecked; a damaged byte crashed the
+    # reading process with SIGSEGV. Open checks their range (one pass over small ints).
+    idx = pd.MultiIndex.from_product([["a", "b"], [1, 2, 3]])
+    mmcache.save(pd.DataFrame({"x": np.arange(6.0)}, index=idx), "k")
+    meta = json.loads((cache_dir / f"{entry_name('k')}.json").read_bytes())
+    codes = meta["layout"]["index"]["codes"][0]
+    spec = meta["files"][codes["f"]]
+    path = cache_dir / meta["data"] / spec["name"]
+    raw = bytearray(path.read_bytes())
+    itemsize = np.dtype(spec["dtype"]).itemsize
+    start = len(raw) - spec["count"] * itemsize + codes["o"] * itemsize
+    raw[start:start + itemsize] = (100).to_bytes(itemsize, "little")  # level has 2 values
+    path.chmod(0o600)
+    path.write_bytes(bytes(raw))
+    mmcache._cache._MEMO.clear()
+    with pytest.raises(mmcache.CorruptEntryError, match="MultiIndex codes out of range"):
+        mmcache.open("k")
