@@ -236,10 +236,13 @@ def _clean(cache: Cache, args: argparse.Namespace) -> None:
     report = cache._clean_report(args.keys or None, args.older_than, args.max_size,
                                  args.dry_run, stale_only=args.stale)
     verb = "would remove" if args.dry_run else "removed"
-    gone = {e.key for e in report.entries} | {p.name for p in report.damaged}
+    gone = {e.key for e in [*report.entries, *report.skipped]} | {p.name for p in report.damaged}
     for key in args.keys:
         if key not in gone and entry_name(key) not in gone:
             print(f"no entry for key {_shown(key)}")
+    for e in report.skipped:
+        print(f"cannot remove {_shown(e.key)}: its lock {_shown(entry_name(e.key))}.lock is not "
+              "a regular file (mmcache never creates a directory or FIFO there); move it away")
     for e in report.entries:
         in_use = f", mapped by {e.in_use} process(es)" if e.in_use else ""
         print(f"{verb} {_shown(e.key)}  {human(e.nbytes)}  (last used {_ago(e.last_used)}{in_use})")

@@ -13,7 +13,10 @@ so no key can produce ``/``, ``..``, NUL or a leading dot, whatever it contains.
 Those four forms (``TOKEN``: 16 hex digits), and inside a data directory ``<n>.npy`` and
 ``meta.json``, are the only names mmcache ever removes: :func:`own_name` and
 :func:`own_data_file` are the one rule every remover follows, so a cache directory that also
-holds other files (or is reached through a symlink to someone's home) never loses them.
+holds other files (or is reached through a symlink to someone's home) never loses them. A
+name is mmcache's only with the file type mmcache gives it (:func:`own_type`): a directory
+named ``NAME.lock``, a file named ``NAME.TOKEN``, or a FIFO, socket or device of any name is
+someone else's, and is neither listed nor removed (nor opened, so a FIFO never blocks).
 """
 
 from __future__ import annotations
@@ -80,6 +83,19 @@ def own_name(name: str) -> tuple[str, str] | None:
     if m is None:
         return None
     return m.group("stem"), m.lastgroup  # type: ignore[return-value]  # the suffix's group
+
+
+def own_type(kind: str, mode: int) -> bool:
+    """True if a name of ``kind`` (see :func:`own_name`) with file type ``mode`` (from
+    ``lstat``) can be mmcache's: a directory for ``"data"``, a regular file for the others.
+
+    A symlink under any own name counts too: mmcache never creates one, but one planted there
+    blocks the key, so it is removed (never followed). Anything else under an own name (a
+    directory where mmcache writes a file, a FIFO, socket or device) is not mmcache's.
+    """
+    if stat.S_ISLNK(mode):
+        return True
+    return stat.S_ISDIR(mode) if kind == "data" else stat.S_ISREG(mode)
 
 
 def own_data_file(name: str) -> bool:

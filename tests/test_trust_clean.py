@@ -632,3 +632,320 @@ def test_item14_relative_cache_dir_is_resolved_once(tmp_path, monkeypatch, via):
     assert r.stdout.decode().split() == ["200000.0", "200000.0", "True"]
     assert not (elsewhere / "rel").exists()
     assert stat.S_ISDIR(os.stat(here / "rel" / "dir").st_mode)
+
+
+# --- review of clean/ls/info (review-edges FINDINGS.md): one test per finding ------------------
+
+
+def _killed_save_leftovers(d: Path, key: str, token: str, nbytes: int) -> list[Path]:
+    """What a save of ``key`` killed before publishing leaves: its data directory and the
+    metadata it was writing."""
+    data = d / f"{entry_name(key)}.{token}"
+    data.mkdir(mode=0o700)
+    (data / "0.npy").write_bytes(b"\0" * nbytes)
+    tmp = d / f"{entry_name(key)}.json.{token}.tmp"
+    tmp.write_bytes(b"{" * 37)
+    return [data, tmp]
+
+
+def test_review_dry_run_with_keys_lists_the_leftovers_it_removes(cache_dir):
+    cache = mmcache.Cache(cache_dir)
+    cache.save(frame(100_000), "k")
+    cache.save(frame(10), "other")
+    mine = _killed_save_leftovers(cache_dir, "k", "feed" * 4, 5_000_000)
+    theirs = _killed_save_leftovers(cache_dir, "other", "beef" * 4, 3000)
+    only = _killed_save_leftovers(cache_dir, "nothing saved", "face" * 4, 7000)
+    sizes = {mine[0]: 5_000_000, mine[1]: 37, only[0]: 7000, only[1]: 37}
+
+    # The Python API's dry run lists them (with sizes) ...
+    report = cache._clean_report(["k", "nothing saved"], None, None, True)
+    assert [e.key for e in report.entries] == ["k"]
+    assert {x.path: x.nbytes for x in report.stale} == sizes
+    before = snapshot(cache_dir)
+
+    # ... and so does the CLI's: every name, every size.
+    r = run("clean", "k", "nothing saved", "--dry-run", cache_dir=cache_dir)
+    assert r.returncode == 0, r.stderr
+    assert snapshot(cache_dir) == before
+    for path, size in sizes.items():
+        assert any(f"would remove stale leftover {path.name}" in line and human(size) in line
+                   for line in r.stdout.splitlines()), (path.name, r.stdout)
+    assert "other" not in r.stdout and theirs[0].name not in r.stdout
+    k_bytes = report.entries[0].nbytes
+    would = human(k_bytes + sum(sizes.values()))
+    assert f"would free {would} in 1 entry and 4 stale leftovers" in r.stdout, r.stdout
+
+    # The real run removes exactly those, and says so, one line each.
+    r = run("clean", "k", "nothing saved", cache_dir=cache_dir)
+    assert r.returncode == 0, r.stderr
+    for path, size in sizes.items():
+        assert any(f"removed stale leftover {path.name}" in line and human(size) in line
+                   for line in r.stdout.splitlines()), (path.name, r.stdout)
+        assert not path.exists()
+    assert f"freed {would};" in r.stdout, r.stdout
+    gone = set(before) - set(snapshot(cache_dir))
+    assert {g.split("/")[0] for g in gone} == {p.name for p in sizes} | {
+        f"{entry_name('k')}.json", f"{entry_name('k')}.lock",
+        json.loads(before[f"{entry_name('k')}.json"] or b"")["data"]}
+    assert all(p.exists() for p in theirs) and [e.key for e in cache.entries()] == ["other"]
+
+
+def _damage_data(d: Path, key: str, how: str) -> None:
+    meta = json.loads((d / f"{entry_name(key)}.json").read_bytes())
+    data = d / meta["data"]
+    if how == "truncated file":
+        os.truncate(data / "0.npy", 100)
+    elif how == "missing file":
+        (data / meta["files"][-1]["name"]).unlink()
+    else:
+        shutil.rmtree(data)
+
+
+DATA_DAMAGE = ["truncated file", "missing file", "missing directory"]
+
+
+def test_review_entry_with_damaged_data_files_is_shown_and_cleaned(cache_dir):
+    mmcache.save(frame(1000), "alpha")
+    for how in DATA_DAMAGE:
+        mmcache.save(frame(1000), how)
+        _damage_data(cache_dir, how, how)
+        with pytest.raises(mmcache.CorruptEntryError):
+            mmcache.open(how)
+
+    # ls: each one DAMAGED, saying what is wrong and what to do; never a healthy entry.
+    r = run("ls", cache_dir=cache_dir)
+    assert r.returncode == 0, r.stderr
+    for how in DATA_DAMAGE:
+        line = next((x for x in r.stdout.splitlines() if x.startswith(f"DAMAGED {how} ")), "")
+        assert f"mmcache clean '{how}'` removes it" in line, r.stdout
+        assert ("missing" if "missing" in how else "truncated") in line, line
+    assert r.stdout.splitlines()[-1].startswith("1 entry"), r.stdout
+    data = json.loads(run("ls", "--json", cache_dir=cache_dir).stdout)
+    assert [e["key"] for e in data["entries"]] == ["alpha"]
+    assert {p["key"]: p["kind"] for p in data["problems"]} == dict.fromkeys(DATA_DAMAGE,
+                                                                            "damaged")
+    assert [e.key for e in mmcache.entries()] == ["alpha"]
+
+    # info: damaged, and the remedy (not "no entry", not a raw error about a file).
+    for how in DATA_DAMAGE:
+        r = run("info", how, cache_dir=cache_dir)
+        assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r
+        assert f"entry '{how}' is damaged" in r.stderr and "mmcache clean" in r.stderr, r.stderr
+
+    # clean --stale: the dry run lists them, the real run removes them (and spares alpha).
+    r = run("clean", "--stale", "--dry-run", cache_dir=cache_dir)
+    for how in DATA_DAMAGE:
+        assert f"would remove damaged entry {how} " in r.stdout, r.stdout
+    r = run("clean", "--stale", cache_dir=cache_dir)
+    assert r.returncode == 0, r.stderr
+    for how in DATA_DAMAGE:
+        assert f"removed damaged entry {how} " in r.stdout, r.stdout
+    assert {own(n) and n.startswith(entry_name("alpha")) for n in os.listdir(cache_dir)} == {
+        True}
+    assert [e.key for e in mmcache.entries()] == ["alpha"]
+    assert json.loads(run("ls", "--json", cache_dir=cache_dir).stdout)["problems"] == []
+
+    # By key too; and a healthy entry is never taken for damaged under the lock.
+    mmcache.save(frame(10), "beta")
+    _damage_data(cache_dir, "beta", "truncated file")
+    r = run("clean", "beta", cache_dir=cache_dir)
+    assert "removed damaged entry beta" in r.stdout and not mmcache.exists("beta"), r.stdout
+    from mmcache import _clean
+    names = _clean.own_names(cache_dir)[entry_name("alpha")]
+    assert _clean._remove_stale(cache_dir, entry_name("alpha"), names, damaged=True)
+    assert mmcache.open("alpha")["i"].sum() == frame(1000)["i"].sum()
+
+
+def test_review_clean_is_linear_in_the_number_of_damaged_entries(tmp_path, monkeypatch):
+    # The cost is counted, not timed: how often a damaged entry's name is looked at.
+    from mmcache import _clean
+
+    looked = [0]
+
+    class CountingProblem(_clean.Problem):
+        def __getattribute__(self, attr: str) -> Any:
+            if attr == "name":
+                looked[0] += 1
+            return super().__getattribute__(attr)
+
+    monkeypatch.setattr(_clean, "Problem", CountingProblem)
+    counts = {}
+    for n in (50, 200):
+        for by_key in (False, True):
+            d = tmp_path / f"c{n}{by_key}"
+            d.mkdir()
+            keys = [f"k{i}" for i in range(n)]
+            for k in keys:
+                (d / f"{entry_name(k)}.json").write_bytes(b'{"key": "%s", broken' % k.encode())
+            cache = mmcache.Cache(d)
+            looked[0] = 0
+            report = cache._clean_report(keys if by_key else None, None, None, False)
+            assert len(report.damaged) == n and os.listdir(d) == []
+            counts[n, by_key] = looked[0]
+    for by_key in (False, True):
+        ratio = counts[200, by_key] / counts[50, by_key]
+        assert ratio <= 4.5, f"4x the damaged entries cost {ratio:.1f}x the work ({counts})"
+
+
+OUT_OF_DESCRIPTORS = """
+import os, pathlib, resource, sys
+from mmcache import _clean
+base = pathlib.Path(sys.argv[1])
+victim, cache = base / "victim", base / "cache"
+planted = cache / "k-0123456789abcdef01234567.0123456789abcdef"
+real = cache / "k-0123456789abcdef01234567.fedcba9876543210"
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+held = []
+def exhaust(leave):
+    try:
+        while True:
+            held.append(os.open("/dev/null", os.O_RDONLY))
+    except OSError:
+        pass
+    for _ in range(leave):
+        os.close(held.pop())
+def release():
+    while held:
+        os.close(held.pop())
+out = []
+exhaust(0)  # no descriptor at all: the fallback by path
+out.append(_clean.remove_data_dir(planted))
+release()
+print(sorted(os.listdir(victim)), flush=True)
+exhaust(0)
+out.append(_clean._remove_numbered(planted, None))
+out.append(_clean.remove_data_dir(real))
+release()
+os.mkdir(real); (real / "0.npy").write_bytes(b"x" * 10); (real / "1.npy").write_bytes(b"y")
+exhaust(1)  # the directory opens, listing it does not: relative to its descriptor
+out.append(_clean.remove_data_dir(real))
+release()
+print(out, sorted(os.listdir(victim)), os.path.exists(real))
+"""
+
+
+def test_review_out_of_descriptors_removal_never_follows_a_symlinked_data_dir(tmp_path):
+    victim, cache = tmp_path / "victim", tmp_path / "cache"
+    victim.mkdir()
+    cache.mkdir(mode=0o700)
+    for n in ("0.npy", "1.npy", "meta.json", "keep.txt"):
+        (victim / n).write_text("user data")
+    (cache / "k-0123456789abcdef01234567.0123456789abcdef").symlink_to(victim)
+    real = cache / "k-0123456789abcdef01234567.fedcba9876543210"
+    real.mkdir()
+    (real / "0.npy").write_bytes(b"\0" * 100)
+    (real / "meta.json").write_bytes(b"{}")
+    r = subprocess.run([sys.executable, "-c", OUT_OF_DESCRIPTORS, str(tmp_path)],
+                       capture_output=True, text=True, timeout=TIMEOUT, env=_env())
+    every = "['0.npy', '1.npy', 'keep.txt', 'meta.json']"
+    assert r.stdout.splitlines()[:1] == [every], (r.stdout, r.stderr)  # through the symlink
+    assert r.returncode == 0, r.stderr
+    # Through the symlink: nothing, either way. The real directory: removed either way.
+    assert r.stdout.splitlines()[1:] == [f"[0, 0, 102, 11] {every} False"], r.stdout
+
+
+def test_review_size_limit_save_remembers_damaged_metadata(tmp_path):
+    from mmcache import _clean
+
+    for n in (N, 4 * N):
+        d = tmp_path / f"c{n}"
+        cache = mmcache.Cache(d, max_bytes="1GB")
+        _fill(d, n, cache=cache)
+        for i in range(0, n, 2):  # half of them damaged (left by a crash)
+            (d / f"{entry_name(f'k{i}')}.json").write_bytes(b'{"key": "k%d", broken' % i)
+        _clean._SUMMARIES.clear()  # as a fresh process
+        with counting(d) as first:
+            cache.save(frame(3), "one more")
+        assert first.meta_opens <= 2 * n, first.meta_opens  # every file once (+ key hints)
+        for j in range(3):
+            with counting(d) as c:
+                cache.save(frame(3), f"and {j}")
+            assert c.meta_opens <= 3, f"save {j}: {c.meta_opens} metadata reads ({n} entries)"
+            assert c.proc_scans == 0
+
+
+def _wrong_types(d: Path) -> dict[str, str]:
+    """Names mmcache writes, each of a type it never gives that name, holding user data."""
+    made = {}
+    for name in (f"{entry_name('a')}.lock", f"{entry_name('b')}.json.{HEX16}.tmp",
+                 f"{entry_name('c')}.json", f"{entry_name('d')}.{HEX16}"):
+        (d / name).mkdir()
+        (d / name / "user.txt").write_text("mine")
+        made[name] = "directory"
+    for name in (f"{entry_name('e')}.{HEX16}", ):  # a file where mmcache makes a directory
+        (d / name).write_text("mine")
+        made[name] = "file"
+    os.mkfifo(d / f"{entry_name('f')}.json.{HEX16}.tmp")
+    made[f"{entry_name('f')}.json.{HEX16}.tmp"] = "fifo"
+    # A FIFO under a data file's name inside a killed save's data directory.
+    dead = d / f"{entry_name('g')}.{HEX16}"
+    dead.mkdir()
+    (dead / "0.npy").write_bytes(b"\0" * 1000)
+    os.mkfifo(dead / "1.npy")
+    return made
+
+
+def test_review_names_of_the_wrong_file_type_are_not_mmcaches(cache_dir):
+    mmcache.save(frame(10), "ok")
+    cache_dir_names = set(os.listdir(cache_dir))
+    made = _wrong_types(cache_dir)
+    dead = f"{entry_name('g')}.{HEX16}"
+
+    data = json.loads(run("ls", "--json", cache_dir=cache_dir).stdout)
+    assert [x["path"] for x in data["leftovers"]["items"]] == [str(cache_dir / dead)], data
+    assert data["leftovers"]["nbytes"] == 1000 and data["problems"] == []
+    r = run("ls", cache_dir=cache_dir)
+    assert "stale leftovers (of interrupted saves, or versions no longer mapped): 1, " in r.stdout
+    r = run("clean", "--dry-run", cache_dir=cache_dir)
+    assert r.returncode == 0, r.stderr
+    assert not any(name in r.stdout for name in made), r.stdout
+    assert f"would remove stale leftover {dead}/" in r.stdout
+    assert "would free" in r.stdout and "1 entry and 1 stale leftover" in r.stdout, r.stdout
+
+    r = run("clean", cache_dir=cache_dir)
+    assert r.returncode == 0, r.stderr
+    assert not any(name in r.stdout for name in made), r.stdout
+    assert f"removed stale leftover {dead}/" in r.stdout and "files not mmcache's" in r.stdout
+    for name, kind in made.items():
+        st = os.lstat(cache_dir / name)
+        assert {"directory": stat.S_ISDIR, "file": stat.S_ISREG, "fifo": stat.S_ISFIFO}[kind](
+            st.st_mode), name
+        if kind == "directory":
+            assert (cache_dir / name / "user.txt").read_text() == "mine"
+    assert os.listdir(cache_dir / dead) == ["1.npy"]  # the FIFO stays, 0.npy went
+    assert set(os.listdir(cache_dir)) == set(made) | {dead}
+    assert not cache_dir_names & set(os.listdir(cache_dir))
+
+    # Nothing is left to report as removable.
+    data = json.loads(run("ls", "--json", cache_dir=cache_dir).stdout)
+    assert data["leftovers"]["count"] == 0 and data["entries"] == [], data
+    r = run("clean", "--dry-run", cache_dir=cache_dir)
+    assert r.stdout.strip() == "would free 0 B in 0 entries", r.stdout
+
+
+def test_review_fifo_named_like_metadata_or_lock_never_blocks(cache_dir):
+    mmcache.save(frame(10), "good")
+    mmcache.save(frame(10), "locked out")
+    lock = cache_dir / f"{entry_name('locked out')}.lock"
+    lock.unlink(missing_ok=True)
+    os.mkfifo(lock)  # in place of an entry's lock file
+    os.mkfifo(cache_dir / f"{entry_name('ff')}.json")  # in place of a key's metadata
+    os.mkdir(cache_dir / f"{entry_name('ff')}.{HEX16}")  # with a killed save's data dir
+    os.mkfifo(cache_dir / f"{entry_name('gg')}.lock")  # a FIFO lock of a key with leftovers
+    gg = cache_dir / f"{entry_name('gg')}.{HEX16}"
+    gg.mkdir()
+    (gg / "0.npy").write_bytes(b"x")
+    fifos = [lock, cache_dir / f"{entry_name('ff')}.json", cache_dir / f"{entry_name('gg')}.lock"]
+
+    # Each command is bounded (subprocess timeout): a blocking open would fail the test.
+    for args in (["ls"], ["ls", "--json"], ["info", "locked out"], ["clean", "--dry-run"],
+                 ["clean", "--stale"], ["clean", "locked out", "ff", "gg"], ["clean"]):
+        r = run(*args, cache_dir=cache_dir)
+        assert r.returncode == 0, (args, r.stderr)
+        said = [x for x in r.stdout.splitlines() if not x.startswith("cannot remove ")]
+        assert not any(f.name in x for f in fifos for x in said), (args, r.stdout)
+    assert f"cannot remove locked out: its lock {lock.name} is not a regular file" in r.stdout
+    assert all(stat.S_ISFIFO(os.lstat(f).st_mode) for f in fifos)
+    assert gg.exists() and not (cache_dir / f"{entry_name('ff')}.{HEX16}").exists()
+    assert [e.key for e in mmcache.entries()] == ["locked out"]  # its key cannot be locked
+    assert mmcache.open("locked out")["i"].sum() == frame(10)["i"].sum()
