@@ -712,16 +712,27 @@ def _remove_stale(
     return True
 
 
-def release_version(cache_dir: Path, name: str, data: str) -> None:
-    """Remove the old version ``data`` of ``name`` if no process but this one maps it and
-    the key's lock is free (never waits: a busy lock means a save or delete that sweeps)."""
+# How long a process letting go of an old version waits for its key's lock. Others letting
+# go of it at the same moment hold it for a /proc scan each; waiting (not giving up) lets the
+# last of them, which sees nobody mapping it, remove the files. A save holding it longer
+# sweeps old versions itself once it is done.
+RELEASE_WAIT = 1.0
+
+
+def release_version(cache_dir: Path, name: str, data: str, *, ignore_self: bool) -> None:
+    """Remove the old version ``data`` of ``name`` if no process maps it (``ignore_self``:
+    but this one, which is exiting)."""
     if not _lock_usable(cache_dir, name):
         return  # a directory or FIFO under the lock's name: the key cannot be locked
-    lock = KeyLock(cache_dir / f"{name}.lock")
-    if not lock.acquire(0):
+    lock_path = cache_dir / f"{name}.lock"
+    if KeyLock.held_here(lock_path):
+        return  # this process is saving or deleting the key: that sweeps (and never waits)
+    lock = KeyLock(lock_path)
+    if not lock.acquire(RELEASE_WAIT):
         return
     try:
-        sweep(cache_dir, name, [cache_dir / data], ignore_pid=os.getpid())
+        sweep(cache_dir, name, [cache_dir / data],
+              ignore_pid=os.getpid() if ignore_self else 0)
     finally:
         lock.release(unlink=not os.path.lexists(cache_dir / f"{name}.json"))
 

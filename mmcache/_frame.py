@@ -311,19 +311,26 @@ def _same_label(a: Any, b: Any) -> bool:
 
 def _reopen(cache_dir: str, key: str, token: str, columns: Any) -> Any:
     """Unpickle a reference: exactly version ``token``, or EntryChangedError."""
-    from ._cache import Cache
+    from ._cache import Cache, _os_error
 
-    obj = Cache(cache_dir)._open_version(key, token, columns)
-    if obj is not None:
-        return obj
-    error = EntryChangedError(
-        f"key {key!r} in {cache_dir!r}: the version a frame was pickled from is gone (the key "
-        "was re-saved or deleted and no process maps that version any more); open the key "
-        "again in the worker (Entry.open()), or keep a frame of it alive in the sender until "
-        "the workers are done",
-        key=key,
-        path=cache_dir,
-    )
+    error: MmcacheError
+    try:
+        obj = Cache(cache_dir)._open_version(key, token, columns)
+    except MmcacheError as exc:  # damaged files, an unusable directory, ...
+        obj, error = None, exc
+    except OSError as exc:  # out of descriptors or memory, no permission
+        obj, error = None, _os_error(exc, key, cache_dir)
+    else:
+        if obj is not None:
+            return obj
+        error = EntryChangedError(
+            f"key {key!r} in {cache_dir!r}: the version a frame was pickled from is gone (the "
+            "key was re-saved or deleted and no process maps that version any more); open the "
+            "key again in the worker (Entry.open()), or keep a frame of it alive in the "
+            "sender until the workers are done",
+            key=key,
+            path=cache_dir,
+        )
     if _in_task_loop():
         # Raising here would kill a Pool worker while it reads its task: Pool.map would wait
         # forever, ProcessPoolExecutor would break. The task gets a stand-in that raises
@@ -360,7 +367,8 @@ def _in_task_loop() -> bool:
 
 class Unavailable:
     """Stands in for a frame whose pickled version could not be opened inside a pool: any
-    use raises the EntryChangedError that says why (and names the key).
+    use raises the error that says why (EntryChangedError, or CorruptEntryError for damaged
+    files, ...), naming the key.
 
     Attribute access is the one thing that does not raise: it gives another stand-in, so a
     task that unpickles into ``getattr(frame, "query")`` (a bound method sent as the task)
@@ -370,7 +378,7 @@ class Unavailable:
 
     __slots__ = ("_mmcache_error",)
 
-    def __init__(self, error: EntryChangedError) -> None:
+    def __init__(self, error: MmcacheError) -> None:
         object.__setattr__(self, "_mmcache_error", error)
 
     def _fail(self, *args: Any, **kwargs: Any) -> Any:

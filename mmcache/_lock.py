@@ -25,6 +25,7 @@ import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import ClassVar
 
 from ._errors import CacheDirError, LockTimeoutError
 
@@ -37,6 +38,10 @@ _MAX_SLEEP = 0.02
 class KeyLock:
     """One process's hold on one lock file. Not reentrant; not shared between threads."""
 
+    # Lock files this process holds right now (so code running inside a hold, such as a
+    # finalizer triggered by garbage collection, can tell instead of waiting on itself).
+    _held_here: ClassVar[set[str]] = set()
+
     def __init__(self, path: Path) -> None:
         self.path = path
         self._fd: int | None = None
@@ -44,6 +49,10 @@ class KeyLock:
     @property
     def held(self) -> bool:
         return self._fd is not None
+
+    @classmethod
+    def held_here(cls, path: Path) -> bool:
+        return str(path) in cls._held_here
 
     def acquire(self, timeout: float) -> bool:
         """Take the lock, waiting up to ``timeout`` seconds (0: one try; inf: no limit).
@@ -73,6 +82,7 @@ class KeyLock:
                         got = False
                 if got and self._names(fd):
                     self._fd = fd
+                    KeyLock._held_here.add(str(self.path))
                     return True
             except BaseException:
                 os.close(fd)
@@ -100,6 +110,7 @@ class KeyLock:
         fd, self._fd = self._fd, None
         if fd is None:
             return
+        KeyLock._held_here.discard(str(self.path))
         try:
             if unlink:
                 with contextlib.suppress(OSError):

@@ -13,7 +13,9 @@ the mapping; a child forked after the parent opened it reuses the parent's mappi
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import multiprocessing.util
 import os
 import re
 import threading
@@ -36,23 +38,42 @@ VERSION_META = "meta.json"
 _TOKEN = re.compile(r"[0-9a-f]{16}")
 
 
+class _Held:
+    """What a Version owns: its mappings and the frames decoded over them. Kept apart from
+    the Version so that the Version's finalizer can let go of them first (see _released)."""
+
+    __slots__ = ("frames", "mapped")
+
+    def __init__(self, mapped: Mapped) -> None:
+        self.mapped: Mapped | None = mapped
+        # columns key -> the frame every open() hands out a shallow copy of
+        self.frames: dict[Any, Frame] = {}
+
+
 class Version:
     """This process's mappings of one saved version, and frames decoded over them."""
 
-    __slots__ = ("__weakref__", "data_dir", "frames", "key", "mapped", "meta", "token")
+    __slots__ = ("__weakref__", "_held", "data_dir", "key", "meta", "token")
 
     def __init__(self, key: str, data_dir: Path, meta: dict[str, Any], mapped: Mapped) -> None:
         self.key = key
         self.data_dir = data_dir
         self.token = str(meta["token"])
         self.meta = meta
-        self.mapped = mapped
-        # columns key -> the frame every open() hands out a shallow copy of
-        self.frames: dict[Any, Frame] = {}
+        self._held = _Held(mapped)
+
+    @property
+    def mapped(self) -> Mapped:
+        assert self._held.mapped is not None  # only cleared once the Version is gone
+        return self._held.mapped
+
+    @property
+    def frames(self) -> dict[Any, Frame]:
+        return self._held.frames
 
     @property
     def maps_files(self) -> bool:
-        return bool(self.mapped.arrays)
+        return self._held.mapped is not None and bool(self._held.mapped.arrays)
 
 
 # (cache dir, key) -> (signature of NAME.json when loaded, weak reference to the Version)
@@ -82,6 +103,8 @@ def forget(cache_dir: Path, key: str) -> None:
 def _remember(memo_key: tuple[str, str], sig: tuple[int, ...], version: Version) -> None:
     with _MEMO_LOCK:
         _MEMO[memo_key] = (sig, weakref.ref(version))
+        if len(_FINALIZERS) > 256:
+            _drop_finalizer_refs()
         if len(_MEMO) > 64:  # drop entries whose versions are gone (keeps the dict small)
             for k in [k for k, (_, ref) in _MEMO.items() if ref() is None]:
                 del _MEMO[k]
@@ -117,14 +140,29 @@ def _map(cache_dir: Path, key: str, data: str, meta: dict[str, Any]) -> Version:
     data_dir = cache_dir / data
     where = f"entry {key!r} ({str(data_dir)!r})"
     version = Version(key, data_dir, meta, _store.map_files(data_dir, meta["files"], key, where))
-    weakref.finalize(version, _released, cache_dir, data.partition(".")[0], data)
+    fin = weakref.finalize(
+        version, _released, version._held, cache_dir, data.partition(".")[0], data
+    )
+    fin.atexit = False  # _at_exit runs it, knowing the process is exiting
+    _FINALIZERS.add(fin)
     return version
 
 
-def _released(cache_dir: Path, name: str, data: str) -> None:
-    """This process dropped its last frame of a version: if the key was re-saved or deleted
-    meanwhile and no other process maps it, remove its files now (else the next save,
-    delete or clean of the key does). Never raises, never waits."""
+# Finalizers of live Versions; run at exit by _at_exit (also in multiprocessing children,
+# which end with os._exit and skip atexit), so a process that exits while holding frames
+# of an old version still removes it.
+_FINALIZERS: set[weakref.finalize] = set()
+_EXITING = False
+
+
+def _released(held: _Held, cache_dir: Path, name: str, data: str) -> None:
+    """This process dropped its last frame of a version (or is exiting): let go of the
+    mappings first, then, if the key was re-saved or deleted meanwhile and no process maps
+    the version any more (this one included: views of it may outlive the frames), remove its
+    files now. Else the last process to let go does, or the next save, delete or clean of
+    the key. Never raises."""
+    held.frames.clear()
+    held.mapped = None  # unmapped here unless views of its columns are still alive
     try:
         vst = _stat(cache_dir / data / VERSION_META)
         cst = _stat(cache_dir / f"{name}.json")
@@ -133,9 +171,43 @@ def _released(cache_dir: Path, name: str, data: str) -> None:
             return  # gone already, or still the current version
         from . import _clean
 
-        _clean.release_version(cache_dir, name, data)
+        # At exit, this process's own remaining views die with it.
+        _clean.release_version(cache_dir, name, data, ignore_self=_EXITING)
     except Exception:  # best effort, at garbage-collection time: never raise
         pass
+
+
+def _at_exit() -> None:
+    global _EXITING
+    _EXITING = True
+    for fin in list(_FINALIZERS):
+        # detach() and call, not fin(): weakref's own exit hook (which runs before this
+        # one) makes finalizers without atexit=True do nothing once it has run.
+        found = fin.detach()
+        if found is not None:
+            _obj, func, args, kwargs = found
+            func(*args, **kwargs)
+
+
+def _drop_finalizer_refs() -> None:
+    for fin in [f for f in _FINALIZERS if not f.alive]:
+        _FINALIZERS.discard(fin)
+
+
+def _register_exit() -> None:
+    # multiprocessing children skip atexit (they end with os._exit) but run these, and a
+    # forked child starts with the registry cleared, hence the after-fork re-registration.
+    multiprocessing.util.Finalize(None, _at_exit, exitpriority=10)
+
+
+class _ForkHook:
+    pass
+
+
+_FORK_HOOK = _ForkHook()
+atexit.register(_at_exit)
+_register_exit()
+multiprocessing.util.register_after_fork(_FORK_HOOK, lambda _: _register_exit())
 
 
 def load(cache_dir: Path, key: str, name: str, *, use: bool = True) -> Version:
@@ -156,6 +228,10 @@ def load(cache_dir: Path, key: str, name: str, *, use: bool = True) -> Version:
                 return superseded  # deleted right after we mapped it: still a valid frame
             raise not_found(key, cache_dir) from None
         sig = _sig(st)
+        if use:
+            # Recorded before mapping, so clean(older_than=) checking under the key's lock
+            # sees this open as soon as it started.
+            touch(meta_path, st)
         with _MEMO_LOCK:
             hit = _MEMO.get(memo_key)
         version = hit[1]() if hit is not None and hit[0] == sig else None
@@ -183,8 +259,6 @@ def load(cache_dir: Path, key: str, name: str, *, use: bool = True) -> Version:
                 superseded = version
                 continue
             _remember(memo_key, sig, version)
-        if use:
-            touch(meta_path, st)
         return version
     if superseded is not None:
         return superseded  # re-saved faster than we could open: the last one we mapped

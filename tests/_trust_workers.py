@@ -263,3 +263,29 @@ class BoundMethodOf:
 
 def call(fn: Any) -> Any:
     return fn()
+
+
+def hold_until(a: dict[str, Any]) -> None:
+    """Open the key, say so, wait for the go file, drop the frame, wait, exit."""
+    import gc
+
+    df = mmcache.open(a["key"], cache_dir=a["cache_dir"])
+    Path(a["ready"]).touch()
+    deadline = time.monotonic() + 60
+    while not Path(a["go"]).exists() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    del df
+    gc.collect()
+
+
+def hold_and_exit(a: dict[str, Any]) -> None:
+    """Open the key and exit while still holding the frame (multiprocessing's os._exit)."""
+    global _KEPT
+    _KEPT = mmcache.open(a["key"], cache_dir=a["cache_dir"])
+    Path(a["ready"]).touch()
+    deadline = time.monotonic() + 60
+    while not Path(a["go"]).exists() and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
+_KEPT: Any = None

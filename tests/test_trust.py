@@ -614,3 +614,82 @@ def test_damaged_multiindex_codes_are_a_corrupt_entry_not_a_crash(cache_dir):
     mmcache._cache._MEMO.clear()
     with pytest.raises(mmcache.CorruptEntryError, match="MultiIndex codes out of range"):
         mmcache.open("k")
+
+
+# --- found by the second review (of the fixes) ---------------------------------------------------
+
+
+def test_review2_pool_result_of_a_damaged_version_is_a_stand_in_not_a_hang(cache_dir):
+    mmcache.save(tw.version_frame(1), "k")
+    held = mmcache.open("k")
+    payload = pickle.dumps(held)
+    (vmeta,) = cache_dir.glob("*/meta.json")
+    vmeta.unlink()
+    vmeta.mkdir()  # damaged: the version cannot be opened, and not because it is gone
+    mmcache._cache._MEMO.clear()
+    with mp.get_context("spawn").Pool(1) as pool:
+        got = pool.apply_async(tw.return_deferred, (payload,)).get(WAIT)
+        with pytest.raises(mmcache.CorruptEntryError):
+            got.sum()
+        assert pool.apply_async(tw.mapped_here, (str(cache_dir),)).get(WAIT) == []
+    del held
+
+
+def test_review2_two_mappings_of_one_version_in_one_process(cache_dir):
+    mmcache.save(tw.version_frame(1), "k")
+    f1 = mmcache.open("k")
+    mmcache.save(tw.version_frame(2), "k")
+    mmcache.open("k")
+    g = pickle.loads(pickle.dumps(f1))  # the memo holds version 2: version 1 mapped again
+    payload = pickle.dumps(g)
+    del f1
+    gc.collect()  # f1's mapping goes; g still maps version 1: its files must stay
+    code = (f"import pickle, sys; sys.path.insert(0, {str(REPO)!r}); "
+            "from tests._trust_workers import which_version; "
+            f"print(which_version(pickle.loads({payload!r})))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=WAIT, cwd=REPO)
+    assert (out.returncode, out.stdout.strip()) == (0, "1"), out.stderr
+
+
+@pytest.mark.parametrize("trial", range(3))
+def test_review2_many_processes_letting_go_at_once_leave_no_old_version(trial, tmp_path,
+                                                                         cache_dir):
+    mmcache.save(tw.version_frame(1, 50_000), "k")
+    go = tmp_path / "go"
+    args = [{"cache_dir": str(cache_dir), "key": "k", "ready": str(tmp_path / f"r{i}"),
+             "go": str(go)} for i in range(6)]
+    procs = _spawn_all(tw.hold_until, args)
+    try:
+        deadline = time.monotonic() + WAIT
+        while not all(Path(a["ready"]).exists() for a in args):
+            assert time.monotonic() < deadline, "children did not open the key"
+            time.sleep(0.01)
+        mmcache.save(tw.version_frame(2, 10), "k")
+        go.touch()
+        for p in procs:
+            p.join(timeout=WAIT)
+            assert p.exitcode == 0
+    finally:
+        _stop_all(procs)
+    assert len([p for p in cache_dir.iterdir() if p.is_dir()]) == 1
+
+
+def test_review2_multiprocessing_child_exiting_with_a_frame_lets_go(tmp_path, cache_dir):
+    mmcache.save(tw.version_frame(1, 50_000), "k")
+    a = {"cache_dir": str(cache_dir), "key": "k", "ready": str(tmp_path / "ready"),
+         "go": str(tmp_path / "go")}
+    procs = _spawn_all(tw.hold_and_exit, [a])
+    try:
+        deadline = time.monotonic() + WAIT
+        while not Path(a["ready"]).exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        mmcache.save(tw.version_frame(2, 10), "k")
+        assert len([p for p in cache_dir.iterdir() if p.is_dir()]) == 2
+        Path(a["go"]).touch()
+        procs[0].join(timeout=WAIT)
+        assert procs[0].exitcode == 0
+    finally:
+        _stop_all(procs)
+    assert len([p for p in cache_dir.iterdir() if p.is_dir()]) == 1
