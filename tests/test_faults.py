@@ -39,6 +39,7 @@ import pytest
 import mmcache
 from mmcache import _cache, _store
 from mmcache._paths import entry_name
+from tests._dirs import shm_tempdir
 from tests._robust_workers import Child, exc_report
 from tests._stress_workers import assemble, base_parts, problem
 from tests._zerocopy import assert_zero_copy, maps_under
@@ -144,19 +145,6 @@ def run_child(role: str, args: dict[str, Any], *, as_nobody: bool = False) -> di
     report["stderr"] = proc.stderr[-3000:]
     assert proc.returncode == 0, f"{role} exited with {proc.returncode}:\n{proc.stderr[-3000:]}"
     return report
-
-
-@contextlib.contextmanager
-def shm_tempdir(prefix: str) -> Iterator[Path]:
-    """A fresh directory on /dev/shm (else the temp dir), removed afterwards."""
-    shm = Path("/dev/shm")
-    parent = str(shm) if shm.is_dir() and os.access(shm, os.W_OK | os.X_OK) else None
-    d = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
-    try:
-        yield d
-    finally:
-        _cache._MEMO.clear()
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def assert_clean_error(r: dict[str, Any], where: Path, what: str, *, kind: str) -> None:

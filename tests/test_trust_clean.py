@@ -19,7 +19,6 @@ import signal
 import stat
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,9 +28,10 @@ import pandas as pd
 import pytest
 
 import mmcache
-from mmcache import _cache, _paths
+from mmcache import _paths
 from mmcache._paths import entry_name
 from mmcache._units import human
+from tests._dirs import shm_tempdir
 from tests._robust_workers import Child
 
 pytestmark = pytest.mark.timeout(180)
@@ -76,23 +76,6 @@ def snapshot(root: Path) -> dict[str, bytes | None]:
                 os.readlink(p).encode() if os.path.islink(p) else Path(p).read_bytes()
             )
     return out
-
-
-@contextlib.contextmanager
-def shm_tempdir(prefix: str) -> Iterator[Path]:
-    """A fresh directory on /dev/shm (else the temp dir), removed afterwards."""
-    shm = Path("/dev/shm")
-    parent = str(shm) if shm.is_dir() and os.access(shm, os.W_OK | os.X_OK) else None
-    d = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
-    try:
-        yield d
-    finally:
-        _cache._MEMO.clear()
-        for p in [d, *d.rglob("*")]:  # undo chmod 000 before removing
-            with contextlib.suppress(OSError):
-                if p.is_dir() and not p.is_symlink():
-                    os.chmod(p, 0o700)
-        shutil.rmtree(d, ignore_errors=True)
 
 
 # --- item 1: clean touches only mmcache's own names ------------------------------------------
