@@ -14,7 +14,7 @@ import os
 import sys
 import types
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -354,12 +354,20 @@ _TASK_LOOPS = (
 
 
 def _in_task_loop() -> bool:
-    frame: types.FrameType | None = sys._getframe(1)
-    for _ in range(40):
+    return _called_from(
+        lambda code: any(code.co_name == n and code.co_filename.endswith(f)
+                         for n, f in _TASK_LOOPS),
+        depth=40,
+    )
+
+
+def _called_from(matches: Callable[[types.CodeType], bool], depth: int) -> bool:
+    """True if one of the ``depth`` frames above the caller runs code that ``matches``."""
+    frame: types.FrameType | None = sys._getframe(2)
+    for _ in range(depth):
         if frame is None:
             return False
-        code = frame.f_code
-        if any(code.co_name == n and code.co_filename.endswith(f) for n, f in _TASK_LOOPS):
+        if matches(frame.f_code):
             return True
         frame = frame.f_back
     return False
@@ -430,15 +438,10 @@ def _reduce(obj: Any) -> Any:
 
 def _persisting() -> bool:
     """True inside ``DataFrame.to_pickle``: a file meant to outlive the entry gets the data."""
-    frame: types.FrameType | None = sys._getframe(2)
-    for _ in range(8):
-        if frame is None:
-            return False
-        code = frame.f_code
-        if code.co_name == "to_pickle" and f"pandas{os.sep}" in code.co_filename:
-            return True
-        frame = frame.f_back
-    return False
+    return _called_from(
+        lambda code: code.co_name == "to_pickle" and f"pandas{os.sep}" in code.co_filename,
+        depth=9,
+    )
 
 
 copyreg.pickle(pd.DataFrame, _reduce)

@@ -102,8 +102,12 @@ class KeyLock:
             pst = os.lstat(self.path)
         except FileNotFoundError:
             return False
-        fst = os.fstat(fd)
-        return (pst.st_dev, pst.st_ino) == (fst.st_dev, fst.st_ino)
+        return os.path.samestat(pst, os.fstat(fd))
+
+    def release_key(self) -> None:
+        """Unlock, removing the lock file when its key has no entry (no ``NAME.json`` beside
+        it), so keys that are gone leave no lock files behind."""
+        self.release(unlink=not os.path.lexists(self.path.with_suffix(".json")))
 
     def release(self, *, unlink: bool = False) -> None:
         """Unlock; with ``unlink``, remove the lock file first (safe only here, see above)."""
@@ -123,11 +127,9 @@ class KeyLock:
 
 
 @contextlib.contextmanager
-def locked(
-    cache_dir: Path, name: str, key: str, timeout: float, *, keep: Path | None = None
-) -> Iterator[KeyLock]:
-    """Hold ``name``'s lock for a block. On exit the lock file is removed when the key has
-    no entry (``NAME.json``, or ``keep`` if given, is missing), so no litter is left."""
+def locked(cache_dir: Path, name: str, key: str, timeout: float) -> Iterator[KeyLock]:
+    """Hold ``name``'s lock for a block; on exit, release it with :meth:`KeyLock.release_key`.
+    """
     lock = KeyLock(cache_dir / f"{name}.lock")
     try:
         got = lock.acquire(timeout)
@@ -151,5 +153,4 @@ def locked(
     try:
         yield lock
     finally:
-        meta = keep if keep is not None else cache_dir / f"{name}.json"
-        lock.release(unlink=not os.path.lexists(meta))
+        lock.release_key()

@@ -165,9 +165,7 @@ def _released(held: _Held, cache_dir: Path, name: str, data: str) -> None:
     held.mapped = None  # unmapped here unless views of its columns are still alive
     try:
         vst = _stat(cache_dir / data / VERSION_META)
-        cst = _stat(cache_dir / f"{name}.json")
-        if vst is None or (cst is not None and (vst.st_dev, vst.st_ino) == (
-                cst.st_dev, cst.st_ino)):
+        if vst is None or _same(_stat(cache_dir / f"{name}.json"), vst):
             return  # gone already, or still the current version
         from . import _clean
 
@@ -273,8 +271,7 @@ def _still_current(meta_path: Path, version: Version) -> bool:
     if vst is None:
         # Written before versions linked their metadata (nothing to compare), or swept.
         return os.path.isdir(version.data_dir)
-    cst = _stat(meta_path)
-    return cst is not None and (cst.st_dev, cst.st_ino) == (vst.st_dev, vst.st_ino)
+    return _same(_stat(meta_path), vst)
 
 
 def load_version(cache_dir: Path, key: str, name: str, token: str) -> Version | None:
@@ -292,8 +289,7 @@ def load_version(cache_dir: Path, key: str, name: str, token: str) -> Version | 
     cst = _stat(meta_path)
     vst = _stat(vmeta)
     # NAME.json is a hard link to the current version's own metadata file.
-    current = cst is not None and (vst is None or (vst.st_dev, vst.st_ino) == (
-        cst.st_dev, cst.st_ino))
+    current = cst is not None and (vst is None or _same(cst, vst))
     memo_key = (str(cache_dir), key)
     with _MEMO_LOCK:
         hit = _MEMO.get(memo_key)
@@ -312,6 +308,11 @@ def load_version(cache_dir: Path, key: str, name: str, token: str) -> Version | 
     if current and cst is not None:
         touch(meta_path, cst)
     return version
+
+
+def _same(a: os.stat_result | None, b: os.stat_result) -> bool:
+    """``a`` exists and is the file ``b`` (NAME.json names the version's own metadata)."""
+    return a is not None and os.path.samestat(a, b)
 
 
 def _stat(path: Path) -> os.stat_result | None:

@@ -13,6 +13,7 @@ import math
 import re
 import warnings
 import zoneinfo
+from collections.abc import Callable
 from typing import Any
 
 import dateutil.relativedelta
@@ -35,17 +36,29 @@ Spec = dict[str, Any]
 _TZ_KEY = re.compile(r"[A-Za-z0-9_+\-]+(/[A-Za-z0-9_+\-]+)*")
 
 
+def _first_round_trip(
+    original: Any, candidates: list[Any], decode: Callable[[Any], Any],
+    same: Callable[[Any, Any], bool],
+) -> Any:
+    """The first JSON form (never None) that decodes back to something ``same`` as
+    ``original``, else None; a form that raises while decoding is just not the one."""
+    for value in candidates:
+        try:
+            if same(decode(value), original):
+                return value
+        except Exception:
+            continue
+    return None
+
+
 def tz_to_json(tz: Any, where: str) -> Any:
     """Name ``tz`` as JSON that rebuilds the same kind of zone, equal to it.
 
     Raises UnsupportedTypeError when no form does (checked by decoding what would be stored).
     """
-    for value in _tz_candidates(tz):
-        try:
-            if _same_tz(tz_from_json(value), tz):
-                return value
-        except Exception:  # a form that cannot rebuild tz: try the next
-            continue
+    value = _first_round_trip(tz, _tz_candidates(tz), tz_from_json, _same_tz)
+    if value is not None:
+        return value
     raise UnsupportedTypeError(
         f"{where} has time zone {tz!r}, which mmcache cannot name so that open() rebuilds "
         "it (only named IANA zones, fixed offsets, pytz zones and dateutil's tzutc, tzoffset, "
@@ -168,12 +181,9 @@ class _NotStorable(Exception):
 
 def freq_to_json(freq: Any, where: str) -> Any:
     """The JSON form of an index's freq; UnsupportedTypeError unless it decodes equal."""
-    for value in _freq_candidates(freq):
-        try:
-            if _same_offset(freq_from_json(value), freq):
-                return value
-        except Exception:  # this form does not rebuild it: try the next
-            continue
+    value = _first_round_trip(freq, _freq_candidates(freq), freq_from_json, _same_offset)
+    if value is not None:
+        return value
     raise UnsupportedTypeError(
         f"{where} has freq {freq!r} ({type(freq).__module__}.{type(freq).__qualname__}), which "
         "mmcache cannot store so that it comes back equal; drop it before save(): "
