@@ -29,6 +29,7 @@ from ._errors import (
 )
 from ._lock import locked
 from ._paths import ENV_DIR, check_key, entry_name, resolve_cache_dir
+from ._survey import Survey, survey
 from ._units import human, parse_duration, parse_size
 
 ENV_MAX_BYTES = "MMCACHE_MAX_BYTES"
@@ -411,9 +412,9 @@ class Cache:
         return _clean.clean(self, keys, older_than, max_bytes, dry_run, stale_only=stale_only)
 
     @_api
-    def _survey(self) -> _clean.Survey:
+    def _survey(self) -> Survey:
         """For ``mmcache ls``: entries, damaged entries and leftovers (changes nothing)."""
-        return _clean.survey(self.dir)
+        return survey(self.dir)
 
     @_api
     def share(self, obj: Frame) -> Entry:

@@ -17,9 +17,9 @@ from dataclasses import replace
 from typing import Any
 
 from . import Cache, Entry, MmcacheError, __version__
-from ._clean import Problem, Stray, Survey
 from ._errors import CacheDirError, CorruptEntryError, EntryNotFoundError, UnsupportedFormatError
 from ._paths import entry_name
+from ._survey import Problem, Stray, Survey
 from ._units import human, parse_duration, parse_size
 
 

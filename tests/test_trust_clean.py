@@ -733,15 +733,15 @@ def test_review_entry_with_damaged_data_files_is_shown_and_cleaned(cache_dir):
     _damage_data(cache_dir, "beta", "truncated file")
     r = run("clean", "beta", cache_dir=cache_dir)
     assert "removed damaged entry beta" in r.stdout and not mmcache.exists("beta"), r.stdout
-    from mmcache import _clean
-    names = _clean.own_names(cache_dir)[entry_name("alpha")]
+    from mmcache import _clean, _survey
+    names = _survey.own_names(cache_dir)[entry_name("alpha")]
     assert _clean._remove_stale(cache_dir, entry_name("alpha"), names, damaged=True)
     assert mmcache.open("alpha")["i"].sum() == frame(1000)["i"].sum()
 
 
 def test_review_clean_is_linear_in_the_number_of_damaged_entries(tmp_path, monkeypatch):
     # The cost is counted, not timed: how often a damaged entry's name is looked at.
-    from mmcache import _clean
+    from mmcache import _clean, _survey
 
     looked = [0]
 
@@ -752,6 +752,7 @@ def test_review_clean_is_linear_in_the_number_of_damaged_entries(tmp_path, monke
             return super().__getattribute__(attr)
 
     monkeypatch.setattr(_clean, "Problem", CountingProblem)
+    monkeypatch.setattr(_survey, "Problem", CountingProblem)
     counts = {}
     for n in (50, 200):
         for by_key in (False, True):
@@ -828,7 +829,7 @@ def test_review_out_of_descriptors_removal_never_follows_a_symlinked_data_dir(tm
 
 
 def test_review_size_limit_save_remembers_damaged_metadata(tmp_path):
-    from mmcache import _clean
+    from mmcache import _survey
 
     for n in (N, 4 * N):
         d = tmp_path / f"c{n}"
@@ -836,7 +837,7 @@ def test_review_size_limit_save_remembers_damaged_metadata(tmp_path):
         _fill(d, n, cache=cache)
         for i in range(0, n, 2):  # half of them damaged (left by a crash)
             (d / f"{entry_name(f'k{i}')}.json").write_bytes(b'{"key": "k%d", broken' % i)
-        _clean._SUMMARIES.clear()  # as a fresh process
+        _survey._SUMMARIES.clear()  # as a fresh process
         with counting(d) as first:
             cache.save(frame(3), "one more")
         assert first.meta_opens <= 2 * n, first.meta_opens  # every file once (+ key hints)
