@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import pandas as pd
 
 from . import _clean, _frame, _memo, _store
+from ._compat import writes_in_place
 from ._entry import Entry, Frame, entry_from_meta, not_found
 from ._errors import (
     CacheDirError,
@@ -286,6 +287,14 @@ class Cache:
 
     def _hand_out(self, cache_dir: Path, version: _memo.Version, columns: Any) -> Frame:
         ckey = _columns_key(columns)
+        if writes_in_place():
+            # pandas 2 without copy-on-write edits arrays in place: this frame gets its own
+            # copy-on-write mapping (pages stay shared until written), so edits work and reach
+            # no other frame, process or the cache.
+            private = _store.map_files(version.data_dir, version.meta["files"], version.key,
+                                       version.mapped.where, private=True)
+            base = _frame.decode(version.meta["layout"], private, columns)
+            return _frame.hand_out(base, cache_dir, version, ckey, private=private)
         base = version.frames.get(ckey)
         if base is None:
             base = _frame.decode(version.meta["layout"], version.mapped, columns)

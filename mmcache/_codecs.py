@@ -86,6 +86,18 @@ class Mapped:
         self.where = where
         self.shared_specs: list[Spec] = []  # the layout's shared specs
         self.shared: dict[int, Any] = {}  # ... decoded once each
+        # Writable columns built in memory over a private mapping, with what they were built
+        # from (see edited()): their writes leave no trace in the mapping's pages.
+        self.built: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def edited(self) -> bool:
+        """True if a column this mapping's frame built in memory was written since."""
+        ids = np.array([id(v) for v in _NULLS], dtype=np.int64)
+        for out, codes in self.built:
+            now = np.frompyfunc(id, 1, 1)(out).astype(np.int64)
+            if not np.array_equal(now, ids[codes]):
+                return True
+        return False
 
     def get(self, ref: Spec, dtype: str | None = None) -> np.ndarray:
         try:
@@ -206,8 +218,7 @@ def _arrow_storable(t: pa.DataType) -> bool:
         pa.types.is_nested(t)
         or pa.types.is_dictionary(t)
         or isinstance(t, pa.ExtensionType)
-        or pa.types.is_string_view(t)
-        or pa.types.is_binary_view(t)
+        or _compat.is_view_type(t)
     )
 
 
@@ -424,9 +435,12 @@ def _decode_nulls(spec: Spec, m: Mapped) -> np.ndarray:
     if len(codes) and int(codes.max()) >= len(_NULLS):
         raise CorruptEntryError(f"{m.where}: bad codes of a column of missing values")
     out = np.array(_NULLS, dtype=object)[codes]
-    # Shared by every frame open() returns in this process (its memo): edits copy
-    # (copy-on-write), and raw writes raise as they do on mapped columns.
-    out.flags.writeable = False
+    # Over the shared mapping, shared by every frame open() returns in this process (its
+    # memo): edits copy (copy-on-write), and raw writes raise as they do on mapped columns.
+    # Over a frame's own private mapping (pandas 2 without copy-on-write), the frame's own.
+    out.flags.writeable = bool(codes.flags.writeable)
+    if out.flags.writeable:
+        m.built.append((out, codes))
     return out
 
 
@@ -557,7 +571,7 @@ def _decode_str(spec: Spec, m: Mapped) -> Any:
     if arr.type != pa.large_string():
         raise CorruptEntryError(f"{m.where}: string column stored as Arrow {arr.type}")
     na = pd.NA if spec["na"] == "NA" else np.nan
-    return pd.arrays.ArrowStringArray(arr, dtype=pd.StringDtype("pyarrow", na_value=na))
+    return _compat.string_array(arr, na)
 
 
 def _decode_arrow_col(spec: Spec, m: Mapped) -> Any:
@@ -672,7 +686,7 @@ def decode_index(spec: Spec, m: Mapped, *, labels: bool = False) -> pd.Index:
             if "freq" in spec:
                 # The public setter checks the freq against every value (O(rows) at each
                 # open); it was valid when saved, so set it as pandas' own constructors do.
-                index._freq = freq_from_json(spec["freq"])
+                _compat.set_freq(index, freq_from_json(spec["freq"]))
             return index
     except CorruptEntryError:
         raise

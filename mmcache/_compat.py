@@ -25,6 +25,83 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import pandas as pd
+
+PANDAS_2 = int(pd.__version__.split(".")[0]) < 3
+
+
+def writes_in_place() -> bool:
+    """True when pandas writes edits straight into a frame's arrays: pandas 2.x with
+    copy-on-write off (its default) or in "warn" mode. Then a frame over read-only memory
+    would refuse every in-place edit ("assignment destination is read-only"), so each
+    ``open`` gets its own private copy-on-write mapping instead (see ``Cache._hand_out``).
+    pandas 3 always copies on write; read at each open, as the option can change."""
+    return PANDAS_2 and pd.options.mode.copy_on_write is not True
+
+try:
+    from pandas.api.internals import create_dataframe_from_blocks as frame_from_blocks
+except ImportError:  # pandas 2.x: the same steps, from the internals that function wraps
+    from pandas._libs.internals import BlockPlacement
+    from pandas.core.arrays import DatetimeArray, TimedeltaArray
+    from pandas.core.internals.blocks import (
+        ensure_block_shape,
+        get_block_type,
+        maybe_coerce_values,
+    )
+    from pandas.core.internals.managers import BlockManager
+
+    def frame_from_blocks(  # type: ignore[misc]
+        blocks: list[tuple[Any, np.ndarray]], index: pd.Index, columns: pd.Index
+    ) -> pd.DataFrame:
+        """pandas 3's ``pandas.api.internals.create_dataframe_from_blocks``, for pandas 2."""
+        objs = []
+        for values, placement in blocks:
+            dtype = values.dtype
+            if (isinstance(dtype, pd.api.extensions.ExtensionDtype)
+                    and getattr(dtype, "_supports_2d", False)) or isinstance(
+                        values, DatetimeArray | TimedeltaArray):
+                values = ensure_block_shape(values, ndim=2)
+            values = maybe_coerce_values(values)
+            objs.append(get_block_type(dtype)(values, ndim=2, placement=BlockPlacement(placement)))
+        mgr = BlockManager(objs, [columns, index])
+        return pd.DataFrame._from_mgr(mgr, mgr.axes)
+
+
+def string_array(arr: Any, na: Any) -> Any:
+    """A pandas string array over Arrow ``large_string`` data ``arr``, without a copy.
+
+    ``na`` is ``np.nan`` for pandas 3's default ``str`` dtype (also what object columns of
+    str come back as: their data are stored as Arrow strings) or ``pd.NA`` for
+    ``string[pyarrow]``. pandas 2.2 spells the first ``string[pyarrow_numpy]``, the dtype its
+    ``future.infer_string`` option gives; pandas 2.3 and 3 ``StringDtype("pyarrow", na_value=nan)``.
+    """
+    try:
+        dtype = pd.StringDtype("pyarrow", na_value=na)
+    except TypeError:  # pandas 2.2: no na_value
+        if na is pd.NA:
+            return pd.arrays.ArrowStringArray(arr)
+        from pandas.core.arrays.string_arrow import ArrowStringArrayNumpySemantics
+
+        return ArrowStringArrayNumpySemantics(arr)
+    return pd.arrays.ArrowStringArray(arr, dtype=dtype)
+
+
+def set_freq(index: pd.Index, freq: Any) -> None:
+    """Set a DatetimeIndex/TimedeltaIndex's freq without the public setter's check of every
+    value (O(rows) at each open; it was valid when saved), as pandas' own constructors do.
+    pandas 3 keeps it on the index, pandas 2 on the index's array."""
+    if PANDAS_2:
+        index._data._freq = freq
+    else:
+        index._freq = freq
+
+
+def is_view_type(t: Any) -> bool:
+    """Arrow's string_view / binary_view (pyarrow 16+; older ones have neither)."""
+    import pyarrow as pa
+
+    return bool(getattr(pa.types, "is_string_view", lambda t: False)(t)
+                or getattr(pa.types, "is_binary_view", lambda t: False)(t))
 
 _ACCUMULATIONS = ("cumsum", "cumprod", "cummin", "cummax")
 

@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from pandas.api.internals import create_dataframe_from_blocks
 
 from ._codecs import (
     BAD_LAYOUT,
@@ -35,6 +34,7 @@ from ._codecs import (
     label_to_json,
     tz_dtype,
 )
+from ._compat import frame_from_blocks
 from ._errors import (
     ColumnNotFoundError,
     CorruptEntryError,
@@ -44,6 +44,7 @@ from ._errors import (
     UnsupportedTypeError,
 )
 from ._memo import VERSION_META
+from ._mmap import written
 from ._time import tz_to_json
 
 
@@ -221,7 +222,7 @@ def _decode_frame(
     placed = sorted(int(n) for _, p in blocks for n in p)
     if placed != list(range(len(wanted))):
         raise CorruptEntryError(f"{m.where}: blocks do not cover the columns exactly once")
-    return create_dataframe_from_blocks(blocks, index=index, columns=labels)
+    return frame_from_blocks(blocks, index=index, columns=labels)
 
 
 def _tz_wrapper(blk: Spec, m: Mapped) -> Any:
@@ -258,10 +259,14 @@ class _Ref:
     """What a mapped frame needs to pickle as a reference and to tell if it was modified."""
 
     __slots__ = ("attrs", "axes", "cache_dir", "columns", "flags", "key", "name", "names",
-                 "token", "values", "version")
+                 "private", "token", "values", "version")
 
-    def __init__(self, obj: Any, cache_dir: str, version: Any, columns: Any) -> None:
+    def __init__(self, obj: Any, cache_dir: str, version: Any, columns: Any,
+                 private: Mapped | None) -> None:
         self.cache_dir, self.columns = cache_dir, columns
+        # The frame's own copy-on-write mapping (pandas 2 without copy-on-write), whose
+        # written pages tell an in-place edit: None when the frame is over the shared one.
+        self.private = private
         self.key, self.token = version.key, version.token
         # The frame keeps this process's mapping of its version alive, and only the frame
         # does (the memo holds it weakly): the last frame to go unmaps it.
@@ -302,7 +307,12 @@ class _Ref:
                 return False
         if isinstance(obj, pd.Series) and not _same_label(obj.name, self.name):
             return False
-        return obj.attrs == self.attrs and obj.flags.allows_duplicate_labels == self.flags
+        if obj.attrs != self.attrs or obj.flags.allows_duplicate_labels != self.flags:
+            return False
+        # Edits in place (pandas 2 without copy-on-write) keep every object as it was: the
+        # pages they wrote tell them.
+        return self.private is None or not (written(self.private.arrays)
+                                             or self.private.edited())
 
 
 def _same_label(a: Any, b: Any) -> bool:
@@ -473,7 +483,7 @@ def pin(obj: pd.DataFrame | pd.Series) -> None:
 
 def hand_out(
     base: pd.DataFrame | pd.Series, cache_dir: str | os.PathLike[str], version: Any,
-    columns: Any,
+    columns: Any, *, private: Mapped | None = None,
 ) -> pd.DataFrame | pd.Series:
     """A new frame object over ``base``'s buffers: edits copy (pandas copy-on-write, see
     pin()), so neither the cache nor other frames ever see them."""
@@ -484,5 +494,6 @@ def hand_out(
             # wrapper's data in place, which must not reach base (the next open()) or others.
             blk.values = blk.values.view()
     obj.attrs = copy.deepcopy(base.attrs)
-    object.__setattr__(obj, "_mmcache_ref", _Ref(obj, os.fspath(cache_dir), version, columns))
+    object.__setattr__(obj, "_mmcache_ref",
+                       _Ref(obj, os.fspath(cache_dir), version, columns, private))
     return obj

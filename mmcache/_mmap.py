@@ -30,16 +30,17 @@ _MAP_FAILED = ctypes.c_void_p(-1).value
 class _Region:
     """Owns one mapping; numpy arrays built on it keep it alive through their ``base``."""
 
-    __slots__ = ("address", "size")
+    __slots__ = ("address", "private", "size")
 
-    def __init__(self, address: int, size: int) -> None:
+    def __init__(self, address: int, size: int, private: bool) -> None:
         self.address = address
         self.size = size
+        self.private = private
 
     @property
     def __array_interface__(self) -> dict[str, object]:
-        return {"shape": (self.size,), "typestr": "|u1", "data": (self.address, True),
-                "version": 3}
+        return {"shape": (self.size,), "typestr": "|u1",
+                "data": (self.address, not self.private), "version": 3}
 
     def __del__(self) -> None:
         munmap = getattr(_libc, "munmap", None)  # gone during interpreter shutdown
@@ -48,19 +49,71 @@ class _Region:
             self.size = 0
 
 
-def map_file(path: str | os.PathLike[str], size: int) -> np.ndarray:
+def map_file(path: str | os.PathLike[str], size: int, *, private: bool = False) -> np.ndarray:
     """A read-only uint8 array over ``path``, which must be a regular file of exactly
     ``size`` bytes (else ValueError): a mapping past the end of a file faults with SIGBUS when
-    touched, so the size is checked on the very descriptor that is mapped."""
+    touched, so the size is checked on the very descriptor that is mapped.
+
+    ``private``: a writable copy-on-write mapping instead (``MAP_PRIVATE``). Pages are the
+    shared page-cache pages until written; a write copies just that page into this process,
+    and never reaches the file or any other mapping (see :func:`written`)."""
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)  # no FIFO wait
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_size != size or size <= 0:
             raise ValueError(f"is not a regular file of {size} bytes ({st.st_size} bytes)")
-        address = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        if private:
+            address = _libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE,
+                                 mmap.MAP_PRIVATE, fd, 0)
+        else:
+            address = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
     finally:
         os.close(fd)
     if address in (None, _MAP_FAILED):
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), os.fspath(path))
-    return np.asarray(_Region(address, size))
+    return np.asarray(_Region(address, size, private))
+
+
+_PAGE = mmap.PAGESIZE
+# /proc/self/pagemap: one little-endian u64 per virtual page (Documentation/admin-guide/mm/
+# pagemap.rst); bit 63 page present, 62 swapped, 61 file page or shared anonymous.
+_PRESENT, _SWAPPED, _FILE = np.uint64(1 << 63), np.uint64(1 << 62), np.uint64(1 << 61)
+
+
+def written(arrays: list[np.ndarray]) -> bool:
+    """True if any page of these private mappings (``map_file(private=True)``) was written
+    in this process, or if that cannot be told (then the caller must assume it was).
+
+    A page of a private file mapping that was only read is the file's page-cache page; the
+    first write replaces it with an anonymous copy (present, not a file page) that may later
+    be swapped out. The kernel's page table says which, without touching the data.
+    """
+    regions = []
+    for arr in arrays:
+        base = arr.base
+        while isinstance(base, np.ndarray):
+            base = base.base
+        if not isinstance(base, _Region) or not base.private:
+            return True
+        if base.size:
+            regions.append((base.address, base.size))
+    try:
+        fd = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return True
+    try:
+        for address, size in regions:
+            first, last = address // _PAGE, (address + size - 1) // _PAGE
+            raw = os.pread(fd, (last - first + 1) * 8, first * 8)
+            if len(raw) != (last - first + 1) * 8:
+                return True
+            e = np.frombuffer(raw, dtype="<u8")
+            if ((e & _SWAPPED).any()
+                    or (((e & _PRESENT) != 0) & ((e & _FILE) == 0)).any()):
+                return True
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False

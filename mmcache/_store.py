@@ -246,8 +246,11 @@ def read_meta(path: Path, key: str | None) -> Spec:
     return meta
 
 
-def map_files(data_dir: Path, files: list[Spec], key: str, where: str) -> Mapped:
-    """Map each file read-only after checking it against the metadata.
+def map_files(
+    data_dir: Path, files: list[Spec], key: str, where: str, *, private: bool = False
+) -> Mapped:
+    """Map each file read-only after checking it against the metadata (``private``: as
+    writable copy-on-write mappings, see _mmap.map_file).
 
     Sizes and ``.npy`` headers are checked before any data page is touched, so a truncated or
     altered file raises CorruptEntryError instead of a SIGBUS or a wrongly shaped array.
@@ -283,18 +286,20 @@ def map_files(data_dir: Path, files: list[Spec], key: str, where: str) -> Mapped
                 "(truncated or overwritten); delete the entry and save it again",
                 key=key, path=path,
             )
-        arrays.append(_map_npy(path, dtype, count, size, key))
+        arrays.append(_map_npy(path, dtype, count, size, key, private))
     return Mapped(arrays, where)
 
 
-def _map_npy(path: Path, dtype: np.dtype, count: int, size: int, key: str) -> np.ndarray:
+def _map_npy(
+    path: Path, dtype: np.dtype, count: int, size: int, key: str, private: bool
+) -> np.ndarray:
     def corrupt(why: str) -> CorruptEntryError:
         return CorruptEntryError(
             f"{str(path)!r}: {why}; delete the entry and save it again", key=key, path=path
         )
 
     try:
-        buf = map_file(path, size)
+        buf = map_file(path, size, private=private)
     except ValueError as exc:
         raise corrupt(str(exc)) from None
     head = io.BytesIO(buf[:MAX_HEADER].tobytes())

@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from tests import _pd
+
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = Path(__file__).resolve()
 
@@ -53,7 +55,7 @@ def assert_is_frame(df: pd.DataFrame, version: int, nrows: int) -> None:
     """``df`` equals ``make_frame(version, nrows)`` exactly (fast for millions of rows:
     pandas compares categoricals value by value, so those go by codes and dtype)."""
     expected = make_frame(version, nrows)
-    pd.testing.assert_frame_equal(df.drop(columns="c"), expected.drop(columns="c"))
+    _pd.assert_frame_equal(df.drop(columns="c"), expected.drop(columns="c"))
     assert df["c"].dtype == expected["c"].dtype
     assert np.array_equal(df["c"].array.codes, expected["c"].array.codes)
     assert list(df.columns) == list(expected.columns)
@@ -361,7 +363,7 @@ def save_fsize_limited(a: dict[str, Any]) -> None:
         report = exc_report(exc)
     try:
         mmcache.save(small, "small", cache_dir=a["cache_dir"])
-        pd.testing.assert_frame_equal(mmcache.open("small", cache_dir=a["cache_dir"]), small)
+        _pd.assert_frame_equal(mmcache.open("small", cache_dir=a["cache_dir"]), small)
         report["small_ok"] = True
     except Exception as exc:
         report["small_ok"] = False

@@ -56,7 +56,10 @@ def array_buffers(values) -> list[tuple[int, int]]:
     if isinstance(values, pd.arrays.NumpyExtensionArray):
         return array_buffers(values.to_numpy())
     if isinstance(values, pd.Categorical):
-        return array_buffers(values.codes) + array_buffers(values.categories)
+        # Object categories are kept as labels (JSON), rebuilt at open: small, not mapped
+        # (the README's dtype table). pandas 2 makes ["x", "y"] object categories.
+        cats = values.categories
+        return array_buffers(values.codes) + ([] if cats.dtype == object else array_buffers(cats))
     if isinstance(values, pd.arrays.IntervalArray):
         return array_buffers(values._left) + array_buffers(values._right)
     if hasattr(values, "_mask"):

@@ -39,6 +39,7 @@ import pytest
 import mmcache
 from mmcache import _cache, _store
 from mmcache._paths import entry_name
+from tests import _pd
 from tests._dirs import shm_tempdir
 from tests._robust_workers import Child, exc_report
 from tests._stress_workers import assemble, base_parts, problem
@@ -97,7 +98,7 @@ def intact(d: Path, key: str, expected: pd.DataFrame) -> bool | str:
     """True if ``key`` opens (afresh) as ``expected``, else why not."""
     _cache._MEMO.clear()
     try:
-        pd.testing.assert_frame_equal(mmcache.open(key, cache_dir=d), expected)
+        _pd.assert_frame_equal(mmcache.open(key, cache_dir=d), expected)
     except Exception as exc:
         return f"{type(exc).__name__}: {exc}"
     finally:
@@ -186,7 +187,7 @@ def child_read_only(a: dict[str, Any]) -> None:
         r["kept_intact"] = intact(d, "kept", kept)
         r["other_intact"] = intact(d, "other", other)
         out["verbs"][verb] = r
-    out["open"] = attempt(lambda: pd.testing.assert_frame_equal(
+    out["open"] = attempt(lambda: _pd.assert_frame_equal(
         mmcache.open("other", cache_dir=d), other))
     out["entries"] = sorted(e.key for e in mmcache.entries(cache_dir=d))
     print(json.dumps(out))
@@ -537,7 +538,7 @@ def test_cache_dir_on_disk_round_trips_zero_copy(disk_dir):
     assert entry.nrows == len(df)
     _cache._MEMO.clear()
     got = mmcache.open("on disk", cache_dir=d)
-    pd.testing.assert_frame_equal(got, df)
+    _pd.assert_frame_equal(got, df)
     assert problem(got) is None
     assert_zero_copy(got, d, include_index=True)
     assert {os.path.dirname(p) for _, _, p in maps_under(d)} == {str(d / json.loads(

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 import mmcache
 from mmcache import _cache, _store
 from mmcache._paths import entry_name
+from tests import _pd
 from tests._zerocopy import assert_zero_copy
 
 
@@ -72,7 +73,7 @@ def _open_checked(key: str) -> None:
         got = mmcache.open(key)
     except mmcache.MmcacheError:
         return
-    pd.testing.assert_frame_equal(got, FRAME)  # an unchanged meaning may open, and equal
+    _pd.assert_frame_equal(got, FRAME)  # an unchanged meaning may open, and equal
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,7 @@ import pyarrow as pa
 import pytest
 
 import mmcache
+from tests import _pd
 
 from . import _workers
 from ._zerocopy import frame_addresses, frame_in_cache, maps_under
@@ -243,7 +244,7 @@ def test_opened_frame_pickles_small_and_maps_in_pool_workers(method, small_entry
     df = mmcache.open("small", cache_dir=cache_dir)
     payload = pickle.dumps(df)
     assert len(payload) < 1000, len(payload)
-    pd.testing.assert_frame_equal(pickle.loads(payload), original)
+    _pd.assert_frame_equal(pickle.loads(payload), original)
 
     want = _workers.checksum(original)
     with pool(method) as p:
@@ -260,7 +261,7 @@ def test_opened_frame_pickles_small_and_maps_in_pool_workers(method, small_entry
         assert len(payload) > entry.nbytes // 2, len(payload)
         back = pickle.loads(payload)
         assert back.loc[0, "a"] == 1.0
-        pd.testing.assert_frame_equal(back, modified)
+        _pd.assert_frame_equal(back, modified)
         results = p.map_async(_workers.frame_task, [(df, str(cache_dir))] * 2).get(WAIT)
         assert [r["checksum"] for r in results] == [_workers.checksum(modified)] * 2
 
@@ -294,7 +295,7 @@ def test_entry_pickles_small_and_opens_in_spawned_worker(small_entry):
         results = p.map_async(_workers.entry_task, [entry, entry]).get(WAIT)
     for r in results:
         assert type(r["frame"]) is pd.DataFrame
-        pd.testing.assert_frame_equal(r["frame"], original)
+        _pd.assert_frame_equal(r["frame"], original)
         assert r["zero_copy"]
 
 
@@ -344,7 +345,7 @@ def test_build_runs_once_across_racing_processes(cache_dir, tmp_path):
     assert len(lines) == 1, f"build ran {len(lines)} times (pids {lines})"
     want = _workers.small_frame()
     for r in results:
-        pd.testing.assert_frame_equal(r["frame"], want)
+        _pd.assert_frame_equal(r["frame"], want)
         assert r["zero_copy"]
     assert len({r["pid"] for r in results}) == 4
 

@@ -30,6 +30,7 @@ import pytest
 import mmcache
 from mmcache import _cache, _store
 from mmcache._paths import entry_name
+from tests import _pd
 from tests._robust_workers import Child, assert_is_frame, const_problem, make_frame
 
 pytestmark = pytest.mark.timeout(180)
@@ -129,7 +130,7 @@ def test_sigkill_mid_save_leaves_old_or_new_entry_and_clean_removes_leftovers(sh
     # And the keys are usable again.
     small = make_frame(7, 1000)
     mmcache.save(small, K, cache_dir=d)
-    pd.testing.assert_frame_equal(mmcache.open(K, cache_dir=d), small)
+    _pd.assert_frame_equal(mmcache.open(K, cache_dir=d), small)
 
 
 def test_clean_spares_leftovers_of_a_save_in_progress(tmp_path):
@@ -390,7 +391,7 @@ def test_corrupt_entry_raises_a_clear_error_and_never_crashes(corrupt_setup, cas
     assert CKEY in msg or str(d) in msg, f"{case}: message names neither key nor path: {msg}"
     # The damage stays local: the neighbour opens, and in this process too.
     _cache._MEMO.clear()
-    pd.testing.assert_frame_equal(mmcache.open("healthy", cache_dir=d), make_frame(5, 100))
+    _pd.assert_frame_equal(mmcache.open("healthy", cache_dir=d), make_frame(5, 100))
 
 
 @pytest.mark.parametrize("case", ["data truncated", "header claims fewer items",
@@ -449,9 +450,9 @@ def test_corrupt_entry_can_be_removed(corrupt_setup, tmp_path, case, how):
     assert left == [], f"{how} left {left}"
     assert not mmcache.exists(CKEY, cache_dir=d)
     if how != "clean()":
-        pd.testing.assert_frame_equal(mmcache.open("healthy", cache_dir=d), make_frame(5, 100))
+        _pd.assert_frame_equal(mmcache.open("healthy", cache_dir=d), make_frame(5, 100))
     mmcache.save(_corrupt_frame(), CKEY, cache_dir=d)  # the key is usable again
-    pd.testing.assert_frame_equal(mmcache.open(CKEY, cache_dir=d), _corrupt_frame())
+    _pd.assert_frame_equal(mmcache.open(CKEY, cache_dir=d), _corrupt_frame())
 
 
 # --- 5. full file system ----------------------------------------------------------------------
@@ -502,13 +503,13 @@ def test_full_file_system_refuses_cleanly(small_tmpfs):
     with pytest.raises(mmcache.CacheFullError):
         mmcache.save(make_frame(4, 400_000), "mid", cache_dir=d)
     _cache._MEMO.clear()
-    pd.testing.assert_frame_equal(mmcache.open("mid", cache_dir=d), mid)
+    _pd.assert_frame_equal(mmcache.open("mid", cache_dir=d), mid)
     assert not mmcache.exists("mid2", cache_dir=d)
     assert unreferenced(d) == []
 
     small = make_frame(5, 10_000)
     mmcache.save(small, "small", cache_dir=d)
-    pd.testing.assert_frame_equal(mmcache.open("small", cache_dir=d), small)
+    _pd.assert_frame_equal(mmcache.open("small", cache_dir=d), small)
     assert unreferenced(d) == []
 
 
@@ -524,7 +525,7 @@ def test_tmpfs_filling_up_during_the_write_fails_cleanly(small_tmpfs, monkeypatc
     assert not mmcache.exists("big", cache_dir=d)
     assert unreferenced(d) == []
     _cache._MEMO.clear()
-    pd.testing.assert_frame_equal(mmcache.open("mid", cache_dir=d), mid)
+    _pd.assert_frame_equal(mmcache.open("mid", cache_dir=d), mid)
 
 
 def test_write_failure_after_the_room_check_raises_cache_full(tmp_path):

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import mmcache
+from tests import _pd
 from tests._zerocopy import assert_zero_copy
 
 N = 7  # rows in zoo columns: small, odd, and with a missing value where the dtype allows one
@@ -101,7 +102,7 @@ def test_column_round_trips_exactly_and_zero_copy(cache_dir, name):
     df = _frame(ZOO[name])
     mmcache.save(df, name)
     got = mmcache.open(name)
-    pd.testing.assert_frame_equal(got, df)
+    _pd.assert_frame_equal(got, df)
     assert_zero_copy(got, cache_dir)
 
 
@@ -111,7 +112,7 @@ def test_series_round_trips_as_series(cache_dir, name):
     mmcache.save(s, "s")
     got = mmcache.open("s")
     assert isinstance(got, pd.Series)
-    pd.testing.assert_series_equal(got, s)
+    _pd.assert_series_equal(got, s)
     assert_zero_copy(got, cache_dir)
 
 
@@ -120,7 +121,7 @@ def test_whole_zoo_in_one_frame(cache_dir):
     df.attrs = {"source": "zoo", "n": N, "nested": {"a": [1, 2.5, None, True]}}
     mmcache.save(df, "zoo")
     got = mmcache.open("zoo")
-    pd.testing.assert_frame_equal(got, df)
+    _pd.assert_frame_equal(got, df)
     assert got.attrs == df.attrs
     assert list(got.columns) == list(df.columns)
     assert_zero_copy(got, cache_dir)
@@ -129,8 +130,8 @@ def test_whole_zoo_in_one_frame(cache_dir):
 @pytest.mark.parametrize(
     ("values", "expected_dtype"),
     [
-        (np.array(["a", None, "c"], dtype=object), "str"),
-        (np.array(["a", np.nan, "c"], dtype=object), "str"),
+        (np.array(["a", None, "c"], dtype=object), _pd.STR),
+        (np.array(["a", np.nan, "c"], dtype=object), _pd.STR),
         (pd.array(["a", None, "c"], dtype="string[python]"), "string[pyarrow]"),
     ],
     ids=["object-of-str-None", "object-of-str-nan", "string-python"],
@@ -142,7 +143,7 @@ def test_strings_become_arrow_backed(cache_dir, values, expected_dtype):
     mmcache.save(df, "k")
     got = mmcache.open("k")
     expected = df.astype({"s": expected_dtype})
-    pd.testing.assert_frame_equal(got, expected)
+    _pd.assert_frame_equal(got, expected)
     assert_zero_copy(got, cache_dir)
 
 
@@ -175,7 +176,7 @@ def test_index_round_trips(cache_dir, name):
     df = pd.DataFrame({"x": np.arange(N, dtype=float)}, index=INDEXES[name])
     mmcache.save(df, "k")
     got = mmcache.open("k")
-    pd.testing.assert_frame_equal(got, df, check_index_type=True)
+    _pd.assert_frame_equal(got, df, check_index_type=True)
     if name != "object-mixed":
         assert_zero_copy(got, cache_dir, include_index=True)
 
@@ -197,7 +198,7 @@ def test_column_labels_round_trip(cache_dir, name):
     df.columns.name = "cols" if df.columns.nlevels == 1 else None
     mmcache.save(df, "k")
     got = mmcache.open("k")
-    pd.testing.assert_frame_equal(got, df, check_column_type=True)
+    _pd.assert_frame_equal(got, df, check_column_type=True)
 
 
 @pytest.mark.parametrize(
@@ -213,7 +214,7 @@ def test_column_labels_round_trip(cache_dir, name):
 )
 def test_empty_frames(cache_dir, df):
     mmcache.save(df, "k")
-    pd.testing.assert_frame_equal(mmcache.open("k"), df)
+    _pd.assert_frame_equal(mmcache.open("k"), df)
 
 
 def test_consolidated_2d_and_f_ordered_input(cache_dir):
@@ -224,7 +225,7 @@ def test_consolidated_2d_and_f_ordered_input(cache_dir):
     df["e"] = np.arange(10.0)  # a second float block, written next to the first
     mmcache.save(df, "k")
     got = mmcache.open("k")
-    pd.testing.assert_frame_equal(got, df)
+    _pd.assert_frame_equal(got, df)
     assert [b.dtype for b in got._mgr.blocks].count(np.dtype("float64")) == 1
     assert_zero_copy(got, cache_dir)
 
@@ -305,5 +306,5 @@ def frames(draw):
 def test_property_any_frame_round_trips(cache_dir, df):
     mmcache.save(df, "prop")
     got = mmcache.open("prop")
-    pd.testing.assert_frame_equal(got, df)
+    _pd.assert_frame_equal(got, df)
     assert_zero_copy(got, cache_dir)

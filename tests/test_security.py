@@ -21,6 +21,7 @@ import pytest
 import mmcache
 from mmcache import _cache, _paths
 from mmcache._paths import entry_name
+from tests import _pd
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -116,7 +117,7 @@ def test_hostile_key_round_trips_inside_the_cache_dir(tmp_path, monkeypatch, key
     entry = mmcache.save(df, key, cache_dir=d)
     assert entry.key == key
     assert mmcache.exists(key, cache_dir=d)
-    pd.testing.assert_frame_equal(mmcache.open(key, cache_dir=d), df)
+    _pd.assert_frame_equal(mmcache.open(key, cache_dir=d), df)
     assert [e.key for e in mmcache.entries(cache_dir=d)] == [key]
 
     created = tree(tmp_path) - before
@@ -145,7 +146,7 @@ def test_keys_that_sanitise_alike_do_not_collide(tmp_path):
         mmcache.save(small_frame(i), key, cache_dir=d)
     _cache._MEMO.clear()
     for i, key in enumerate(keys):
-        pd.testing.assert_frame_equal(mmcache.open(key, cache_dir=d), small_frame(i))
+        _pd.assert_frame_equal(mmcache.open(key, cache_dir=d), small_frame(i))
     assert sorted(e.key for e in mmcache.entries(cache_dir=d)) == sorted(keys)
 
 
@@ -170,7 +171,7 @@ def test_default_cache_dir_is_created_private(default_dir, umask, mask):
     assert stat.S_IMODE(st.st_mode) == 0o700
     assert st.st_uid == os.getuid()
     assert (default_dir / f"{entry_name('k')}.json").exists()
-    pd.testing.assert_frame_equal(mmcache.open("k"), small_frame(1))
+    _pd.assert_frame_equal(mmcache.open("k"), small_frame(1))
 
 
 def _refused(path: Path, call) -> mmcache.CacheDirError:
@@ -265,7 +266,7 @@ def test_explicit_private_cache_dir_is_accepted(tmp_path):
     d.mkdir()
     os.chmod(d, 0o755)
     mmcache.save(small_frame(1), "k", cache_dir=d)
-    pd.testing.assert_frame_equal(mmcache.open("k", cache_dir=d), small_frame(1))
+    _pd.assert_frame_equal(mmcache.open("k", cache_dir=d), small_frame(1))
 
 
 # --- 9. nothing is unpickled ------------------------------------------------------------------
@@ -392,7 +393,7 @@ def test_planted_symlink_in_the_cache_dir_is_never_followed(tmp_path, what):
     assert victim.read_bytes() == b"precious\n"
     assert stat.S_IMODE(os.stat(victim).st_mode) == 0o644
     if error is None:
-        pd.testing.assert_frame_equal(mmcache.open("k", cache_dir=d), small_frame(1))
+        _pd.assert_frame_equal(mmcache.open("k", cache_dir=d), small_frame(1))
         assert victim.read_bytes() == b"precious\n"
     else:
         assert isinstance(error, mmcache.MmcacheError), (

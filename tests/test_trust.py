@@ -27,6 +27,7 @@ import pytest
 import mmcache
 from mmcache import _frame
 from mmcache._paths import entry_name
+from tests import _pd
 
 from . import _trust_workers as tw
 from ._zerocopy import assert_zero_copy, maps_under
@@ -277,7 +278,7 @@ def test_item5_in_place_edits_work_after_resave_or_delete(edit, how, cache_dir):
     EDITS[edit](df)  # was: "assignment destination is read-only"
     expected = original.copy()
     EDITS[edit](expected)
-    pd.testing.assert_frame_equal(df, expected)
+    _pd.assert_frame_equal(df, expected)
     np.testing.assert_array_equal(mapped_x, original["x"].to_numpy())  # never written through
 
 
