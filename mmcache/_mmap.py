@@ -89,7 +89,7 @@ def written(arrays: list[np.ndarray]) -> bool:
     first write replaces it with an anonymous copy (present, not a file page) that may later
     be swapped out. The kernel's page table says which, without touching the data.
     """
-    regions = []
+    regions: list[tuple[int, int]] = []
     for arr in arrays:
         base = arr.base
         while isinstance(base, np.ndarray):
