@@ -282,8 +282,16 @@ class Cache:
 
     def _open(self, key: str, columns: Sequence[Any] | None) -> Frame:
         cache_dir = self.dir
-        version = _memo.load(cache_dir, key, entry_name(key))
-        return self._hand_out(cache_dir, version, columns)
+        name = entry_name(key)
+        for _ in range(_memo.OPEN_RETRIES):
+            version = _memo.load(cache_dir, key, name)
+            try:
+                return self._hand_out(cache_dir, version, columns)
+            except FileNotFoundError:
+                # A private mapping (pandas 2 without copy-on-write) opens the files again:
+                # a version re-saved or deleted just as load() mapped it may be gone by now.
+                _memo.forget(cache_dir, key)
+        raise not_found(key, cache_dir)
 
     def _hand_out(self, cache_dir: Path, version: _memo.Version, columns: Any) -> Frame:
         ckey = _columns_key(columns)
@@ -315,7 +323,10 @@ class Cache:
         version = _memo.load_version(cache_dir, key, entry_name(key), token)
         if version is None:
             return None
-        return self._hand_out(cache_dir, version, columns)
+        try:
+            return self._hand_out(cache_dir, version, columns)
+        except FileNotFoundError:  # its files went just as it was mapped (see _open)
+            return None
 
     def _describe(self, key: str) -> tuple[Entry, list[tuple[str, str]], str, list[Any]]:
         """For ``mmcache info``: the entry, (column, dtype) pairs, the index, the files.

@@ -338,7 +338,7 @@ def _encode_array(values: Any, pool: Pool, where: str, code: str | None) -> Spec
             return nulls
     if isinstance(dtype, pd.StringDtype) or (_is_object(dtype) and _only_str(values)):
         na = "NA" if isinstance(dtype, pd.StringDtype) and dtype.na_value is pd.NA else "nan"
-        if isinstance(dtype, pd.StringDtype) and dtype.storage == "pyarrow":
+        if isinstance(dtype, pd.StringDtype) and dtype.storage in ("pyarrow", "pyarrow_numpy"):
             pa_arr = values._pa_array
         else:
             objs = np.asarray(values, dtype=object)

@@ -486,7 +486,9 @@ def hand_out(
     columns: Any, *, private: Mapped | None = None,
 ) -> pd.DataFrame | pd.Series:
     """A new frame object over ``base``'s buffers: edits copy (pandas copy-on-write, see
-    pin()), so neither the cache nor other frames ever see them."""
+    pin()), so neither the cache nor other frames ever see them. ``private``: ``base`` lies
+    over this frame's own copy-on-write mapping (pandas 2 without copy-on-write writes in
+    place: the kernel copies each written page instead)."""
     obj = base.copy(deep=False)
     for blk in obj._mgr.blocks:
         if isinstance(blk.values, pd.arrays.ArrowExtensionArray):

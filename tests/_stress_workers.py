@@ -40,6 +40,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from tests import _pd
+
 REPO = Path(__file__).resolve().parent.parent
 
 # Keys with characters that need encoding ("/", space), so the stress also covers naming.
@@ -113,7 +115,7 @@ def base_parts(seed: int, nrows: int) -> dict[str, Any]:
         "x": rng.random(nrows),
         "i": rng.integers(-(2**62), 2**62, nrows),
         "f32": rng.standard_normal(nrows).astype(np.float32),
-        "s": pd.Series(strs, dtype=pd.StringDtype("pyarrow", na_value=np.nan)).array,
+        "s": pd.Series(strs, dtype=_pd.STR).array,
         "cat": pd.Categorical.from_codes(
             rng.integers(0, 5, nrows).astype(np.int8),
             categories=[f"c{seed}-{j}" for j in range(5)],

@@ -23,6 +23,7 @@ import pandas as pd
 import pyarrow as pa
 
 import mmcache
+from tests import _pd
 
 from ._zerocopy import frame_addresses, frame_in_cache, maps_under
 
@@ -44,13 +45,13 @@ def make_mixed_frame(nrows: int, seed: int = 0) -> pd.DataFrame:
         "c": rng.random(nrows) * 1e6,
         "i": rng.integers(-(10**12), 10**12, nrows, dtype=np.int64),
         "j": np.arange(nrows, dtype=np.int64) + seed,
-        "s": pd.Series(strs.to_pandas(), copy=False),
+        "s": pd.Series(strs.to_pandas(), copy=False).astype(_pd.STR),  # object on pandas 2
         "cat": pd.Categorical.from_codes(
             rng.integers(0, 4, nrows).astype(np.int8), categories=["red", "green", "blue", "grey"]
         ),
     }
     df = pd.DataFrame(cols, copy=False)
-    assert str(df["s"].dtype) == "str", df["s"].dtype
+    assert df["s"].dtype == _pd.STR, df["s"].dtype
     return df
 
 

@@ -14,6 +14,7 @@ import pytest
 
 import mmcache
 from mmcache._paths import entry_name
+from tests import _pd
 
 TIMEOUT = 60
 
@@ -62,7 +63,8 @@ def test_info_table_json_and_missing_key(cache_dir):
     assert r.returncode == 0, r.stderr
     assert "float64" in r.stdout and "str" in r.stdout and ".npy" in r.stdout
     data = json.loads(run("info", "alpha", "--json", cache_dir=cache_dir).stdout)
-    assert data["columns"] == [{"name": "x", "dtype": "float64"}, {"name": "s", "dtype": "str"}]
+    assert data["columns"] == [{"name": "x", "dtype": "float64"},
+                               {"name": "s", "dtype": str(_pd.STR)}]
     assert sum(f["size"] for f in data["files"]) < data["nbytes"]
     r = run("info", "missing", cache_dir=cache_dir)
     assert r.returncode == 1

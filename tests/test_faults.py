@@ -372,8 +372,9 @@ def child_fd_limit(a: dict[str, Any]) -> None:
         r = attempt(lambda key=key: held.append(mmcache.open(key, cache_dir=d)))
     out["open_many"] = {
         **r, "held": len(held), "fds_after": open_fds(), "fds_before": limit - spare,
-        "wide_equal": bool(held) and held[0].equals(wide),
-        "all_equal": [f.equals(e) for f, e in zip(held[1:], smalls.values(), strict=False)]
+        "wide_equal": bool(held) and held[0].equals(_pd.as_opened(wide)),
+        "all_equal": [f.equals(_pd.as_opened(e))
+                      for f, e in zip(held[1:], smalls.values(), strict=False)]
         == [True] * len(smalls),
     }
     out["save_at_limit"] = attempt(lambda: mmcache.save(wide, "wide2", cache_dir=d))

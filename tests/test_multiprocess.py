@@ -24,6 +24,7 @@ import pyarrow as pa
 import pytest
 
 import mmcache
+from mmcache._compat import writes_in_place
 from tests import _pd
 
 from . import _workers
@@ -365,8 +366,13 @@ def test_forked_child_reuses_parents_mapping(small_entry, cache_dir):
                    [("small", str(cache_dir))]) as (q, procs):
         (r,) = receive(q, procs)
     assert r["before"] == parent_maps  # inherited, nothing else mapped yet
-    assert r["after"] == r["before"], "open() in the forked child mapped the files again"
-    assert r["addrs"] == parent_addrs, "the child's frame is not over the parent's buffers"
+    if writes_in_place():
+        # pandas 2 without copy-on-write: each open() maps the files privately (the same
+        # page-cache pages), so the child's frame is its own, still inside the cache files
+        assert len(r["after"]) > len(r["before"])
+    else:
+        assert r["after"] == r["before"], "open() in the forked child mapped the files again"
+        assert r["addrs"] == parent_addrs, "the child's frame is not over the parent's buffers"
     assert r["zero_copy"]
     assert r["checksum"] == _workers.checksum(original)
 

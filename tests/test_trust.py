@@ -26,6 +26,7 @@ import pytest
 
 import mmcache
 from mmcache import _frame
+from mmcache._compat import writes_in_place
 from mmcache._paths import entry_name
 from tests import _pd
 
@@ -277,9 +278,15 @@ def test_item5_in_place_edits_work_after_resave_or_delete(edit, how, cache_dir):
     gc.collect()
     EDITS[edit](df)  # was: "assignment destination is read-only"
     expected = original.copy()
+    expected_x = expected["x"].to_numpy()
     EDITS[edit](expected)
     _pd.assert_frame_equal(df, expected)
-    np.testing.assert_array_equal(mapped_x, original["x"].to_numpy())  # never written through
+    if writes_in_place():
+        # pandas 2 without copy-on-write: the frame's own private pages, which its raw view
+        # shares exactly as a plain frame's does (never the cache's: see test_api)
+        np.testing.assert_array_equal(mapped_x, expected_x)
+    else:
+        np.testing.assert_array_equal(mapped_x, original["x"].to_numpy())  # never written through
 
 
 def test_item5_series_and_derived_frames_outliving_their_parent(cache_dir):
@@ -295,9 +302,10 @@ def test_item5_series_and_derived_frames_outliving_their_parent(cache_dir):
     sub.fillna(0, inplace=True)
     assert s.tolist()[:3] == [-5, -6, 1]
     assert sub["x"].iloc[0] == -5.0
-    with pytest.raises(ValueError, match="read-only"):
-        mmcache.save(original, "k2")
-        mmcache.open("k2")["x"].to_numpy()[0] = 1.0  # the raw buffer stays read-only
+    mmcache.save(original, "k2")
+    if not writes_in_place():  # (pandas 2 without copy-on-write: the frame's own pages)
+        with pytest.raises(ValueError, match="read-only"):
+            mmcache.open("k2")["x"].to_numpy()[0] = 1.0  # the raw buffer stays read-only
 
 
 # --- item 6: last_used reflects every open, memoised or not -----------------------------------
@@ -402,7 +410,10 @@ def test_item13_open_again_while_a_frame_lives_reuses_the_mapping(cache_dir):
     first = mmcache.open("k")
     before = maps_under(cache_dir)
     second = mmcache.open("k")
-    assert maps_under(cache_dir) == before  # no new mapping
+    if writes_in_place():  # pandas 2 without copy-on-write: each frame its private mapping
+        assert len(maps_under(cache_dir)) > len(before)
+    else:
+        assert maps_under(cache_dir) == before  # no new mapping
     assert_zero_copy(second, cache_dir)
     assert second is not first
 
@@ -428,8 +439,9 @@ def test_item14_errors_from_save_and_open_name_key_and_path(cache_dir):
 def test_damaged_string_labels_are_a_corrupt_entry_not_a_raw_unicode_error(cache_dir):
     # Found by the fuzz test: data files are not checksummed, and invalid UTF-8 in the
     # Arrow buffer of column labels (or categories) used to escape as UnicodeDecodeError.
-    df = pd.DataFrame({"alphabetical": [1, 2], "zebra": pd.Categorical(["quokka", "quokka"])})
-    df.columns = df.columns.astype("str")
+    df = pd.DataFrame({"alphabetical": [1, 2],
+                       "zebra": pd.Categorical(pd.array(["quokka"] * 2, dtype=_pd.STR))})
+    df.columns = pd.Index(df.columns, dtype=_pd.STR)  # Arrow strings on pandas 2 too
     mmcache.save(df, "k")
     for needle in (b"alphabetical", b"quokka"):
         damaged = False
@@ -592,7 +604,7 @@ def test_str_columns_with_any_kind_of_missing_value_save(missing, cache_dir):
     df = pd.DataFrame({"s": pd.Series(["x", missing, "y"], dtype=object)})
     mmcache.save(df, "k")  # was: a raw ArrowTypeError, or a refusal blaming the str values
     got = mmcache.open("k")
-    assert str(got["s"].dtype) == "str"
+    assert got["s"].dtype == _pd.STR
     assert got["s"].tolist()[0] == "x" and got["s"].tolist()[2] == "y"
     assert pd.isna(got["s"].iloc[1])
 
