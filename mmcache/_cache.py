@@ -154,6 +154,7 @@ class Cache:
     @property
     def dir(self) -> Path:
         """The resolved cache directory, checked for safety; the first save creates it.
+        (The default cache's RAM place: its disk place is the second of ``_places()``.)
 
         Reading, listing and cleaning never create it: a missing directory holds nothing.
         """
@@ -403,7 +404,7 @@ class Cache:
         """The place holding entry ``name`` now (a ``stat`` or a few), or None."""
         for _ in range(FIND_ROUNDS if len(places) > 1 else 1):
             for cache_dir in places:
-                if (cache_dir / f"{name}.json").exists():
+                if os.path.exists(cache_dir / f"{name}.json"):
                     return cache_dir
         return None
 

@@ -162,10 +162,12 @@ def resolve_places(
     cache_dir: str | os.PathLike[str] | None, *, create: bool = False
 ) -> list[Path]:
     """The directories a cache reads: the one :func:`resolve_cache_dir` chooses, or, when
-    nothing names one, every default place (each checked like the default directory)."""
+    nothing names one, every default place (each checked like the default directory).
+    ``create`` makes the first one only: the disk place is made by the first save there."""
     if not is_default(cache_dir):
         return [resolve_cache_dir(cache_dir, create=create)]
-    return [checked_default(p, create=create) for p in default_places()]
+    return [checked_default(p, create=create and i == 0)
+            for i, p in enumerate(default_places())]
 
 
 def resolve_cache_dir(cache_dir: str | os.PathLike[str] | None, *, create: bool = True) -> Path:
