@@ -400,11 +400,13 @@ class Cache:
         raise not_found(key, *places)
 
     @staticmethod
-    def _where(places: list[Path], name: str) -> Path | None:
-        """The place holding entry ``name`` now (a ``stat`` or a few), or None."""
+    def _where(places: list[Path], name: str, *, lexists: bool = False) -> Path | None:
+        """The place holding entry ``name`` now (a ``stat`` or a few), or None. ``lexists``:
+        any ``NAME.json`` counts, a planted symlink too (delete removes it)."""
+        probe = os.path.lexists if lexists else os.path.exists
         for _ in range(FIND_ROUNDS if len(places) > 1 else 1):
             for cache_dir in places:
-                if os.path.exists(cache_dir / f"{name}.json"):
+                if probe(cache_dir / f"{name}.json"):
                     return cache_dir
         return None
 
@@ -470,8 +472,8 @@ class Cache:
         name = entry_name(key)
         for cache_dir in places:
             _memo.forget(cache_dir, key)
-        if self._where(places, name) is None:
-            return False
+        if self._where(places, name, lexists=True) is None:
+            return False  # nothing to delete (a save in progress has not published yet)
         # Under the RAM place's lock, the key's lock in the default cache (see _save_placed):
         # a save moving the key between places cannot slip between the two removals.
         ram, disk = places

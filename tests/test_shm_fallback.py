@@ -323,6 +323,16 @@ def test_delete_and_clean_reach_the_disk_place(two_entries):
     assert os.listdir(p.ram) == [] and os.listdir(p.disk) == []
 
 
+def test_delete_removes_a_planted_metadata_symlink_in_the_disk_place(places, tmp_path):
+    p = places
+    p.disk.mkdir(mode=0o700)
+    target = tmp_path / "yours"
+    target.write_text("not mmcache's")
+    (p.disk / f"{entry_name('k')}.json").symlink_to(target)
+    assert mmcache.delete("k") is True
+    assert own(p.disk, "k") == [] and target.read_text() == "not mmcache's"
+
+
 def test_max_bytes_counts_both_places(places):
     p = places
     mid = pd.DataFrame({"a": np.arange(625_000, dtype=np.float64)})  # 5 MB: fits in RAM
