@@ -1,6 +1,7 @@
 """Share one large pandas DataFrame between many processes without copies.
 
-``save(df, key)`` writes the frame once into a cache directory (``/dev/shm`` by default);
+``save(df, key)`` writes the frame once into a cache directory (``/dev/shm`` by default, the
+temp dir for an entry that does not fit there);
 ``open(key)`` in any process maps those files and builds a DataFrame over them without
 copying, so every worker shares one physical copy through the OS page cache.
 """
@@ -27,6 +28,7 @@ from ._errors import (
     InvalidKeyError,
     LockTimeoutError,
     MmcacheError,
+    MmcacheWarning,
     UnsupportedFormatError,
     UnsupportedTypeError,
 )
@@ -47,6 +49,7 @@ __all__ = [
     "InvalidKeyError",
     "LockTimeoutError",
     "MmcacheError",
+    "MmcacheWarning",
     "UnsupportedFormatError",
     "UnsupportedTypeError",
     "clean",

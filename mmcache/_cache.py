@@ -7,8 +7,10 @@ import datetime as dt
 import errno
 import functools
 import os
+import sys
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -26,11 +28,22 @@ from ._errors import (
     InvalidArgumentError,
     LockTimeoutError,
     MmcacheError,
+    MmcacheWarning,
     UnsupportedTypeError,
 )
 from ._lock import locked
-from ._paths import ENV_DIR, check_key, entry_name, resolve_cache_dir
-from ._survey import Survey, survey
+from ._paths import (
+    ENV_DIR,
+    ENV_SHM,
+    check_key,
+    checked_default,
+    default_places,
+    entry_name,
+    is_default,
+    resolve_cache_dir,
+    resolve_places,
+)
+from ._survey import Survey, merged, survey
 from ._units import human, parse_duration, parse_size
 
 ENV_MAX_BYTES = "MMCACHE_MAX_BYTES"
@@ -40,6 +53,13 @@ ENV_MAX_BYTES = "MMCACHE_MAX_BYTES"
 LOCK_TIMEOUT = 600.0
 # Tests and tools reach the memo as mmcache._cache._MEMO.
 _MEMO = _memo._MEMO
+# The default cache has two places (RAM, then disk for what does not fit), and a re-save can
+# move a key from one to the other: publish in the new place, then unpublish in the old. A
+# reader looks RAM, disk, RAM, ... and calls a key missing only after this many rounds found
+# it in neither: a false "missing" would take 2 x rounds - 1 moves of that key meanwhile.
+FIND_ROUNDS = 3
+# Set once this process has warned that an entry did not fit in RAM (warn once, not per save).
+_fallback_warned = False
 
 
 def _columns_key(columns: Sequence[Any] | None) -> Any:
@@ -101,7 +121,12 @@ class Cache:
     """A cache directory and the verbs on it; the module functions use ``Cache(None)``.
 
     ``cache_dir`` is resolved at each call (argument, ``$MMCACHE_DIR``, per-user default on
-    ``/dev/shm``), so a ``Cache`` is cheap and can be made anywhere.
+    ``/dev/shm``), so a ``Cache`` is cheap and can be made anywhere. The per-user default
+    has two places: ``<shm>/mmcache-UID`` in RAM (``<shm>`` is ``$MMCACHE_SHM``, else
+    ``/dev/shm``) and ``<tempdir>/mmcache-UID`` on disk, where ``save`` puts an entry that
+    does not fit in RAM (warning once per process); every verb covers both, and a key lives
+    in exactly one of them. A directory named by the argument or ``$MMCACHE_DIR`` is the
+    only place, and never falls back.
     """
 
     def __init__(
@@ -130,6 +155,7 @@ class Cache:
     @property
     def dir(self) -> Path:
         """The resolved cache directory, checked for safety; the first save creates it.
+        (The default cache's RAM place: its disk place is the second of ``_places()``.)
 
         Reading, listing and cleaning never create it: a missing directory holds nothing.
         """
@@ -137,6 +163,21 @@ class Cache:
 
     def _write_dir(self) -> Path:
         return resolve_cache_dir(self._given)
+
+    def _places(self, *, create: bool = False) -> list[Path]:
+        """Every directory this cache reads: the resolved one, or both default places (RAM
+        first). ``create``: make the first one (saving and deleting lock keys there)."""
+        return resolve_places(self._given, create=create)
+
+    @classmethod
+    def _holding(cls, cache_dir: Path) -> Cache:
+        """The cache an entry of ``cache_dir`` belongs to: the default cache (both places) if
+        it is one of this process's default places, else that directory alone."""
+        if is_default(None):
+            with contextlib.suppress(MmcacheError):
+                if cache_dir in default_places():
+                    return cls(None)
+        return cls(cache_dir)
 
     @property
     def lock_timeout(self) -> float:
@@ -156,20 +197,85 @@ class Cache:
         mid-save leaves no visible entry (its leftovers go with ``clean``).
         """
         check_key(key)
-        cache_dir = self._write_dir()
+        places = self._places(create=True)
+        cache_dir = places[0]
         layout, pool = _frame.encode(obj)  # refuses unsupported data before touching disk
         name = entry_name(key)
-        files = self._make_room(cache_dir, key, pool)  # before locking: fail fast, leave nothing
+        files = self._make_room(places, key, pool)  # before locking: fail fast, leave nothing
+        # With two places, the RAM place's lock is the key's lock (see _save_placed).
         with locked(cache_dir, name, key, LOCK_TIMEOUT):
-            return self._save_locked(cache_dir, name, key, layout, pool, files)
+            return self._save_placed(places, name, key, layout, pool, files)
 
-    def _make_room(self, cache_dir: Path, key: str, pool: _store.Pool) -> list[Any]:
-        """Plan the files; evict for max_bytes and check free space, or raise CacheFullError."""
+    def _make_room(self, places: list[Path], key: str, pool: _store.Pool) -> list[Any]:
+        """Plan the files; evict for max_bytes and check free space, or raise CacheFullError.
+
+        With two default places, the entry must fit in one of them.
+        """
         files = _store.plan_files(pool)
         nbytes = sum(f["size"] for f in files)
-        self._fit_limit(cache_dir, key, nbytes)
-        _store.check_room(cache_dir, nbytes, key)
+        self._fit_limit(places, key, nbytes)
+        try:
+            _store.check_room(places[0], nbytes, key)
+        except CacheFullError:
+            if len(places) == 1:
+                raise
+            try:
+                _store.check_room(_existing(places[1]), nbytes, key)
+            except CacheFullError:
+                raise _both_full(places, key, nbytes) from None
         return files
+
+    def _save_placed(
+        self, places: list[Path], name: str, key: str, layout: dict[str, Any],
+        pool: _store.Pool, files: list[Any],
+    ) -> Entry:
+        """With the key's lock held (in ``places[0]``): write the entry in the first place
+        it fits in, then remove the key from the other place, if any.
+
+        Two default places: RAM, and disk for what does not fit in RAM, up front (the free
+        space check) or while writing (ENOSPC: what was written is removed first). Every
+        save and delete of the default cache takes the RAM place's lock first, so two
+        processes saving one key, one to each place, take turns, and a key ends in one place.
+        Writing or removing anything in the disk place also takes that directory's own lock
+        for the key, always after the RAM one (one order: no deadlock), because single-
+        directory work there (clean of leftovers, a process letting go of an old version,
+        ``Entry.delete``) knows only that lock. The new entry is published before the old
+        place's is unpublished, so a reader looking in both always finds one (see
+        FIND_ROUNDS); a reader that mapped the old one keeps it intact (it is swept like any
+        old version: only once no live process maps it).
+        """
+        if len(places) == 1:
+            return self._save_locked(places[0], name, key, layout, pool, files)
+        ram, disk = places
+        with contextlib.ExitStack() as held:
+            disk_locked = False
+
+            def lock_disk() -> None:
+                nonlocal disk_locked
+                if not disk_locked:
+                    checked_default(disk, create=True)  # made (0700) by the first save there
+                    held.enter_context(locked(disk, name, key, LOCK_TIMEOUT))
+                    disk_locked = True
+
+            try:
+                entry = self._save_locked(ram, name, key, layout, pool, files)
+                other = disk
+            except CacheFullError as full:
+                nbytes = sum(f["size"] for f in files)
+                free = _free_bytes(ram)
+                lock_disk()
+                try:
+                    entry = self._save_locked(disk, name, key, layout, pool, files)
+                except CacheFullError:
+                    raise _both_full(places, key, nbytes) from full
+                other = ram
+                _warn_fallback(ram, disk, key, nbytes, free)
+            _memo.forget(other, key)
+            if os.path.lexists(other / f"{name}.json"):
+                if other == disk:
+                    lock_disk()
+                _clean.delete_locked(other, name, key)
+            return entry
 
     def _save_locked(
         self, cache_dir: Path, name: str, key: str, layout: dict[str, Any], pool: _store.Pool,
@@ -207,7 +313,8 @@ class Cache:
             _clean.sweep(cache_dir, name, _clean.versions(cache_dir, name))
         return entry_from_meta(meta_path, meta, now, meta_bytes)
 
-    def _fit_limit(self, cache_dir: Path, key: str, nbytes: int) -> None:
+    def _fit_limit(self, places: list[Path], key: str, nbytes: int) -> None:
+        """Evict for the size limit, which counts every place of the cache together."""
         limit = self.max_bytes
         if limit is None:
             return
@@ -216,9 +323,9 @@ class Cache:
                 f"cannot save key {key!r}: it needs {human(nbytes)}, more than the "
                 f"cache's size limit of {human(limit)} (max_bytes / ${ENV_MAX_BYTES}); "
                 "raise the limit",
-                key=key, path=cache_dir,
+                key=key, path=places[0],
             )
-        _clean.fit_limit(self, cache_dir, key, nbytes, limit)
+        _clean.fit_limit(self, places, key, nbytes, limit)
 
     # --- open -------------------------------------------------------------------------------
 
@@ -260,10 +367,11 @@ class Cache:
         except EntryNotFoundError:
             if build is None:
                 raise
-        cache_dir = self._write_dir()
+        places = self._places(create=True)
+        cache_dir = places[0]
         name = entry_name(key)
         with locked(cache_dir, name, key, float("inf")):
-            if not (cache_dir / f"{name}.json").exists():
+            if self._where(places, name) is None:
                 try:
                     obj = build()
                 except BaseException as exc:
@@ -276,22 +384,38 @@ class Cache:
                         key=key,
                     )
                 layout, pool = _frame.encode(obj)
-                files = self._make_room(cache_dir, key, pool)
-                self._save_locked(cache_dir, name, key, layout, pool, files)
+                files = self._make_room(places, key, pool)
+                self._save_placed(places, name, key, layout, pool, files)
         return self._open(key, columns)
 
     def _open(self, key: str, columns: Sequence[Any] | None) -> Frame:
-        cache_dir = self.dir
+        places = self._places()
         name = entry_name(key)
-        for _ in range(_memo.OPEN_RETRIES):
-            version = _memo.load(cache_dir, key, name)
-            try:
-                return self._hand_out(cache_dir, version, columns)
-            except FileNotFoundError:
-                # A private mapping (pandas 2 without copy-on-write) opens the files again:
-                # a version re-saved or deleted just as load() mapped it may be gone by now.
-                _memo.forget(cache_dir, key)
-        raise not_found(key, cache_dir)
+        for _ in range(FIND_ROUNDS if len(places) > 1 else 1):
+            for cache_dir in places:
+                for _ in range(_memo.OPEN_RETRIES):
+                    try:
+                        version = _memo.load(cache_dir, key, name)
+                    except EntryNotFoundError:
+                        break  # not there (or moved meanwhile): look in the other place
+                    try:
+                        return self._hand_out(cache_dir, version, columns)
+                    except FileNotFoundError:
+                        # A private mapping (pandas 2 without copy-on-write) opens the files
+                        # again: a version re-saved or deleted as load() mapped it may be gone.
+                        _memo.forget(cache_dir, key)
+        raise not_found(key, *places)
+
+    @staticmethod
+    def _where(places: list[Path], name: str, *, lexists: bool = False) -> Path | None:
+        """The place holding entry ``name`` now (a ``stat`` or a few), or None. ``lexists``:
+        any ``NAME.json`` counts, a planted symlink too (delete removes it)."""
+        probe = os.path.lexists if lexists else os.path.exists
+        for _ in range(FIND_ROUNDS if len(places) > 1 else 1):
+            for cache_dir in places:
+                if probe(cache_dir / f"{name}.json"):
+                    return cache_dir
+        return None
 
     def _hand_out(self, cache_dir: Path, version: _memo.Version, columns: Any) -> Frame:
         ckey = _columns_key(columns)
@@ -334,12 +458,11 @@ class Cache:
         Reads without counting as a use (last_used is left alone).
         """
         check_key(key)
-        cache_dir = self.dir
         # Counted before this process maps the entry itself.
         entry = next((e for e in self.entries() if e.key == key), None)
         if entry is None:
-            raise not_found(key, cache_dir)
-        version = _memo.load(cache_dir, key, entry_name(key), use=False)
+            raise not_found(key, *self._places())
+        version = _memo.load(entry.cache_dir, key, entry_name(key), use=False)
         obj = _frame.decode(version.meta["layout"], version.mapped, None)
         if isinstance(obj, pd.Series):
             dtypes = [(str(obj.name), str(obj.dtype))]
@@ -354,14 +477,31 @@ class Cache:
     def exists(self, key: str) -> bool:
         """True if ``key`` has an entry (a cheap ``stat``; nothing is read or mapped)."""
         check_key(key)
-        return (self.dir / f"{entry_name(key)}.json").exists()
+        return self._where(self._places(), entry_name(key)) is not None
 
     @_api
     def delete(self, key: str) -> bool:
         """Remove ``key``'s entry; True if there was one. Readers that mapped it keep going
         (the memory returns when the last of them unmaps)."""
         check_key(key)
-        return self._delete(self.dir, key, timeout=LOCK_TIMEOUT)
+        places = self._places()
+        if len(places) == 1:
+            return self._delete(places[0], key, timeout=LOCK_TIMEOUT)
+        name = entry_name(key)
+        for cache_dir in places:
+            _memo.forget(cache_dir, key)
+        if self._where(places, name, lexists=True) is None:
+            return False  # nothing to delete (a save in progress has not published yet)
+        # Under the RAM place's lock, the key's lock in the default cache (see _save_placed):
+        # a save moving the key between places cannot slip between the two removals.
+        ram, disk = places
+        checked_default(ram, create=True)  # the lock's directory
+        with locked(ram, name, key, LOCK_TIMEOUT):
+            removed = _clean.delete_locked(ram, name, key)
+            if os.path.lexists(disk / f"{name}.json"):
+                with locked(disk, name, key, LOCK_TIMEOUT):
+                    removed = _clean.delete_locked(disk, name, key) or removed
+        return removed
 
     def _delete(
         self, cache_dir: Path, key: str, *, timeout: float, names: list[str] | None = None,
@@ -433,8 +573,9 @@ class Cache:
 
     @_api
     def _survey(self) -> Survey:
-        """For ``mmcache ls``: entries, damaged entries and leftovers (changes nothing)."""
-        return survey(self.dir)
+        """For ``mmcache ls``: entries, damaged entries and leftovers (changes nothing),
+        of both default places together when the cache has two."""
+        return merged([survey(d) for d in self._places()])
 
     @_api
     def share(self, obj: Frame) -> Entry:
@@ -475,3 +616,57 @@ def _duration_arg(value: object) -> float:
             f"older_than takes seconds, a timedelta or a duration like '2h', got {value!r}"
         )
     return seconds
+
+
+def _existing(path: Path) -> Path:
+    """``path``, or its parent while it does not exist yet (for ``statvfs``)."""
+    return path if os.path.lexists(path) else path.parent
+
+
+def _free_bytes(path: Path) -> int:
+    try:
+        st = os.statvfs(_existing(path))
+    except OSError:
+        return 0
+    return st.f_bavail * st.f_frsize
+
+
+def _both_full(places: list[Path], key: str, nbytes: int) -> CacheFullError:
+    ram, disk = places
+    return CacheFullError(
+        f"cannot save key {key!r}: it needs {human(nbytes)}, but the RAM cache {str(ram)!r} "
+        f"has {human(_free_bytes(ram))} free and the disk-backed fallback {str(disk)!r} has "
+        f"{human(_free_bytes(disk))}; free space with `mmcache clean`, start the container "
+        f"with a bigger --shm-size, or set {ENV_DIR} to a directory on a bigger file system",
+        key=key, path=ram,
+    )
+
+
+def _warn_fallback(ram: Path, disk: Path, key: str, nbytes: int, free: int) -> None:
+    """Say, once per process, that an entry did not fit in RAM and went to disk."""
+    global _fallback_warned
+    if _fallback_warned:
+        return
+    _fallback_warned = True
+    warnings.warn(
+        f"the RAM cache {str(ram)!r} has only {human(free)} free, so key {key!r} "
+        f"({human(nbytes)}) was saved to {str(disk)!r} instead: on disk, processes still "
+        "share one copy through the page cache, but saving is slower and the kernel may "
+        "write it out and read it back under memory pressure. Give the RAM cache room: "
+        "start the container with a bigger --shm-size (Docker's /dev/shm is 64 MB), or set "
+        f"{ENV_DIR} to a directory with room (${ENV_SHM} to another RAM file system). "
+        "This warning is shown once per process; entries that fit still go to RAM.",
+        MmcacheWarning,
+        stacklevel=_caller_level(),
+    )
+
+
+def _caller_level() -> int:
+    """The ``stacklevel`` that points a warning at the first frame outside mmcache."""
+    package = os.path.dirname(__file__) + os.sep
+    frame = sys._getframe(1)
+    level = 1
+    while frame is not None and frame.f_code.co_filename.startswith(package):
+        frame = frame.f_back  # type: ignore[assignment]
+        level += 1
+    return level

@@ -54,8 +54,11 @@ if TYPE_CHECKING:
 
 
 def entries(cache: Cache) -> list[Entry]:
-    """Every complete entry, oldest first, with sizes and times (reads only metadata)."""
-    return survey(cache.dir, strays=False).entries
+    """Every complete entry, oldest first, with sizes and times (reads only metadata); of
+    both default places together when the cache has two."""
+    found = [e for d in cache._places() for e in survey(d, strays=False).entries]
+    found.sort(key=lambda e: e.created)
+    return found
 
 
 @dataclass
@@ -65,7 +68,7 @@ class Cleaned:
     entries: list[Entry]
     damaged: list[Problem]
     stale: list[Stray]
-    nbytes_before: int  # all of mmcache's bytes in the directory before
+    nbytes_before: int  # all of mmcache's bytes in the directory (or both places) before
     # Chosen entries left because their lock's name holds something mmcache never creates
     # there (a directory, a FIFO): the key cannot be locked.
     skipped: list[Entry] = field(default_factory=list)
@@ -88,12 +91,16 @@ def clean(
     sweeps all of its names. The real run reports what is gone afterwards, not what it
     meant to remove. Cost: linear in the number of names in the directory.
     """
-    cache_dir = cache.dir
     listed_at = time.time()
     with one_scan():
-        s = survey(cache_dir)
-        chosen = [] if stale_only else s.entries
-        damaged = [p for p in s.problems if p.kind == "damaged"]
+        # Each place of the cache (the default cache has two: RAM, then disk) is surveyed;
+        # entries are chosen across all of them (one size limit, one LRU order), and each is
+        # removed in its own directory under that directory's lock.
+        surveys = {d: survey(d) for d in cache._places()}
+        every = sorted((e for s in surveys.values() for e in s.entries),
+                       key=lambda e: e.created)
+        chosen = [] if stale_only else every
+        damaged = [p for s in surveys.values() for p in s.problems if p.kind == "damaged"]
         wanted: set[str] = set()
         stems: set[str] = set()
         selector = older_than is None and max_bytes is None
@@ -107,14 +114,18 @@ def clean(
         if older_than is not None:
             unused_since = cutoff = time.time() - older_than
             chosen = [e for e in chosen if e.last_used.timestamp() < cutoff]
+
+        def blocked(e: Entry) -> bool:
+            return entry_name(e.key) in surveys[e.cache_dir].blocked
+
         # A key whose lock name is taken by something not mmcache's cannot be locked: left.
-        skipped = [e for e in chosen if entry_name(e.key) in s.blocked]
+        skipped = [e for e in chosen if blocked(e)]
         if skipped:
-            chosen = [e for e in chosen if entry_name(e.key) not in s.blocked]
+            chosen = [e for e in chosen if not blocked(e)]
         if max_bytes is not None:
             skipped = []  # not chosen: the limit is met with others
             unused_since = listed_at if unused_since is None else min(unused_since, listed_at)
-            total = sum(e.nbytes for e in s.entries)
+            total = sum(e.nbytes for e in every)
             lru = sorted(chosen, key=lambda e: (bool(e.in_use), e.last_used))
             chosen = []
             for e in lru:
@@ -122,45 +133,48 @@ def clean(
                     break
                 chosen.append(e)
                 total -= e.nbytes
+        all_stale = [x for s in surveys.values() for x in s.stale]
         if keys is None:
-            stale = s.stale
+            stale = all_stale
         else:  # the named keys' leftovers, and those of entries chosen by age or size
             stems |= {entry_name(e.key) for e in chosen}
-            stale = [x for x in s.stale if _stem(x) in stems]
+            stale = [x for x in all_stale if _stem(x) in stems]
+        nbytes_before = sum(s.nbytes for s in surveys.values())
         if dry_run:
-            return Cleaned(chosen, damaged, stale, s.nbytes, skipped)
-        deferred: list[tuple[str, str]] = []
+            return Cleaned(chosen, damaged, stale, nbytes_before, skipped)
+        deferred: dict[Path, list[tuple[str, str]]] = {d: [] for d in surveys}
         removed = [e for e in chosen if _delete_or_skip(
-            cache, cache_dir, e.key, names=s.names.get(entry_name(e.key)),
-            unused_since=unused_since, defer=deferred,
+            cache, e.cache_dir, e.key, names=surveys[e.cache_dir].names.get(entry_name(e.key)),
+            unused_since=unused_since, defer=deferred[e.cache_dir],
         )]
-        _sweep_deferred(cache_dir, deferred)
-        done = {entry_name(e.key) for e in removed}
-        by_name = {p.name: p for p in damaged}
         gone: list[Problem] = []
-        if keys is not None and selector:
-            # Named keys that do not list (damaged, a newer format): delete() copes.
-            for k in wanted - {e.key for e in s.entries}:
-                name = entry_name(k)
-                if name in s.names and name not in s.blocked and cache._delete(
-                    cache_dir, k, timeout=cache.lock_timeout, names=s.names[name]
-                ):
-                    done.add(name)
-                    if name in by_name:
-                        gone.append(by_name[name])
-        # Damaged entries not named by key, and leftovers of keys not deleted above.
-        todo = {_stem(x) for x in stale}
-        if keys is None:
-            todo |= by_name.keys()
-        for stem in sorted(todo - done):
-            if stem in s.blocked:
-                continue
-            is_damaged = stem in by_name
-            if _remove_stale(cache_dir, stem, s.names.get(stem, []), damaged=is_damaged) \
-                    and is_damaged and not os.path.lexists(cache_dir / f"{stem}.json"):
-                gone.append(by_name[stem])
+        for cache_dir, s in surveys.items():
+            _sweep_deferred(cache_dir, deferred[cache_dir])
+            done = {entry_name(e.key) for e in removed if e.cache_dir == cache_dir}
+            by_name = {p.name: p for p in damaged if p.path.parent == cache_dir}
+            if keys is not None and selector:
+                # Named keys that do not list (damaged, a newer format): delete() copes.
+                for k in wanted - {e.key for e in s.entries}:
+                    name = entry_name(k)
+                    if name in s.names and name not in s.blocked and cache._delete(
+                        cache_dir, k, timeout=cache.lock_timeout, names=s.names[name]
+                    ):
+                        done.add(name)
+                        if name in by_name:
+                            gone.append(by_name[name])
+            # Damaged entries not named by key, and leftovers of keys not deleted above.
+            todo = {_stem(x) for x in stale if x.path.parent == cache_dir}
+            if keys is None:
+                todo |= by_name.keys()
+            for stem in sorted(todo - done):
+                if stem in s.blocked:
+                    continue
+                is_damaged = stem in by_name
+                if _remove_stale(cache_dir, stem, s.names.get(stem, []), damaged=is_damaged) \
+                        and is_damaged and not os.path.lexists(cache_dir / f"{stem}.json"):
+                    gone.append(by_name[stem])
         left = [y for y in (_removed(x) for x in stale) if y is not None]
-    return Cleaned(removed, gone, left, s.nbytes, skipped)
+    return Cleaned(removed, gone, left, nbytes_before, skipped)
 
 
 def _removed(x: Stray) -> Stray | None:
@@ -204,35 +218,44 @@ def _stem(stray: Stray) -> str:
     return own_name(stray.path.name)[0]  # type: ignore[index]
 
 
-def fit_limit(cache: Cache, cache_dir: Path, key: str, nbytes: int, limit: int) -> None:
+def fit_limit(cache: Cache, places: list[Path], key: str, nbytes: int, limit: int) -> None:
     """Evict least recently used entries until ``nbytes`` more fit under ``limit``.
 
-    Entries mapped by live processes go last: removing them frees nothing until those
-    processes exit. Victims whose lock is busy are skipped, never waited for, so two
-    saving processes cannot deadlock evicting each other's keys. Cost when nothing must go:
-    one listing and one ``lstat`` per entry (metadata is re-read only when it changed);
-    /proc is scanned only when something must go.
+    The limit counts every place of the cache together (the default cache's RAM and disk
+    places): it caps what the cache holds, wherever an entry went. Entries mapped by live
+    processes go last: removing them frees nothing until those processes exit. Victims whose
+    lock is busy are skipped, never waited for, so two saving processes cannot deadlock
+    evicting each other's keys. Cost when nothing must go: one listing and one ``lstat`` per
+    entry (metadata is re-read only when it changed); /proc is scanned only when something
+    must go.
     """
-    sizes = entry_sizes(cache_dir)
-    if sum(n for k, n in sizes.items() if k != key) + nbytes <= limit:
+    # The key's own entry is about to be replaced (and removed from the other place).
+    held = sum(n for d in places for k, n in entry_sizes(d).items() if k != key)
+    if held + nbytes <= limit:
         return
     with one_scan():
-        s = survey(cache_dir, users=False, strays=False)
-        others = [e for e in s.entries if e.key != key]
+        surveys = {d: survey(d, users=False, strays=False) for d in places}
+        others = [e for s in surveys.values() for e in s.entries if e.key != key]
         total = sum(e.nbytes for e in others)
-        pids = mapping_pids(cache_dir) or {}
-        in_use = {e.key: len(pids.get(s.data.get(entry_name(e.key), ""), ())) for e in others}
-        deferred: list[tuple[str, str]] = []
-        for victim in sorted(others, key=lambda e: (bool(in_use[e.key]), e.last_used)):
+        in_use: dict[int, int] = {}
+        for d, s in surveys.items():
+            pids = mapping_pids(d) or {}
+            for e in s.entries:
+                in_use[id(e)] = len(pids.get(s.data.get(entry_name(e.key), ""), ()))
+        deferred: dict[Path, list[tuple[str, str]]] = {d: [] for d in places}
+        for victim in sorted(others, key=lambda e: (bool(in_use[id(e)]), e.last_used)):
             if total + nbytes <= limit:
                 break
+            cache_dir = victim.cache_dir
+            s = surveys[cache_dir]
             name = entry_name(victim.key)
             if name in s.blocked or not _lock_usable(cache_dir, name):
                 continue  # its lock name is not mmcache's: the key cannot be locked
             if cache._delete(cache_dir, victim.key, timeout=0, names=s.names.get(name),
-                             defer=deferred):
+                             defer=deferred[cache_dir]):
                 total -= victim.nbytes
-        _sweep_deferred(cache_dir, deferred)
+        for d in places:
+            _sweep_deferred(d, deferred[d])
 
 
 # --- removal (always under the key's lock) -------------------------------------------------------

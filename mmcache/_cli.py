@@ -39,10 +39,18 @@ def _duration(text: str) -> float:
 
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--cache-dir", metavar="DIR",
-                        help="cache directory (default: $MMCACHE_DIR, else /dev/shm/mmcache-UID)")
+    common.add_argument(
+        "--cache-dir", metavar="DIR",
+        help="cache directory (default: $MMCACHE_DIR, else both default places: "
+             "/dev/shm/mmcache-UID, or $MMCACHE_SHM/mmcache-UID, and the disk-backed "
+             "$TMPDIR/mmcache-UID that saves use when RAM is full)",
+    )
     p = argparse.ArgumentParser(
-        prog="mmcache", description="Inspect and clean the mmcache shared DataFrame cache."
+        prog="mmcache", description="Inspect and clean the mmcache shared DataFrame cache.",
+        epilog="environment: MMCACHE_DIR names the one cache directory (no fallback); "
+               "MMCACHE_SHM names the RAM file system of the default cache (default "
+               "/dev/shm); TMPDIR, the disk-backed fallback's parent; MMCACHE_MAX_BYTES caps "
+               "the cache (both places together).",
     )
     p.add_argument("--version", action="version", version=f"mmcache {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -124,10 +132,31 @@ def _ago(t: dt.datetime) -> str:
 
 def _entry_json(e: Entry) -> dict[str, Any]:
     return {
-        "key": e.key, "path": str(e.path), "nbytes": e.nbytes, "nrows": e.nrows,
-        "ncols": e.ncols, "created": e.created.isoformat(), "last_used": e.last_used.isoformat(),
-        "in_use": e.in_use,
+        "key": e.key, "path": str(e.path), "cache_dir": str(e.cache_dir), "nbytes": e.nbytes,
+        "nrows": e.nrows, "ncols": e.ncols, "created": e.created.isoformat(),
+        "last_used": e.last_used.isoformat(), "in_use": e.in_use,
     }
+
+
+# The default cache's two places, as `ls` names them.
+_PLACES = ("ram", "disk")
+
+
+def _place(s: Survey, e: Entry) -> str:
+    return _PLACES[s.places.index(e.cache_dir)] if e.cache_dir in s.places else "?"
+
+
+def _where(s: Survey, entries: Sequence[Entry] | None = None) -> str:
+    """Where the cache lives, for a summary line: one directory, or both default places
+    (with the bytes of ``entries`` in each, when given)."""
+    if len(s.places) == 1:
+        return _shown(str(s.places[0]))
+    parts = []
+    for name, d in zip(_PLACES, s.places, strict=False):
+        size = "" if entries is None else \
+            f"{human(sum(e.nbytes for e in entries if e.cache_dir == d))} in "
+        parts.append(f"{size}{_shown(str(d))} ({name})")
+    return " and ".join(parts)
 
 
 def _table(rows: list[list[str]], right: Sequence[int] = ()) -> str:
@@ -144,9 +173,11 @@ def _ls(cache: Cache, as_json: bool) -> None:
     s = cache._survey()
     entries = s.entries
     total = sum(e.nbytes for e in entries)
+    two = len(s.places) > 1
     if as_json:
         print(json.dumps({
-            "cache_dir": str(cache.dir), "total_bytes": total,
+            "cache_dir": str(s.places[0]), "cache_dirs": [str(d) for d in s.places],
+            "total_bytes": total,
             "entries": [_entry_json(e) for e in entries],
             "problems": [{"key": p.key, "name": p.name, "path": str(p.path), "nbytes": p.nbytes,
                           "kind": p.kind, "problem": p.why, "remedy": _remedy(p)}
@@ -156,18 +187,27 @@ def _ls(cache: Cache, as_json: bool) -> None:
             "saving": _group_json(s.saving),
         }, indent=2))
         return
+    if two:
+        # The default cache: RAM, and the disk place that saves use when RAM is full.
+        print(f"cache: {_shown(str(s.places[0]))} (ram), {_shown(str(s.places[1]))} (disk, "
+              "for entries that did not fit in ram)")
     if entries:
-        rows = [["KEY", "SIZE", "ROWS", "COLS", "CREATED", "LAST USED", "IN USE"]]
+        rows = [["KEY", "SIZE", "ROWS", "COLS", "CREATED", "LAST USED", "IN USE"]
+                + (["WHERE"] if two else [])]
         for e in entries:
             rows.append([_shown(e.key), human(e.nbytes), f"{e.nrows:,}", f"{e.ncols:,}",
                          _when(e.created), _ago(e.last_used),
-                         "?" if e.in_use is None else str(e.in_use)])
+                         "?" if e.in_use is None else str(e.in_use)]
+                        + ([_place(s, e)] if two else []))
         print(_table(rows, right=(1, 2, 3, 6)))
     for p in s.problems:
         print(f"{_KINDS[p.kind]} {_problem_name(p)}  {human(p.nbytes)}: {_shown(p.why)}; "
               f"{_remedy(p)}")
     _strays(s)
-    print(f"{_entries(len(entries))}, {human(total)} in {_shown(str(cache.dir))}")
+    if two:
+        print(f"{_entries(len(entries))}, {human(total)}: {_where(s, entries)}")
+    else:
+        print(f"{_entries(len(entries))}, {human(total)} in {_where(s)}")
 
 
 def _strays(s: Survey) -> None:
@@ -232,7 +272,6 @@ def _not_listed(cache: Cache, key: str) -> None:
 
 
 def _clean(cache: Cache, args: argparse.Namespace) -> None:
-    cache_dir = cache.dir
     report = cache._clean_report(args.keys or None, args.older_than, args.max_size,
                                  args.dry_run, stale_only=args.stale)
     verb = "would remove" if args.dry_run else "removed"
@@ -269,7 +308,7 @@ def _clean(cache: Cache, args: argparse.Namespace) -> None:
     after = cache._survey()
     freed = max(0, report.nbytes_before - after.nbytes)
     print(f"freed {human(freed)}; {_entries(len(after.entries))} "
-          f"({human(sum(e.nbytes for e in after.entries))}) left in {_shown(str(cache_dir))}")
+          f"({human(sum(e.nbytes for e in after.entries))}) left in {_where(after)}")
     if after.kept:
         n = _count(len(after.kept), "old version", "old versions")
         print(f"kept {n} still mapped by live processes "

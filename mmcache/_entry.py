@@ -39,15 +39,19 @@ class Entry:
         return self.path.parent
 
     def open(self, *, columns: Sequence[Any] | None = None) -> Frame:
-        """Map the entry's current version in this process (see :func:`mmcache.open`)."""
+        """Map the entry's current version in this process (see :func:`mmcache.open`).
+
+        An entry of the default cache is looked up in both default places (RAM and disk), so
+        the handle still works after a re-save moved the key from one to the other.
+        """
         from ._cache import Cache
 
-        return Cache(self.cache_dir).open(self.key, columns=columns)
+        return Cache._holding(self.cache_dir).open(self.key, columns=columns)
 
     def delete(self) -> bool:
         from ._cache import Cache
 
-        return Cache(self.cache_dir).delete(self.key)
+        return Cache._holding(self.cache_dir).delete(self.key)
 
     def __enter__(self) -> Entry:
         return self
@@ -74,9 +78,11 @@ def entry_from_meta(
     )
 
 
-def not_found(key: str, cache_dir: Path) -> EntryNotFoundError:
+def not_found(key: str, cache_dir: Path, *more: Path) -> EntryNotFoundError:
+    """The error for a missing key; ``more``: other directories that were looked in too."""
+    where = " or ".join(repr(str(d)) for d in (cache_dir, *more))
     return EntryNotFoundError(
-        f"no entry for key {key!r} in {str(cache_dir)!r}; save it first with "
+        f"no entry for key {key!r} in {where}; save it first with "
         "mmcache.save(df, key), or pass build= to open() to create it on demand",
         key=key, path=cache_dir,
     )

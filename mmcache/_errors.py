@@ -19,6 +19,9 @@ Each one also inherits the builtin a caller would naturally catch, so ``except K
 
 Every exception carries the key and/or path it is about as attributes and survives pickling, so
 a worker process can raise it back to its parent intact.
+
+Warnings (``warnings.warn``, never raised): ``MmcacheWarning (UserWarning)``, for what works
+but not as well as it should (a save that did not fit in RAM went to the disk-backed default).
 """
 
 from __future__ import annotations
@@ -98,3 +101,7 @@ class CacheIOError(MmcacheError, OSError):
 
 class LockTimeoutError(MmcacheError, TimeoutError):
     """Another process held the key's lock for longer than the allowed wait."""
+
+
+class MmcacheWarning(UserWarning):
+    """Something worked, but not as well as it should: say how to fix it (shown once)."""

@@ -31,6 +31,8 @@ from pathlib import Path
 from ._errors import CacheDirError, InvalidKeyError
 
 ENV_DIR = "MMCACHE_DIR"
+# The RAM file system of the default cache, when it is not /dev/shm (see shm_root).
+ENV_SHM = "MMCACHE_SHM"
 MAX_KEY_LEN = 200
 # A readable prefix helps `ls` of the directory; the hash guarantees uniqueness. 96 bits of
 # SHA-256 make an accidental collision between two keys of one cache impossible in practice,
@@ -104,13 +106,68 @@ def own_data_file(name: str) -> bool:
     return _OWN_DATA_FILE.fullmatch(name) is not None
 
 
-def default_cache_dir() -> Path:
-    """The per-user default: on ``/dev/shm`` (RAM) when usable, else under the temp dir."""
-    name = f"mmcache-{os.getuid()}"
+def shm_root() -> Path | None:
+    """The RAM file system the default cache lives on: ``$MMCACHE_SHM``, else ``/dev/shm``.
+
+    None when ``/dev/shm`` is missing or not writable (then the disk place is the only
+    default). ``$MMCACHE_SHM`` is for containers whose RAM file system is mounted elsewhere
+    (and for tests, which point it at a small tmpfs); naming something that is not a writable
+    directory is a configuration error, said at once rather than silently ignored.
+    """
+    env = os.environ.get(ENV_SHM)
+    if env:
+        root = _absolute(Path(env).expanduser())
+        if not (root.is_dir() and os.access(root, os.W_OK | os.X_OK)):
+            raise CacheDirError(
+                f"${ENV_SHM}={env!r} is not a directory you can write to; point it at the RAM "
+                f"file system (a tmpfs) the cache should use, or unset it (default /dev/shm)",
+                path=root,
+            )
+        return root
     shm = Path("/dev/shm")
     if shm.is_dir() and os.access(shm, os.W_OK | os.X_OK):
-        return shm / name
-    return Path(tempfile.gettempdir()) / name
+        return shm
+    return None
+
+
+def disk_cache_dir() -> Path:
+    """The per-user disk-backed default, under the temp dir (``$TMPDIR``, else ``/tmp``)."""
+    return Path(tempfile.gettempdir()) / f"mmcache-{os.getuid()}"
+
+
+def default_cache_dir() -> Path:
+    """The per-user default: in RAM (:func:`shm_root`) when usable, else under the temp dir."""
+    root = shm_root()
+    return root / f"mmcache-{os.getuid()}" if root is not None else disk_cache_dir()
+
+
+def default_places() -> list[Path]:
+    """Where the default cache lives: the RAM place, then the disk-backed place that saves
+    fall back to when an entry does not fit in RAM; only one when they are the same (no
+    usable RAM file system, or a temp dir on it). Read from the environment at each call."""
+    first = default_cache_dir()
+    disk = disk_cache_dir()
+    if first == disk or os.path.realpath(first.parent) == os.path.realpath(disk.parent):
+        return [first]
+    return [first, disk]
+
+
+def is_default(cache_dir: str | os.PathLike[str] | None) -> bool:
+    """True if ``cache_dir`` (an argument) leaves the choice to the defaults: neither it nor
+    ``$MMCACHE_DIR`` names a directory."""
+    return cache_dir is None and not os.environ.get(ENV_DIR)
+
+
+def resolve_places(
+    cache_dir: str | os.PathLike[str] | None, *, create: bool = False
+) -> list[Path]:
+    """The directories a cache reads: the one :func:`resolve_cache_dir` chooses, or, when
+    nothing names one, every default place (each checked like the default directory).
+    ``create`` makes the first one only: the disk place is made by the first save there."""
+    if not is_default(cache_dir):
+        return [resolve_cache_dir(cache_dir, create=create)]
+    return [checked_default(p, create=create and i == 0)
+            for i, p in enumerate(default_places())]
 
 
 def resolve_cache_dir(cache_dir: str | os.PathLike[str] | None, *, create: bool = True) -> Path:
@@ -127,52 +184,22 @@ def resolve_cache_dir(cache_dir: str | os.PathLike[str] | None, *, create: bool 
     directory the user chose must be owned by them (or root) and not writable by others.
     """
     chosen = cache_dir if cache_dir is not None else os.environ.get(ENV_DIR) or None
-    is_default = chosen is None
     if chosen is None:
-        path = default_cache_dir()
-    else:
-        path = _absolute(Path(os.fspath(chosen)).expanduser())
+        return checked_default(default_cache_dir(), create=create)
+    path = _absolute(Path(os.fspath(chosen)).expanduser())
     try:
         st = os.lstat(path)
     except FileNotFoundError:
         if not create:
             return path
-        try:
-            path.mkdir(mode=0o700, parents=not is_default, exist_ok=True)
-        except OSError as exc:
-            raise CacheDirError(
-                f"cannot create cache directory {str(path)!r}: {exc.strerror or exc}; "
-                f"set {ENV_DIR} or pass cache_dir= to a writable directory",
-                path=path,
-            ) from exc
+        _make(path, parents=True)
         st = os.lstat(path)
-    if stat.S_ISLNK(st.st_mode) and not is_default and not path.exists():
+    if stat.S_ISLNK(st.st_mode) and not path.exists():
         raise CacheDirError(
             f"cache directory {str(path)!r} is a symlink to a missing path; fix or remove it",
             path=path,
         )
     uid = os.getuid()
-    if is_default:
-        if stat.S_ISLNK(st.st_mode):
-            raise CacheDirError(
-                f"default cache directory {str(path)!r} is a symlink, which another user "
-                f"could have planted; remove it or set {ENV_DIR}",
-                path=path,
-            )
-        problem = None
-        if not stat.S_ISDIR(st.st_mode):
-            problem = "is not a directory (a file is in the way)"
-        elif st.st_uid != uid:
-            problem = f"is owned by uid {st.st_uid}, not by you (uid {uid})"
-        elif st.st_mode & 0o077:
-            problem = f"has mode {stat.S_IMODE(st.st_mode):o}; it must be private (700)"
-        if problem:
-            raise CacheDirError(
-                f"default cache directory {str(path)!r} {problem}; fix it "
-                f"(chmod 700 / remove it) or set {ENV_DIR} to another directory",
-                path=path,
-            )
-        return path
     st = os.stat(path)
     if not stat.S_ISDIR(st.st_mode):
         raise CacheDirError(
@@ -191,6 +218,51 @@ def resolve_cache_dir(cache_dir: str | os.PathLike[str] | None, *, create: bool 
         raise CacheDirError(
             f"cache directory {str(path)!r} is writable by every user; use a private "
             "sub-directory (mode 700), e.g. the default one",
+            path=path,
+        )
+    return path
+
+
+def _make(path: Path, *, parents: bool) -> None:
+    try:
+        path.mkdir(mode=0o700, parents=parents, exist_ok=True)
+    except OSError as exc:
+        raise CacheDirError(
+            f"cannot create cache directory {str(path)!r}: {exc.strerror or exc}; "
+            f"set {ENV_DIR} or pass cache_dir= to a writable directory",
+            path=path,
+        ) from exc
+
+
+def checked_default(path: Path, *, create: bool) -> Path:
+    """``path``, a default place, after checking it is safe: a real directory owned by the
+    user with no group or other access (on a shared /dev/shm or /tmp, a planted symlink or a
+    foreign directory would let another user read or swap the data)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        if not create:
+            return path
+        _make(path, parents=False)
+        st = os.lstat(path)
+    uid = os.getuid()
+    if stat.S_ISLNK(st.st_mode):
+        raise CacheDirError(
+            f"default cache directory {str(path)!r} is a symlink, which another user "
+            f"could have planted; remove it or set {ENV_DIR}",
+            path=path,
+        )
+    problem = None
+    if not stat.S_ISDIR(st.st_mode):
+        problem = "is not a directory (a file is in the way)"
+    elif st.st_uid != uid:
+        problem = f"is owned by uid {st.st_uid}, not by you (uid {uid})"
+    elif st.st_mode & 0o077:
+        problem = f"has mode {stat.S_IMODE(st.st_mode):o}; it must be private (700)"
+    if problem:
+        raise CacheDirError(
+            f"default cache directory {str(path)!r} {problem}; fix it "
+            f"(chmod 700 / remove it) or set {ENV_DIR} to another directory",
             path=path,
         )
     return path

@@ -72,6 +72,12 @@ class Survey:
     # NAMEs whose lock name is taken by something not mmcache's (a directory, a FIFO): the
     # key cannot be locked, so clean leaves all of it alone (and says nothing about it).
     blocked: set[str] = field(default_factory=set)
+    # The directories surveyed: cache_dir, or, merged (see merged()), both default places.
+    places: list[Path] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.places:
+            self.places = [self.cache_dir]
 
     @property
     def nbytes(self) -> int:
@@ -182,6 +188,23 @@ def survey(cache_dir: Path, *, users: bool = True, strays: bool = True) -> Surve
         elif problem is not None:
             out.problems.append(problem)
     _SUMMARIES[where] = seen
+    out.entries.sort(key=lambda e: e.created)
+    return out
+
+
+def merged(surveys: list[Survey]) -> Survey:
+    """One report of several directories (the default cache's RAM and disk places): entries
+    oldest first, everything else in order of the directories. For reporting only: ``names``,
+    ``data`` and ``blocked`` are per directory, so a merged survey leaves them empty."""
+    if len(surveys) == 1:
+        return surveys[0]
+    out = Survey(surveys[0].cache_dir, places=[s.cache_dir for s in surveys])
+    for s in surveys:
+        out.entries += s.entries
+        out.problems += s.problems
+        out.stale += s.stale
+        out.kept += s.kept
+        out.saving += s.saving
     out.entries.sort(key=lambda e: e.created)
     return out
 

@@ -155,10 +155,12 @@ def test_keys_that_sanitise_alike_do_not_collide(tmp_path):
 
 @pytest.fixture
 def default_dir(tmp_path, monkeypatch) -> Path:
-    """Point the per-user default cache dir at a fresh path; no MMCACHE_DIR."""
+    """Point the per-user default cache dir at a fresh path; no MMCACHE_DIR. (Its disk-backed
+    fallback place too, so no test here looks at the real temp dir's.)"""
     monkeypatch.delenv("MMCACHE_DIR", raising=False)
     target = tmp_path / "mmcache-uid"
     monkeypatch.setattr(_paths, "default_cache_dir", lambda: target)
+    monkeypatch.setattr(_paths, "disk_cache_dir", lambda: tmp_path / "disk" / "mmcache-uid")
     return target
 
 
