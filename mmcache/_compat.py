@@ -1,4 +1,10 @@
-"""Workarounds for pandas code that writes into the arrays it is given.
+"""What differs between the pandas (and pyarrow) versions mmcache supports, and workarounds
+for pandas code that writes into the arrays it is given: the one place for both, so the rest
+of the code has no version branches.
+
+Versions (pandas 2.2 to 3.1, pyarrow 15 and newer): building a frame from blocks, Arrow string
+arrays, an index's freq, Arrow view types, and whether pandas writes edits in place (pandas 2
+without copy-on-write, see :func:`writes_in_place`).
 
 mmcache hands out columns over read-only memory maps. pandas copy-on-write copies a column
 before an edit, so almost every operation works on them, but a few internal algorithms write
@@ -37,6 +43,7 @@ def writes_in_place() -> bool:
     ``open`` gets its own private copy-on-write mapping instead (see ``Cache._hand_out``).
     pandas 3 always copies on write; read at each open, as the option can change."""
     return PANDAS_2 and pd.options.mode.copy_on_write is not True
+
 
 try:
     from pandas.api.internals import create_dataframe_from_blocks as frame_from_blocks
@@ -102,6 +109,7 @@ def is_view_type(t: Any) -> bool:
 
     return bool(getattr(pa.types, "is_string_view", lambda t: False)(t)
                 or getattr(pa.types, "is_binary_view", lambda t: False)(t))
+
 
 _ACCUMULATIONS = ("cumsum", "cumprod", "cummin", "cummax")
 
