@@ -7,34 +7,28 @@ import datetime as dt
 import errno
 import functools
 import os
-import sys
-import time
 import uuid
-import warnings
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pandas as pd
 
-from . import _clean, _frame, _memo, _store
+from . import _clean, _frame, _memo, _save, _store
 from ._compat import writes_in_place
-from ._entry import Entry, Frame, entry_from_meta, not_found
+from ._entry import Entry, Frame, not_found
 from ._errors import (
     CacheDirError,
-    CacheFullError,
     CacheIOError,
     EntryNotFoundError,
     InvalidArgumentError,
     LockTimeoutError,
     MmcacheError,
-    MmcacheWarning,
     UnsupportedTypeError,
 )
 from ._lock import locked
 from ._paths import (
     ENV_DIR,
-    ENV_SHM,
     check_key,
     checked_default,
     default_places,
@@ -44,13 +38,11 @@ from ._paths import (
     resolve_places,
 )
 from ._survey import Survey, merged, survey
-from ._units import human, parse_duration, parse_size
+from ._units import parse_duration, parse_size
 
-ENV_MAX_BYTES = "MMCACHE_MAX_BYTES"
+ENV_MAX_BYTES = _save.ENV_MAX_BYTES
+LOCK_TIMEOUT = _save.LOCK_TIMEOUT
 
-# How long save() waits for another process saving the same key. Saving even several GB to
-# tmpfs takes seconds; ten minutes means the holder is stuck, and saying so beats hanging.
-LOCK_TIMEOUT = 600.0
 # Tests and tools reach the memo as mmcache._cache._MEMO.
 _MEMO = _memo._MEMO
 # The default cache has two places (RAM, then disk for what does not fit), and a re-save can
@@ -58,8 +50,6 @@ _MEMO = _memo._MEMO
 # reader looks RAM, disk, RAM, ... and calls a key missing only after this many rounds found
 # it in neither: a false "missing" would take 2 x rounds - 1 moves of that key meanwhile.
 FIND_ROUNDS = 3
-# Set once this process has warned that an entry did not fit in RAM (warn once, not per save).
-_fallback_warned = False
 
 
 def _columns_key(columns: Sequence[Any] | None) -> Any:
@@ -201,131 +191,10 @@ class Cache:
         cache_dir = places[0]
         layout, pool = _frame.encode(obj)  # refuses unsupported data before touching disk
         name = entry_name(key)
-        files = self._make_room(places, key, pool)  # before locking: fail fast, leave nothing
-        # With two places, the RAM place's lock is the key's lock (see _save_placed).
+        files = _save.make_room(self, places, key, pool)  # before locking: fail fast, leave nothing
+        # With two places, the RAM place's lock is the key's lock (see _save.write).
         with locked(cache_dir, name, key, LOCK_TIMEOUT):
-            return self._save_placed(places, name, key, layout, pool, files)
-
-    def _make_room(self, places: list[Path], key: str, pool: _store.Pool) -> list[Any]:
-        """Plan the files; evict for max_bytes and check free space, or raise CacheFullError.
-
-        With two default places, the entry must fit in one of them.
-        """
-        files = _store.plan_files(pool)
-        nbytes = sum(f["size"] for f in files)
-        self._fit_limit(places, key, nbytes)
-        try:
-            _store.check_room(places[0], nbytes, key)
-        except CacheFullError:
-            if len(places) == 1:
-                raise
-            try:
-                _store.check_room(_existing(places[1]), nbytes, key)
-            except CacheFullError:
-                raise _both_full(places, key, nbytes) from None
-        return files
-
-    def _save_placed(
-        self, places: list[Path], name: str, key: str, layout: dict[str, Any],
-        pool: _store.Pool, files: list[Any],
-    ) -> Entry:
-        """With the key's lock held (in ``places[0]``): write the entry in the first place
-        it fits in, then remove the key from the other place, if any.
-
-        Two default places: RAM, and disk for what does not fit in RAM, up front (the free
-        space check) or while writing (ENOSPC: what was written is removed first). Every
-        save and delete of the default cache takes the RAM place's lock first, so two
-        processes saving one key, one to each place, take turns, and a key ends in one place.
-        Writing or removing anything in the disk place also takes that directory's own lock
-        for the key, always after the RAM one (one order: no deadlock), because single-
-        directory work there (clean of leftovers, a process letting go of an old version,
-        ``Entry.delete``) knows only that lock. The new entry is published before the old
-        place's is unpublished, so a reader looking in both always finds one (see
-        FIND_ROUNDS); a reader that mapped the old one keeps it intact (it is swept like any
-        old version: only once no live process maps it).
-        """
-        if len(places) == 1:
-            return self._save_locked(places[0], name, key, layout, pool, files)
-        ram, disk = places
-        with contextlib.ExitStack() as held:
-            disk_locked = False
-
-            def lock_disk() -> None:
-                nonlocal disk_locked
-                if not disk_locked:
-                    checked_default(disk, create=True)  # made (0700) by the first save there
-                    held.enter_context(locked(disk, name, key, LOCK_TIMEOUT))
-                    disk_locked = True
-
-            try:
-                entry = self._save_locked(ram, name, key, layout, pool, files)
-                other = disk
-            except CacheFullError as full:
-                nbytes = sum(f["size"] for f in files)
-                free = _free_bytes(ram)
-                lock_disk()
-                try:
-                    entry = self._save_locked(disk, name, key, layout, pool, files)
-                except CacheFullError:
-                    raise _both_full(places, key, nbytes) from full
-                other = ram
-                _warn_fallback(ram, disk, key, nbytes, free)
-            _memo.forget(other, key)
-            if os.path.lexists(other / f"{name}.json"):
-                if other == disk:
-                    lock_disk()
-                _clean.delete_locked(other, name, key)
-            return entry
-
-    def _save_locked(
-        self, cache_dir: Path, name: str, key: str, layout: dict[str, Any], pool: _store.Pool,
-        files: list[Any],
-    ) -> Entry:
-        nbytes = sum(f["size"] for f in files)
-        _store.check_room(cache_dir, nbytes, key)  # again: others may have saved meanwhile
-        meta_path = cache_dir / f"{name}.json"
-        old = os.path.lexists(meta_path)
-        token = _store.new_token()
-        data_dir = cache_dir / f"{name}.{token}"
-        now = time.time()
-        meta = {
-            "format": _store.FORMAT_VERSION,
-            "key": key,
-            "token": token,
-            "data": data_dir.name,
-            "created": now,
-            "nbytes": nbytes,
-            "files": files,
-            "layout": layout,
-        }
-        try:
-            _store.write_data(data_dir, pool, files)
-            meta_bytes = _store.publish_meta(cache_dir, name, token, meta,
-                                              data_dir / _memo.VERSION_META)
-        except BaseException as exc:
-            _clean.remove_data_dir(data_dir)
-            # write() errors carry no file name: say which directory filled up here.
-            if isinstance(exc, OSError) and (full := _store.full_error(exc, key, cache_dir)):
-                raise full from exc
-            raise
-        if old:
-            # Every older version of the key goes, except those live processes still map.
-            _clean.sweep(cache_dir, name, _clean.versions(cache_dir, name))
-        return entry_from_meta(meta_path, meta, now, meta_bytes)
-
-    def _fit_limit(self, places: list[Path], key: str, nbytes: int) -> None:
-        """Evict for the size limit, which counts every place of the cache together."""
-        limit = self.max_bytes
-        if limit is None:
-            return
-        if nbytes > limit:
-            raise CacheFullError(
-                f"cannot save key {key!r}: it needs {human(nbytes)}, more than the "
-                f"cache's size limit of {human(limit)} (max_bytes / ${ENV_MAX_BYTES}); "
-                "raise the limit",
-                key=key, path=places[0],
-            )
-        _clean.fit_limit(self, places, key, nbytes, limit)
+            return _save.write(places, name, key, layout, pool, files)
 
     # --- open -------------------------------------------------------------------------------
 
@@ -384,8 +253,8 @@ class Cache:
                         key=key,
                     )
                 layout, pool = _frame.encode(obj)
-                files = self._make_room(places, key, pool)
-                self._save_placed(places, name, key, layout, pool, files)
+                files = _save.make_room(self, places, key, pool)
+                _save.write(places, name, key, layout, pool, files)
         return self._open(key, columns)
 
     def _open(self, key: str, columns: Sequence[Any] | None) -> Frame:
@@ -616,57 +485,3 @@ def _duration_arg(value: object) -> float:
             f"older_than takes seconds, a timedelta or a duration like '2h', got {value!r}"
         )
     return seconds
-
-
-def _existing(path: Path) -> Path:
-    """``path``, or its parent while it does not exist yet (for ``statvfs``)."""
-    return path if os.path.lexists(path) else path.parent
-
-
-def _free_bytes(path: Path) -> int:
-    try:
-        st = os.statvfs(_existing(path))
-    except OSError:
-        return 0
-    return st.f_bavail * st.f_frsize
-
-
-def _both_full(places: list[Path], key: str, nbytes: int) -> CacheFullError:
-    ram, disk = places
-    return CacheFullError(
-        f"cannot save key {key!r}: it needs {human(nbytes)}, but the RAM cache {str(ram)!r} "
-        f"has {human(_free_bytes(ram))} free and the disk-backed fallback {str(disk)!r} has "
-        f"{human(_free_bytes(disk))}; free space with `mmcache clean`, start the container "
-        f"with a bigger --shm-size, or set {ENV_DIR} to a directory on a bigger file system",
-        key=key, path=ram,
-    )
-
-
-def _warn_fallback(ram: Path, disk: Path, key: str, nbytes: int, free: int) -> None:
-    """Say, once per process, that an entry did not fit in RAM and went to disk."""
-    global _fallback_warned
-    if _fallback_warned:
-        return
-    _fallback_warned = True
-    warnings.warn(
-        f"the RAM cache {str(ram)!r} has only {human(free)} free, so key {key!r} "
-        f"({human(nbytes)}) was saved to {str(disk)!r} instead: on disk, processes still "
-        "share one copy through the page cache, but saving is slower and the kernel may "
-        "write it out and read it back under memory pressure. Give the RAM cache room: "
-        "start the container with a bigger --shm-size (Docker's /dev/shm is 64 MB), or set "
-        f"{ENV_DIR} to a directory with room (${ENV_SHM} to another RAM file system). "
-        "This warning is shown once per process; entries that fit still go to RAM.",
-        MmcacheWarning,
-        stacklevel=_caller_level(),
-    )
-
-
-def _caller_level() -> int:
-    """The ``stacklevel`` that points a warning at the first frame outside mmcache."""
-    package = os.path.dirname(__file__) + os.sep
-    frame = sys._getframe(1)
-    level = 1
-    while frame is not None and frame.f_code.co_filename.startswith(package):
-        frame = frame.f_back  # type: ignore[assignment]
-        level += 1
-    return level

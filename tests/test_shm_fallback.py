@@ -32,7 +32,7 @@ import pandas as pd
 import pytest
 
 import mmcache
-from mmcache import _cache, _memo, _paths, _store
+from mmcache import _cache, _memo, _paths, _save, _store
 from mmcache._paths import entry_name
 from tests._zerocopy import assert_zero_copy, frame_in_cache, maps_under
 
@@ -138,7 +138,7 @@ def places(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Places]:
             monkeypatch.setenv("MMCACHE_SHM", str(shm))
             monkeypatch.setenv("TMPDIR", str(tmp))
             monkeypatch.setattr(tempfile, "tempdir", str(tmp))  # gettempdir() caches $TMPDIR
-            monkeypatch.setattr(_cache, "_fallback_warned", False)
+            monkeypatch.setattr(_save, "_fallback_warned", False)
             p = Places(shm, tmp, shm / f"mmcache-{UID}", tmp / f"mmcache-{UID}")
             assert _paths.default_places() == [p.ram, p.disk]
             assert fs_type(p.shm) == "tmpfs" and fs_type(p.tmp) not in MEMORY_FS
