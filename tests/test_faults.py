@@ -40,7 +40,7 @@ import mmcache
 from mmcache import _cache, _store
 from mmcache._paths import entry_name
 from tests import _pd
-from tests._dirs import shm_tempdir
+from tests._dirs import fs_type, shm_tempdir
 from tests._robust_workers import Child, exc_report
 from tests._stress_workers import assemble, base_parts, problem
 from tests._zerocopy import assert_zero_copy, maps_under
@@ -496,20 +496,6 @@ def test_lock_of_a_killed_holder_does_not_block(tmp_path):
 
 
 # --- 5. a cache dir on a disk (not tmpfs) ---------------------------------------------------------
-
-
-def fs_type(path: Path) -> str:
-    """File-system type of the mount holding ``path`` (longest matching mount point)."""
-    real = os.path.realpath(path)
-    best, kind = "", "?"
-    with open("/proc/mounts") as f:
-        for line in f:
-            fields = line.split()
-            mnt = fields[1].replace("\\040", " ")
-            inside = real == mnt or real.startswith(mnt.rstrip("/") + "/")
-            if inside and len(mnt) >= len(best):
-                best, kind = mnt, fields[2]
-    return kind
 
 
 MEMORY_FS = {"tmpfs", "ramfs", "devtmpfs", "?"}

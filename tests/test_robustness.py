@@ -10,13 +10,11 @@ gigabytes of repeated saves cost no disk I/O) in a private directory removed aft
 from __future__ import annotations
 
 import contextlib
-import gc
 import json
 import os
 import random
 import shutil
 import signal
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,6 +29,7 @@ import mmcache
 from mmcache import _cache, _store
 from mmcache._paths import entry_name
 from tests import _pd
+from tests._dirs import mounted_tmpfs
 from tests._robust_workers import Child, assert_is_frame, const_problem, make_frame
 
 pytestmark = pytest.mark.timeout(180)
@@ -461,26 +460,8 @@ def test_corrupt_entry_can_be_removed(corrupt_setup, tmp_path, case, how):
 @pytest.fixture
 def small_tmpfs(tmp_path) -> Iterator[Path]:
     """A 20 MB tmpfs (root only); skipped where mounting is not permitted."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    try:
-        proc = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=20m,mode=0700", "tmpfs", str(mnt)],
-            capture_output=True, text=True, timeout=30, check=False,
-        )
-    except (OSError, subprocess.SubprocessError) as exc:
-        pytest.skip(f"cannot run mount here: {exc}")
-    if proc.returncode != 0:
-        pytest.skip(f"mounting a tmpfs is not permitted here: {proc.stderr.strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "small", "20m") as mnt:
         yield mnt
-    finally:
-        _cache._MEMO.clear()
-        gc.collect()
-        done = subprocess.run(["umount", str(mnt)], capture_output=True, timeout=30, check=False)
-        if done.returncode != 0:
-            subprocess.run(["umount", "-l", str(mnt)], capture_output=True, timeout=30,
-                           check=False)
 
 
 def test_full_file_system_refuses_cleanly(small_tmpfs):

@@ -34,6 +34,7 @@ import pytest
 import mmcache
 from mmcache import _cache, _memo, _paths, _save, _store
 from mmcache._paths import entry_name
+from tests._dirs import fs_type, mounted_tmpfs
 from tests._zerocopy import assert_zero_copy, frame_in_cache, maps_under
 
 pytestmark = pytest.mark.timeout(300)
@@ -54,19 +55,6 @@ def big_frame(seed: int = 0) -> pd.DataFrame:
     return pd.DataFrame({"a": np.arange(BIG_ROWS, dtype=np.float64) + seed})
 
 
-def fs_type(path: Path) -> str:
-    """File-system type of the mount holding ``path`` (longest matching mount point)."""
-    real = os.path.realpath(path)
-    best, kind = "", "?"
-    with open("/proc/mounts") as f:
-        for line in f:
-            fields = line.split()
-            mnt = fields[1].replace("\\040", " ")
-            if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
-                best, kind = mnt, fields[2]
-    return kind
-
-
 def own(d: Path, key: str) -> list[str]:
     """``key``'s names in ``d`` (none when ``d`` does not exist)."""
     prefix = f"{entry_name(key)}."
@@ -79,30 +67,6 @@ def published(d: Path, key: str) -> bool:
 
 def data_dirs(d: Path, key: str) -> list[str]:
     return [n for n in own(d, key) if (d / n).is_dir()]
-
-
-@contextlib.contextmanager
-def mounted_tmpfs(mnt: Path, size: str) -> Iterator[Path]:
-    """A real tmpfs of ``size`` at ``mnt`` (root only), unmounted afterwards."""
-    mnt.mkdir()
-    try:
-        proc = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(mnt)],
-            capture_output=True, text=True, timeout=30, check=False,
-        )
-    except (OSError, subprocess.SubprocessError) as exc:
-        pytest.skip(f"cannot run mount here: {exc}")
-    if proc.returncode != 0:
-        pytest.skip(f"mounting a tmpfs is not permitted here: {proc.stderr.strip()}")
-    try:
-        yield mnt
-    finally:
-        _cache._MEMO.clear()
-        gc.collect()
-        done = subprocess.run(["umount", str(mnt)], capture_output=True, timeout=30, check=False)
-        if done.returncode != 0:
-            subprocess.run(["umount", "-l", str(mnt)], capture_output=True, timeout=30,
-                           check=False)
 
 
 @dataclass
