@@ -260,6 +260,8 @@ class Cache:
     def _open(self, key: str, columns: Sequence[Any] | None) -> Frame:
         places = self._places()
         name = entry_name(key)
+        if len(places) > 1:
+            places = _newest_first(places, name)
         for _ in range(FIND_ROUNDS if len(places) > 1 else 1):
             for cache_dir in places:
                 for _ in range(_memo.OPEN_RETRIES):
@@ -485,3 +487,16 @@ def _duration_arg(value: object) -> float:
             f"older_than takes seconds, a timedelta or a duration like '2h', got {value!r}"
         )
     return seconds
+
+
+def _newest_first(places: list[Path], name: str) -> list[Path]:
+    """The default places, the one with the newer metadata of entry ``name`` first: a save
+    killed while moving a key between them leaves it in both until the key's next save or
+    delete, and the newer one is what that save published."""
+    def published(d: Path) -> int:
+        try:
+            return os.stat(d / f"{name}.json").st_mtime_ns  # kept by last-use updates
+        except OSError:
+            return -1
+
+    return sorted(places, key=published, reverse=True)

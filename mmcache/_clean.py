@@ -39,6 +39,7 @@ from ._survey import (
     data_bytes,
     data_damage,
     entry_sizes,
+    newest_per_key,
     own_data_type,
     own_names,
     summarise,
@@ -56,9 +57,7 @@ if TYPE_CHECKING:
 def entries(cache: Cache) -> list[Entry]:
     """Every complete entry, oldest first, with sizes and times (reads only metadata); of
     both default places together when the cache has two."""
-    found = [e for d in cache._places() for e in survey(d, strays=False).entries]
-    found.sort(key=lambda e: e.created)
-    return found
+    return newest_per_key([e for d in cache._places() for e in survey(d, strays=False).entries])
 
 
 @dataclass

@@ -33,6 +33,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ._mmap import in_private_mapping
+
 PANDAS_2 = int(pd.__version__.split(".")[0]) < 3
 
 
@@ -85,11 +87,9 @@ def string_array(arr: Any, na: Any) -> Any:
     try:
         dtype = pd.StringDtype("pyarrow", na_value=na)
     except TypeError:  # pandas 2.2: no na_value
-        if na is pd.NA:
-            return pd.arrays.ArrowStringArray(arr)
-        from pandas.core.arrays.string_arrow import ArrowStringArrayNumpySemantics
-
-        return ArrowStringArrayNumpySemantics(arr)
+        dtype = pd.StringDtype("pyarrow" if na is pd.NA else "pyarrow_numpy")
+    if PANDAS_2:  # 2.2: one class per dtype; 2.3: the array takes no dtype= yet
+        return dtype.construct_array_type()(arr)
     return pd.arrays.ArrowStringArray(arr, dtype=dtype)
 
 
@@ -101,6 +101,18 @@ def set_freq(index: pd.Index, freq: Any) -> None:
         index._data._freq = freq
     else:
         index._freq = freq
+
+
+def own_freq(index: pd.Index) -> pd.Index:
+    """``index`` with an array object of its own when it has a freq on pandas 2, which keeps
+    the freq on the array: frames handed out over one mapping share their index's array, and
+    ``df.index.freq = None`` on one would reach the others. Data are not copied."""
+    freq = getattr(index, "freq", None)
+    if not PANDAS_2 or freq is None or isinstance(index, pd.PeriodIndex):
+        return index
+    data = index._data
+    own = type(data)._simple_new(data._ndarray, freq=freq, dtype=data.dtype)
+    return type(index)._simple_new(own, name=index.name)
 
 
 def is_view_type(t: Any) -> bool:
@@ -131,9 +143,11 @@ def _copy_if_read_only(
     @functools.wraps(func)
     def accumulate(values: np.ndarray, mask: np.ndarray, *args: Any,
                    **kwargs: Any) -> tuple[np.ndarray, np.ndarray]:
-        if not values.flags.writeable:
+        # Over a private mapping (pandas 2 without copy-on-write) the scratch writes would
+        # land in the frame's own pages: harmless to its data, but they would mark it edited.
+        if not values.flags.writeable or in_private_mapping(values):
             values = values.copy()
-        if not mask.flags.writeable:
+        if not mask.flags.writeable or in_private_mapping(mask):
             mask = mask.copy()
         return func(values, mask, *args, **kwargs)
 
@@ -141,8 +155,28 @@ def _copy_if_read_only(
     return accumulate
 
 
+def _copy_objects_if_read_only(func: Callable[[np.ndarray], int]) -> Callable[[np.ndarray], int]:
+    """pandas 2's ``lib.memory_usage_of_objects`` takes a writable buffer only (a Cython
+    memoryview), so ``memory_usage(deep=True)``, ``info(memory_usage="deep")`` and
+    ``sys.getsizeof`` raised on a read-only object column (all-missing columns of an opened
+    frame). Reading it from a copy of the pointers costs 8 bytes a row, once."""
+
+    @functools.wraps(func)
+    def usage(values: np.ndarray) -> int:
+        return func(values if values.flags.writeable else values.copy())
+
+    usage.__mmcache_wraps__ = func  # type: ignore[attr-defined]
+    return usage
+
+
 def install() -> None:
     """Apply the workarounds (idempotent; called when mmcache is imported)."""
+    if PANDAS_2:
+        from pandas._libs import lib
+
+        func = lib.memory_usage_of_objects
+        if not hasattr(func, "__mmcache_wraps__"):
+            lib.memory_usage_of_objects = _copy_objects_if_read_only(func)
     try:
         from pandas.core.array_algos import masked_accumulations
     except ImportError:  # pragma: no cover - a pandas without masked accumulations

@@ -34,7 +34,7 @@ from ._codecs import (
     label_to_json,
     tz_dtype,
 )
-from ._compat import frame_from_blocks
+from ._compat import frame_from_blocks, own_freq
 from ._errors import (
     ColumnNotFoundError,
     CorruptEntryError,
@@ -206,8 +206,13 @@ def _decode_frame(
         if len(picks) == len(cols) and all(r == i for i, (r, _) in enumerate(picks)):
             blocks.append((wrap(arr2d), np.array([n for _, n in picks], dtype=np.intp)))
             continue
+        used: set[int] = set()
         for row, new in picks:
-            blocks.append((wrap(arr2d[row : row + 1]), np.array([new], dtype=np.intp)))
+            rows = arr2d[row : row + 1]
+            if row in used and rows.flags.writeable:
+                rows = rows.copy()  # a repeated column over a private mapping: its own memory
+            used.add(row)
+            blocks.append((wrap(rows), np.array([new], dtype=np.intp)))
     ext = layout["ext"]
     for old, news in new_pos.items():
         spec = ext.get(str(old))
@@ -217,12 +222,20 @@ def _decode_frame(
         _check_len(values, nrows, m)
         if isinstance(values, np.ndarray):
             values = values.reshape(1, -1)  # a numpy column outside the blocks (empty object)
-        for new in news:
-            blocks.append((values, np.array([new], dtype=np.intp)))
+        for i, new in enumerate(news):
+            # Columns asked for twice: over a private mapping (pandas 2 without copy-on-write
+            # writes in place) each must be its own memory, as pandas makes them.
+            own = values.copy() if i and _writable(values) else values
+            blocks.append((own, np.array([new], dtype=np.intp)))
     placed = sorted(int(n) for _, p in blocks for n in p)
     if placed != list(range(len(wanted))):
         raise CorruptEntryError(f"{m.where}: blocks do not cover the columns exactly once")
     return frame_from_blocks(blocks, index=index, columns=labels)
+
+
+def _writable(values: Any) -> bool:
+    arr = getattr(values, "_data", getattr(values, "_ndarray", getattr(values, "codes", values)))
+    return isinstance(arr, np.ndarray) and bool(arr.flags.writeable)
 
 
 def _tz_wrapper(blk: Spec, m: Mapped) -> Any:
@@ -258,8 +271,8 @@ def _positions(all_labels: pd.Index, columns: Sequence[Any], where: str) -> np.n
 class _Ref:
     """What a mapped frame needs to pickle as a reference and to tell if it was modified."""
 
-    __slots__ = ("attrs", "axes", "cache_dir", "columns", "flags", "key", "name", "names",
-                 "private", "token", "values", "version")
+    __slots__ = ("attrs", "axes", "cache_dir", "columns", "flags", "freqs", "key", "name",
+                 "names", "private", "token", "values", "version")
 
     def __init__(self, obj: Any, cache_dir: str, version: Any, columns: Any,
                  private: Mapped | None) -> None:
@@ -273,12 +286,16 @@ class _Ref:
         self.version = version
         self.axes = list(obj._mgr.axes)
         self.names = [list(ax.names) for ax in self.axes]
+        # What an axis can lose or swap in place: its freq (pandas 2 keeps it on the shared
+        # array) and the data of an Arrow-backed one (Index.array[i] = x on pandas 2).
+        self.freqs = [(getattr(ax, "freq", None), getattr(ax._values, "_pa_array", None))
+                      for ax in self.axes]
         self.name = obj.name if isinstance(obj, pd.Series) else None
         self.attrs = copy.deepcopy(obj.attrs)
         self.flags = obj.flags.allows_duplicate_labels  # setting it is an edit too
         # Arrow-backed arrays are edited by swapping their _pa_array (no read-only buffer
         # stops it), so that identity is part of "unmodified" too.
-        self.values = [(blk.values, getattr(blk.values, "_pa_array", None),
+        self.values = [(blk.values, _arrow_data(blk.values),
                         blk.mgr_locs.as_array.tolist()) for blk in obj._mgr.blocks]
 
     def openable(self) -> bool:
@@ -297,17 +314,21 @@ class _Ref:
         mgr = obj._mgr
         if len(mgr.axes) != len(self.axes) or len(mgr.blocks) != len(self.values):
             return False
-        if any(a is not b or list(a.names) != n
-               for a, b, n in zip(mgr.axes, self.axes, self.names, strict=True)):
+        if any(a is not b or not _same_labels(list(a.names), n)
+               or getattr(a, "freq", None) is not freq
+               or getattr(a._values, "_pa_array", None) is not pa_array
+               for a, b, n, (freq, pa_array)
+               in zip(mgr.axes, self.axes, self.names, self.freqs, strict=True)):
             return False
         for blk, (values, pa_array, locs) in zip(mgr.blocks, self.values, strict=True):
             if (blk.values is not values
-                    or getattr(values, "_pa_array", None) is not pa_array
+                    or _arrow_data(values) is not pa_array
                     or blk.mgr_locs.as_array.tolist() != locs):
                 return False
         if isinstance(obj, pd.Series) and not _same_label(obj.name, self.name):
             return False
-        if obj.attrs != self.attrs or obj.flags.allows_duplicate_labels != self.flags:
+        if not _same_json(obj.attrs, self.attrs) or \
+                obj.flags.allows_duplicate_labels != self.flags:
             return False
         # Edits in place (pandas 2 without copy-on-write) keep every object as it was: the
         # pages they wrote tell them.
@@ -315,8 +336,34 @@ class _Ref:
                                              or self.private.edited())
 
 
+def _arrow_data(values: Any) -> Any:
+    """The Arrow data an array (or a categorical's categories) holds: swapped in place by
+    ``.array[i] = x`` on Arrow-backed arrays and pandas 2 indexes."""
+    if isinstance(values, pd.Categorical):
+        values = values.categories._values
+    return getattr(values, "_pa_array", None)
+
+
 def _same_label(a: Any, b: Any) -> bool:
     return a is b or (type(a) is type(b) and a == b) or (a != a and b != b)
+
+
+def _same_labels(a: list[Any], b: list[Any]) -> bool:
+    return len(a) == len(b) and all(_same_label(x, y) for x, y in zip(a, b, strict=True))
+
+
+def _same_json(a: Any, b: Any) -> bool:
+    """Equal and of the same types throughout (``1`` is not ``1.0`` nor ``True``): attrs
+    the receiver would get back from the entry must be exactly the sender's."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(
+            type(k) is type(next(k2 for k2 in b if k2 == k)) and _same_json(v, b[k])
+            for k, v in a.items())
+    if isinstance(a, list | tuple):
+        return len(a) == len(b) and all(_same_json(x, y) for x, y in zip(a, b, strict=True))
+    return _same_label(a, b)
 
 
 def _reopen(cache_dir: str, key: str, token: str, columns: Any) -> Any:
@@ -490,6 +537,8 @@ def hand_out(
     over this frame's own copy-on-write mapping (pandas 2 without copy-on-write writes in
     place: the kernel copies each written page instead)."""
     obj = base.copy(deep=False)
+    if getattr(obj.index, "freq", None) is not None:
+        obj.index = own_freq(obj.index)
     for blk in obj._mgr.blocks:
         if isinstance(blk.values, pd.arrays.ArrowExtensionArray):
             # Its own wrapper over the same Arrow data: `df["s"].array[0] = x` swaps the

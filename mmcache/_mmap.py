@@ -81,6 +81,19 @@ _PAGE = mmap.PAGESIZE
 _PRESENT, _SWAPPED, _FILE = np.uint64(1 << 63), np.uint64(1 << 62), np.uint64(1 << 61)
 
 
+def _region(arr: np.ndarray) -> _Region | None:
+    base = arr.base
+    while isinstance(base, np.ndarray):
+        base = base.base
+    return base if isinstance(base, _Region) else None
+
+
+def in_private_mapping(arr: np.ndarray) -> bool:
+    """True if ``arr`` views a private mapping (``map_file(private=True)``)."""
+    region = _region(arr)
+    return region is not None and region.private
+
+
 def written(arrays: list[np.ndarray]) -> bool:
     """True if any page of these private mappings (``map_file(private=True)``) was written
     in this process, or if that cannot be told (then the caller must assume it was).
@@ -91,10 +104,8 @@ def written(arrays: list[np.ndarray]) -> bool:
     """
     regions: list[tuple[int, int]] = []
     for arr in arrays:
-        base = arr.base
-        while isinstance(base, np.ndarray):
-            base = base.base
-        if not isinstance(base, _Region) or not base.private:
+        base = _region(arr)
+        if base is None or not base.private:
             return True
         if base.size:
             regions.append((base.address, base.size))

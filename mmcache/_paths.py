@@ -21,6 +21,7 @@ someone else's, and is neither listed nor removed (nor opened, so a FIFO never b
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -166,8 +167,15 @@ def resolve_places(
     ``create`` makes the first one only: the disk place is made by the first save there."""
     if not is_default(cache_dir):
         return [resolve_cache_dir(cache_dir, create=create)]
-    return [checked_default(p, create=create and i == 0)
-            for i, p in enumerate(default_places())]
+    places = default_places()
+    out = [checked_default(places[0], create=create)]
+    if len(places) > 1:
+        # Another user's directory (or a symlink) planted where the disk place goes, in a
+        # shared sticky /tmp the user cannot clean: it is never read nor written, and the
+        # RAM place keeps working; a save that needs the disk place says why it cannot.
+        with contextlib.suppress(CacheDirError):
+            out.append(checked_default(places[1], create=False))
+    return out
 
 
 def resolve_cache_dir(cache_dir: str | os.PathLike[str] | None, *, create: bool = True) -> Path:

@@ -17,9 +17,9 @@ from typing import Any
 
 from . import _clean, _memo, _store
 from ._entry import Entry, entry_from_meta
-from ._errors import CacheFullError, MmcacheWarning
+from ._errors import CacheDirError, CacheFullError, MmcacheWarning
 from ._lock import locked
-from ._paths import ENV_DIR, ENV_SHM, checked_default
+from ._paths import ENV_DIR, ENV_SHM, checked_default, default_places, is_default
 from ._units import human
 
 ENV_MAX_BYTES = "MMCACHE_MAX_BYTES"
@@ -40,8 +40,9 @@ def make_room(cache: Any, places: list[Path], key: str, pool: _store.Pool) -> li
     _fit_limit(cache, places, key, nbytes)
     try:
         _store.check_room(places[0], nbytes, key)
-    except CacheFullError:
+    except CacheFullError as full:
         if len(places) == 1:
+            _disk_place_refused(cache, full)
             raise
         try:
             _store.check_room(_existing(places[1]), nbytes, key)
@@ -207,3 +208,17 @@ def _caller_level() -> int:
         frame = frame.f_back  # type: ignore[assignment]
         level += 1
     return level
+
+
+def _disk_place_refused(cache: Any, full: CacheFullError) -> None:
+    """Raise why the default cache's disk place cannot take an entry RAM has no room for,
+    if it was left out as unsafe (see resolve_places); else return."""
+    if not is_default(cache._given):
+        return
+    places = default_places()
+    if len(places) > 1:
+        try:
+            checked_default(places[1], create=False)
+        except CacheDirError as exc:
+            raise CacheDirError(f"{full.message}; the disk-backed fallback cannot be used: "
+                                f"{exc.message}", key=full.key, path=places[1]) from full

@@ -205,8 +205,19 @@ def merged(surveys: list[Survey]) -> Survey:
         out.stale += s.stale
         out.kept += s.kept
         out.saving += s.saving
-    out.entries.sort(key=lambda e: e.created)
+    out.entries = newest_per_key(out.entries)
     return out
+
+
+def newest_per_key(entries: list[Entry]) -> list[Entry]:
+    """``entries`` oldest first, one per key: the newest, where a save killed while moving a
+    key between the default places left it in both (the older one goes with the key's next
+    save or delete; open() takes the newer one too)."""
+    newest: dict[str, Entry] = {}
+    for e in entries:
+        if e.key not in newest or e.created > newest[e.key].created:
+            newest[e.key] = e
+    return sorted(newest.values(), key=lambda e: e.created)
 
 
 def entry_sizes(cache_dir: Path) -> dict[str, int]:

@@ -608,3 +608,57 @@ def test_raw_array_writes_to_mapped_extension_columns_raise(cache_dir, col, valu
             got[col].array[0] = value
         _pd.assert_frame_equal(got, df)
     _pd.assert_frame_equal(mmcache.open("k"), df)
+
+
+# --- found by an independent review of the pandas 2 support -------------------------------------
+
+
+def test_a_column_asked_for_twice_is_two_columns(cache_dir):
+    """open(columns=["a", "a"]) gives two columns; an edit of one never shows in the other
+    (pandas 2 without copy-on-write writes in place: each must be its own memory)."""
+    df = pd.DataFrame({"a": [1.0, 2.0], "m": pd.array([1, 2], dtype="Int64")})
+    mmcache.save(df, "k")
+    for col, value in (("a", -9.0), ("m", -9)):
+        got = mmcache.open("k", columns=[col, col])
+        plain = df[[col, col]].copy()
+        got.iloc[0, 0] = value
+        plain.iloc[0, 0] = value
+        _pd.assert_frame_equal(got, plain)
+    _pd.assert_frame_equal(mmcache.open("k"), df)
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda d: d.attrs.__setitem__("unit", 1),  # was "m"
+        lambda d: d.attrs.__setitem__("n", 1.0),  # was 1: equal, not the same
+        lambda d: d.attrs.__setitem__("flag", 0),  # was False
+        lambda d: setattr(d.index, "name", 1.0),  # was 1
+        lambda d: setattr(d.index, "freq", None),  # was <Day>
+    ],
+    ids=["attr", "attr-int-to-float", "attr-bool-to-int", "index-name-type", "freq"],
+)
+def test_edits_that_compare_equal_still_pickle_in_full(cache_dir, edit):
+    df = pd.DataFrame({"a": np.arange(4.0)},
+                      index=pd.date_range("2020", periods=4, freq="D", name=1))
+    df.attrs = {"unit": "m", "n": 1, "flag": False}
+    mmcache.save(df, "k")
+    got = mmcache.open("k")
+    edit(got)
+    back = pickle.loads(pickle.dumps(got))
+    assert back.attrs == got.attrs and [type(v) for v in back.attrs.values()] == [
+        type(v) for v in got.attrs.values()]
+    assert type(back.index.name) is type(got.index.name) and back.index.freq == got.index.freq
+    assert mmcache.open("k").index.freq == "D"  # and the cache is unchanged
+
+
+def test_read_only_operations_keep_a_frame_pickling_as_a_reference(cache_dir):
+    """cumsum on a masked column with missing values writes scratch values into its input:
+    over a private mapping (pandas 2 without copy-on-write) that must not mark the frame
+    edited, nor on any pandas raise on read-only memory."""
+    df = pd.DataFrame({"m": pd.array([1, None, 3], dtype="Int64"), "o": [None] * 3})
+    mmcache.save(df, "k")
+    got = mmcache.open("k")
+    _pd.assert_series_equal(got["m"].cumsum(), df["m"].cumsum())
+    assert got.memory_usage(deep=True).sum() > 0  # pandas 2 needed a writable object array
+    assert len(pickle.dumps(got)) < 1000

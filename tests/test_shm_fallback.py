@@ -34,6 +34,7 @@ import pytest
 import mmcache
 from mmcache import _cache, _memo, _paths, _save, _store
 from mmcache._paths import entry_name
+from tests import _pd
 from tests._dirs import fs_type, mounted_tmpfs
 from tests._zerocopy import assert_zero_copy, frame_in_cache, maps_under
 
@@ -624,21 +625,72 @@ def test_mmcache_shm_that_is_not_a_directory_is_refused(tmp_path, monkeypatch):
     assert not (tmp_path / "missing").exists()
 
 
-def test_unsafe_disk_place_is_refused(places, tmp_path):
+def test_unsafe_disk_place_is_never_used_and_ram_keeps_working(places, tmp_path):
+    """Another user may plant a directory or symlink where the disk place goes (a sticky /tmp
+    the victim cannot clean): it is never read nor written, entries in RAM stay usable, and
+    only a save that needs the disk place fails, saying why."""
     p = places
+    mmcache.save(small_frame(), "small")
     planted = tmp_path / "planted"
     planted.mkdir(mode=0o700)
     p.disk.symlink_to(planted)
-    for call in (lambda: mmcache.save(big_frame(), "big"), mmcache.entries,
-                 lambda: mmcache.open("big")):
-        with pytest.raises(mmcache.CacheDirError, match="symlink"):
-            call()
-    assert os.listdir(planted) == []
+    (planted / f"{entry_name('small')}.json").write_text("{}")  # bait: never read
+    with pytest.raises(mmcache.CacheDirError, match="symlink"):
+        mmcache.save(big_frame(), "big")
+    _pd.assert_frame_equal(mmcache.open("small"), small_frame())
+    assert [e.key for e in mmcache.entries()] == ["small"]
+    assert mmcache.exists("small") and not mmcache.exists("big")
+    mmcache.save(small_frame(1), "small2")  # fits in RAM: saved there
+    assert published(p.ram, "small2")
+    assert sorted(os.listdir(planted)) == [f"{entry_name('small')}.json"]
+
+
+@pytest.mark.parametrize("move", ["ram-to-disk", "disk-to-ram"])
+def test_save_killed_while_moving_a_key_leaves_the_newer_one_found(places, move):
+    """A save killed after publishing the key in its new place and before removing it from
+    the old one leaves it in both: open(), exists() and entries() give the newer one only,
+    and the key's next save removes the older."""
+    p = places
+    first, second = ("small", "big") if move == "ram-to-disk" else ("big", "small")
+    with no_mmcache_warning() if first == "small" else pytest.warns(mmcache.MmcacheWarning):
+        mmcache.save(small_frame(1) if first == "small" else big_frame(1), "k")
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.test_shm_fallback", "child_killed_mid_move",
+         json.dumps({"size": second})],
+        capture_output=True, text=True, timeout=TIMEOUT, env=p.env(), cwd=REPO, check=False)
+    assert proc.returncode == 9, proc.stderr  # died between publishing and unpublishing
+    assert published(p.ram, "k") and published(p.disk, "k")  # the state the kill left
+    newer = small_frame(2) if second == "small" else big_frame(2)
+    _memo_clear()
+    _pd.assert_frame_equal(mmcache.open("k"), newer)
+    assert mmcache.exists("k")
+    (listed,) = mmcache.entries()
+    assert listed.key == "k" and listed.cache_dir == (p.disk if second == "big" else p.ram)
+    mmcache.save(small_frame(3), "k")  # the next save leaves one place
+    assert published(p.ram, "k") and not published(p.disk, "k")
+    _pd.assert_frame_equal(mmcache.open("k"), small_frame(3))
+
+
+def _memo_clear() -> None:
+    _cache._MEMO.clear()
+
+
+def child_killed_mid_move(a: dict[str, Any]) -> None:
+    """Save k (big or small) and die right after publishing it, as a SIGKILL there would."""
+    import warnings
+
+    from mmcache import _clean
+
+    warnings.simplefilter("ignore", mmcache.MmcacheWarning)
+    _clean.delete_locked = lambda *args, **kwargs: os._exit(9)
+    mmcache.save(big_frame(2) if a["size"] == "big" else small_frame(2), "k")
+    os._exit(0)  # the key was not in the other place: no kill happened
 
 
 # --- children: python -m tests.test_shm_fallback ROLE JSON ---------------------------------------
 
-ROLES = {f.__name__: f for f in (child_warnings, child_saver, child_reader)}
+ROLES = {f.__name__: f for f in (child_warnings, child_saver, child_reader,
+                                 child_killed_mid_move)}
 
 if __name__ == "__main__":
     ROLES[sys.argv[1]](json.loads(sys.argv[2]))
