@@ -261,7 +261,7 @@ class Cache:
         places = self._places()
         name = entry_name(key)
         if len(places) > 1:
-            places = _newest_first(places, name)
+            places = _newest_first(places, key, name)
         for _ in range(FIND_ROUNDS if len(places) > 1 else 1):
             for cache_dir in places:
                 for _ in range(_memo.OPEN_RETRIES):
@@ -368,10 +368,15 @@ class Cache:
         ram, disk = places
         checked_default(ram, create=True)  # the lock's directory
         with locked(ram, name, key, LOCK_TIMEOUT):
-            removed = _clean.delete_locked(ram, name, key)
-            if os.path.lexists(disk / f"{name}.json"):
-                with locked(disk, name, key, LOCK_TIMEOUT):
-                    removed = _clean.delete_locked(disk, name, key) or removed
+            removed = False
+            # The older copy first (both exist only after a save killed mid-move): a delete
+            # killed between the two removals must not leave the older one as the key.
+            for cache_dir in reversed(_newest_first(places, key, name)):
+                if cache_dir == ram:
+                    removed = _clean.delete_locked(ram, name, key) or removed
+                elif os.path.lexists(disk / f"{name}.json"):
+                    with locked(disk, name, key, LOCK_TIMEOUT):
+                        removed = _clean.delete_locked(disk, name, key) or removed
         return removed
 
     def _delete(
@@ -489,14 +494,20 @@ def _duration_arg(value: object) -> float:
     return seconds
 
 
-def _newest_first(places: list[Path], name: str) -> list[Path]:
-    """The default places, the one with the newer metadata of entry ``name`` first: a save
-    killed while moving a key between them leaves it in both until the key's next save or
-    delete, and the newer one is what that save published."""
-    def published(d: Path) -> int:
-        try:
-            return os.stat(d / f"{name}.json").st_mtime_ns  # kept by last-use updates
-        except OSError:
-            return -1
+def _newest_first(places: list[Path], key: str, name: str) -> list[Path]:
+    """The default places, the one holding the newer save of ``key`` first: a save killed
+    while moving a key between them leaves it in both until the key's next save or delete,
+    and the newer one is what that save published. Only when both hold it (2 stats, else)
+    is the metadata read: its ``created`` time, as listings compare (file times can be
+    coarser than the time between two saves)."""
+    found = [d for d in places if os.path.exists(d / f"{name}.json")]
+    if len(found) < 2:
+        return found + [d for d in places if d not in found]
 
-    return sorted(places, key=published, reverse=True)
+    def created(d: Path) -> float:
+        try:
+            return float(_store.read_meta(d / f"{name}.json", key)["created"])
+        except (OSError, MmcacheError, KeyError, TypeError, ValueError):
+            return float("-inf")
+
+    return sorted(places, key=created, reverse=True)

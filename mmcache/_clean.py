@@ -96,8 +96,12 @@ def clean(
         # entries are chosen across all of them (one size limit, one LRU order), and each is
         # removed in its own directory under that directory's lock.
         surveys = {d: survey(d) for d in cache._places()}
-        every = sorted((e for s in surveys.values() for e in s.entries),
-                       key=lambda e: e.created)
+        listed = [e for s in surveys.values() for e in s.entries]
+        every = newest_per_key(listed)  # one per key, oldest first
+        # A save killed while moving a key between the two places left it in both: the older
+        # copy is a leftover (never chosen as the key, never counted), removed below.
+        newest = {id(e) for e in every}
+        superseded = [e for e in listed if id(e) not in newest]
         chosen = [] if stale_only else every
         damaged = [p for s in surveys.values() for p in s.problems if p.kind == "damaged"]
         wanted: set[str] = set()
@@ -138,10 +142,20 @@ def clean(
         else:  # the named keys' leftovers, and those of entries chosen by age or size
             stems |= {entry_name(e.key) for e in chosen}
             stale = [x for x in all_stale if _stem(x) in stems]
+            superseded = [e for e in superseded if entry_name(e.key) in stems]
+        older = {id(e): Stray(
+            e.cache_dir / f"{entry_name(e.key)}.json", e.nbytes,
+            f"older copy of key {e.key!r}, left in both places by a save killed while moving "
+            "it between RAM and disk (the newer copy stays)") for e in superseded}
+        reported = [*stale, *older.values()]
         nbytes_before = sum(s.nbytes for s in surveys.values())
         if dry_run:
-            return Cleaned(chosen, damaged, stale, nbytes_before, skipped)
+            return Cleaned(chosen, damaged, reported, nbytes_before, skipped)
         deferred: dict[Path, list[tuple[str, str]]] = {d: [] for d in surveys}
+        for e in superseded:  # unless re-saved since the listing (then it is the newer one)
+            _delete_or_skip(cache, e.cache_dir, e.key,
+                            names=surveys[e.cache_dir].names.get(entry_name(e.key)),
+                            unused_since=listed_at, defer=deferred[e.cache_dir])
         removed = [e for e in chosen if _delete_or_skip(
             cache, e.cache_dir, e.key, names=surveys[e.cache_dir].names.get(entry_name(e.key)),
             unused_since=unused_since, defer=deferred[e.cache_dir],
@@ -172,7 +186,7 @@ def clean(
                 if _remove_stale(cache_dir, stem, s.names.get(stem, []), damaged=is_damaged) \
                         and is_damaged and not os.path.lexists(cache_dir / f"{stem}.json"):
                     gone.append(by_name[stem])
-        left = [y for y in (_removed(x) for x in stale) if y is not None]
+        left = [y for y in (_removed(x) for x in reported) if y is not None]
     return Cleaned(removed, gone, left, nbytes_before, skipped)
 
 

@@ -89,6 +89,9 @@ class Mapped:
         # Writable columns built in memory over a private mapping, with what they were built
         # from (see edited()): their writes leave no trace in the mapping's pages.
         self.built: list[tuple[np.ndarray, np.ndarray]] = []
+        # Writable copy-on-write mappings (pandas 2 without copy-on-write): what is decoded
+        # over them is the frame's own memory, and two columns must never share it.
+        self.private = any(a.flags.writeable for a in arrays)
 
     def edited(self) -> bool:
         """True if a column this mapping's frame built in memory was written since."""

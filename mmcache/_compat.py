@@ -112,7 +112,11 @@ def own_freq(index: pd.Index) -> pd.Index:
         return index
     data = index._data
     own = type(data)._simple_new(data._ndarray, freq=freq, dtype=data.dtype)
-    return type(index)._simple_new(own, name=index.name)
+    out = type(index)._simple_new(own, name=index.name)
+    # Same values: share what pandas builds lazily (the lookup engine, O(rows) once), as its
+    # own Index views do; the freq is not among it.
+    out._cache = index._cache
+    return out
 
 
 def is_view_type(t: Any) -> bool:

@@ -225,7 +225,7 @@ def _decode_frame(
         for i, new in enumerate(news):
             # Columns asked for twice: over a private mapping (pandas 2 without copy-on-write
             # writes in place) each must be its own memory, as pandas makes them.
-            own = values.copy() if i and _writable(values) else values
+            own = values.copy() if i and m.private else values
             blocks.append((own, np.array([new], dtype=np.intp)))
     placed = sorted(int(n) for _, p in blocks for n in p)
     if placed != list(range(len(wanted))):
@@ -233,9 +233,6 @@ def _decode_frame(
     return frame_from_blocks(blocks, index=index, columns=labels)
 
 
-def _writable(values: Any) -> bool:
-    arr = getattr(values, "_data", getattr(values, "_ndarray", getattr(values, "codes", values)))
-    return isinstance(arr, np.ndarray) and bool(arr.flags.writeable)
 
 
 def _tz_wrapper(blk: Spec, m: Mapped) -> Any:
@@ -288,8 +285,7 @@ class _Ref:
         self.names = [list(ax.names) for ax in self.axes]
         # What an axis can lose or swap in place: its freq (pandas 2 keeps it on the shared
         # array) and the data of an Arrow-backed one (Index.array[i] = x on pandas 2).
-        self.freqs = [(getattr(ax, "freq", None), getattr(ax._values, "_pa_array", None))
-                      for ax in self.axes]
+        self.freqs = [(getattr(ax, "freq", None), _axis_arrow(ax)) for ax in self.axes]
         self.name = obj.name if isinstance(obj, pd.Series) else None
         self.attrs = copy.deepcopy(obj.attrs)
         self.flags = obj.flags.allows_duplicate_labels  # setting it is an edit too
@@ -316,7 +312,7 @@ class _Ref:
             return False
         if any(a is not b or not _same_labels(list(a.names), n)
                or getattr(a, "freq", None) is not freq
-               or getattr(a._values, "_pa_array", None) is not pa_array
+               or _axis_arrow(a) is not pa_array
                for a, b, n, (freq, pa_array)
                in zip(mgr.axes, self.axes, self.names, self.freqs, strict=True)):
             return False
@@ -340,8 +336,16 @@ def _arrow_data(values: Any) -> Any:
     """The Arrow data an array (or a categorical's categories) holds: swapped in place by
     ``.array[i] = x`` on Arrow-backed arrays and pandas 2 indexes."""
     if isinstance(values, pd.Categorical):
-        values = values.categories._values
+        return _axis_arrow(values.categories)
     return getattr(values, "_pa_array", None)
+
+
+def _axis_arrow(index: pd.Index) -> Any:
+    """An index's Arrow data, if it has any. Never ``_values`` of a RangeIndex or MultiIndex:
+    pandas would build them (8 bytes a row, tuples) and keep them."""
+    if isinstance(index, pd.RangeIndex | pd.MultiIndex):
+        return None
+    return getattr(index._values, "_pa_array", None)
 
 
 def _same_label(a: Any, b: Any) -> bool:

@@ -616,9 +616,10 @@ def test_raw_array_writes_to_mapped_extension_columns_raise(cache_dir, col, valu
 def test_a_column_asked_for_twice_is_two_columns(cache_dir):
     """open(columns=["a", "a"]) gives two columns; an edit of one never shows in the other
     (pandas 2 without copy-on-write writes in place: each must be its own memory)."""
-    df = pd.DataFrame({"a": [1.0, 2.0], "m": pd.array([1, 2], dtype="Int64")})
+    df = pd.DataFrame({"a": [1.0, 2.0], "m": pd.array([1, 2], dtype="Int64"),
+                       "iv": pd.arrays.IntervalArray.from_breaks([0, 1, 2])})
     mmcache.save(df, "k")
-    for col, value in (("a", -9.0), ("m", -9)):
+    for col, value in (("a", -9.0), ("m", -9), ("iv", pd.Interval(-2, -1))):
         got = mmcache.open("k", columns=[col, col])
         plain = df[[col, col]].copy()
         got.iloc[0, 0] = value

@@ -397,9 +397,9 @@ def test_resave_moves_the_key_and_old_frames_stay_intact(places):
 
 @pytest.mark.parametrize("verb", ["open", "exists"])
 def test_a_key_moved_while_being_looked_up_is_found(places, monkeypatch, verb):
-    """The reader looks in RAM (absent: the key is on disk), then a save moves the key to RAM
-    (publish there, then unpublish on disk), then the reader looks on disk (absent): it
-    must look in RAM again rather than call the key missing."""
+    """The reader looks where the key is (exists: RAM first; open: the place holding it),
+    then a save moves the key to RAM (publish there, then unpublish on disk) before the
+    reader finds it: it must look in the other place again rather than call it missing."""
     p = places
     save_big(big_frame(), "k")
     ram_meta = str(p.ram / f"{entry_name('k')}.json")
@@ -413,12 +413,10 @@ def test_a_key_moved_while_being_looked_up_is_found(places, monkeypatch, verb):
         real_load = _memo.load
 
         def load(cache_dir, key, name, **kwargs):
-            try:
-                return real_load(cache_dir, key, name, **kwargs)
-            except mmcache.EntryNotFoundError:
-                if cache_dir == p.ram:
-                    move()
-                raise
+            # The reader chose where to look first (disk: the key is there), then the key
+            # moves to RAM before it looks: not found there, it must look in RAM.
+            move()
+            return real_load(cache_dir, key, name, **kwargs)
 
         monkeypatch.setattr(_memo, "load", load)
         pd.testing.assert_frame_equal(mmcache.open("k"), small_frame())
@@ -666,6 +664,17 @@ def test_save_killed_while_moving_a_key_leaves_the_newer_one_found(places, move)
     assert mmcache.exists("k")
     (listed,) = mmcache.entries()
     assert listed.key == "k" and listed.cache_dir == (p.disk if second == "big" else p.ram)
+    dry = mmcache.Cache()._clean_report(None, None, None, dry_run=True)  # `mmcache clean -n`
+    assert dry.entries and [x.path for x in dry.stale] == [
+        (p.ram if second == "big" else p.disk) / f"{entry_name('k')}.json"]
+    if move == "ram-to-disk":
+        # clean() by size with the older copy in use by this process: the older copy goes,
+        # never the newer one (each copy is not a key of its own)
+        held = mmcache.open("k")
+        mmcache.clean(max_bytes=10**12)
+        assert published(p.disk, "k") and not published(p.ram, "k")
+        _pd.assert_frame_equal(mmcache.open("k"), newer)
+        del held
     mmcache.save(small_frame(3), "k")  # the next save leaves one place
     assert published(p.ram, "k") and not published(p.disk, "k")
     _pd.assert_frame_equal(mmcache.open("k"), small_frame(3))
