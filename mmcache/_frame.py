@@ -209,7 +209,7 @@ def _decode_frame(
         used: set[int] = set()
         for row, new in picks:
             rows = arr2d[row : row + 1]
-            if row in used and rows.flags.writeable:
+            if row in used and m.private:
                 rows = rows.copy()  # a repeated column over a private mapping: its own memory
             used.add(row)
             blocks.append((wrap(rows), np.array([new], dtype=np.intp)))
@@ -268,8 +268,21 @@ def _positions(all_labels: pd.Index, columns: Sequence[Any], where: str) -> np.n
 class _Ref:
     """What a mapped frame needs to pickle as a reference and to tell if it was modified."""
 
-    __slots__ = ("attrs", "axes", "cache_dir", "columns", "flags", "freqs", "key", "name",
-                 "names", "private", "token", "values", "version")
+    __slots__ = (
+        "attrs",
+        "axes",
+        "axis_data",
+        "cache_dir",
+        "columns",
+        "flags",
+        "key",
+        "name",
+        "names",
+        "private",
+        "token",
+        "values",
+        "version",
+    )
 
     def __init__(self, obj: Any, cache_dir: str, version: Any, columns: Any,
                  private: Mapped | None) -> None:
@@ -285,7 +298,7 @@ class _Ref:
         self.names = [list(ax.names) for ax in self.axes]
         # What an axis can lose or swap in place: its freq (pandas 2 keeps it on the shared
         # array) and the data of an Arrow-backed one (Index.array[i] = x on pandas 2).
-        self.freqs = [(getattr(ax, "freq", None), _axis_arrow(ax)) for ax in self.axes]
+        self.axis_data = [(getattr(ax, "freq", None), _axis_arrow(ax)) for ax in self.axes]
         self.name = obj.name if isinstance(obj, pd.Series) else None
         self.attrs = copy.deepcopy(obj.attrs)
         self.flags = obj.flags.allows_duplicate_labels  # setting it is an edit too
@@ -314,7 +327,7 @@ class _Ref:
                or getattr(a, "freq", None) is not freq
                or _axis_arrow(a) is not pa_array
                for a, b, n, (freq, pa_array)
-               in zip(mgr.axes, self.axes, self.names, self.freqs, strict=True)):
+               in zip(mgr.axes, self.axes, self.names, self.axis_data, strict=True)):
             return False
         for blk, (values, pa_array, locs) in zip(mgr.blocks, self.values, strict=True):
             if (blk.values is not values
@@ -361,10 +374,9 @@ def _same_json(a: Any, b: Any) -> bool:
     the receiver would get back from the entry must be exactly the sender's."""
     if type(a) is not type(b):
         return False
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(
-            type(k) is type(next(k2 for k2 in b if k2 == k)) and _same_json(v, b[k])
-            for k, v in a.items())
+    if isinstance(a, dict):  # keys too: {1: x} is not {1.0: x}
+        return {(type(k), k) for k in a} == {(type(k), k) for k in b} and all(
+            _same_json(v, b[k]) for k, v in a.items())
     if isinstance(a, list | tuple):
         return len(a) == len(b) and all(_same_json(x, y) for x, y in zip(a, b, strict=True))
     return _same_label(a, b)
@@ -541,8 +553,9 @@ def hand_out(
     over this frame's own copy-on-write mapping (pandas 2 without copy-on-write writes in
     place: the kernel copies each written page instead)."""
     obj = base.copy(deep=False)
-    if getattr(obj.index, "freq", None) is not None:
-        obj.index = own_freq(obj.index)
+    index = own_freq(obj.index)
+    if index is not obj.index:
+        obj.index = index
     for blk in obj._mgr.blocks:
         if isinstance(blk.values, pd.arrays.ArrowExtensionArray):
             # Its own wrapper over the same Arrow data: `df["s"].array[0] = x` swaps the

@@ -195,13 +195,9 @@ def resolve_cache_dir(cache_dir: str | os.PathLike[str] | None, *, create: bool 
     if chosen is None:
         return checked_default(default_cache_dir(), create=create)
     path = _absolute(Path(os.fspath(chosen)).expanduser())
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        if not create:
-            return path
-        _make(path, parents=True)
-        st = os.lstat(path)
+    st = _lstat_or_make(path, create=create, parents=True)
+    if st is None:
+        return path
     if stat.S_ISLNK(st.st_mode) and not path.exists():
         raise CacheDirError(
             f"cache directory {str(path)!r} is a symlink to a missing path; fix or remove it",
@@ -231,6 +227,18 @@ def resolve_cache_dir(cache_dir: str | os.PathLike[str] | None, *, create: bool 
     return path
 
 
+def _lstat_or_make(path: Path, *, create: bool, parents: bool) -> os.stat_result | None:
+    """``lstat`` of a cache directory; a missing one is made (mode 0700) with ``create``,
+    else None: reading, listing and cleaning never create it."""
+    try:
+        return os.lstat(path)
+    except FileNotFoundError:
+        if not create:
+            return None
+    _make(path, parents=parents)
+    return os.lstat(path)
+
+
 def _make(path: Path, *, parents: bool) -> None:
     try:
         path.mkdir(mode=0o700, parents=parents, exist_ok=True)
@@ -246,13 +254,9 @@ def checked_default(path: Path, *, create: bool) -> Path:
     """``path``, a default place, after checking it is safe: a real directory owned by the
     user with no group or other access (on a shared /dev/shm or /tmp, a planted symlink or a
     foreign directory would let another user read or swap the data)."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        if not create:
-            return path
-        _make(path, parents=False)
-        st = os.lstat(path)
+    st = _lstat_or_make(path, create=create, parents=False)
+    if st is None:
+        return path
     uid = os.getuid()
     if stat.S_ISLNK(st.st_mode):
         raise CacheDirError(

@@ -659,7 +659,7 @@ def test_save_killed_while_moving_a_key_leaves_the_newer_one_found(places, move)
     assert proc.returncode == 9, proc.stderr  # died between publishing and unpublishing
     assert published(p.ram, "k") and published(p.disk, "k")  # the state the kill left
     newer = small_frame(2) if second == "small" else big_frame(2)
-    _memo_clear()
+    _cache._MEMO.clear()
     _pd.assert_frame_equal(mmcache.open("k"), newer)
     assert mmcache.exists("k")
     (listed,) = mmcache.entries()
@@ -678,10 +678,6 @@ def test_save_killed_while_moving_a_key_leaves_the_newer_one_found(places, move)
     mmcache.save(small_frame(3), "k")  # the next save leaves one place
     assert published(p.ram, "k") and not published(p.disk, "k")
     _pd.assert_frame_equal(mmcache.open("k"), small_frame(3))
-
-
-def _memo_clear() -> None:
-    _cache._MEMO.clear()
 
 
 def child_killed_mid_move(a: dict[str, Any]) -> None:
