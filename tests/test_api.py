@@ -663,3 +663,24 @@ def test_read_only_operations_keep_a_frame_pickling_as_a_reference(cache_dir):
     _pd.assert_series_equal(got["m"].cumsum(), df["m"].cumsum())
     assert got.memory_usage(deep=True).sum() > 0  # pandas 2 needed a writable object array
     assert len(pickle.dumps(got)) < 1000
+
+
+def test_without_copy_on_write_an_edit_copies_one_page_not_the_column(cache_dir):
+    """README (pandas 2 without copy-on-write): an in-place edit copies the 4 KB page it
+    touches into the process, not the column; counted in the kernel's page table."""
+    if not writes_in_place():
+        pytest.skip("pandas copies on write here: the edit copies the column (pandas' own)")
+    n = 1_000_000  # 8 MB per column
+    mmcache.save(pd.DataFrame({"a": np.zeros(n), "b": np.ones(n)}), "k")
+    got = mmcache.open("k")
+    assert float(got["a"].sum() + got["b"].sum()) == n  # every page read: all mapped now
+    got.iloc[10, 0] = 5.0
+    start, end = min((s, e) for s, e, _ in maps_under(cache_dir) if s <= array_buffers(
+        got["a"])[0][0] < e)
+    page = os.sysconf("SC_PAGE_SIZE")
+    with open("/proc/self/pagemap", "rb") as f:
+        f.seek(start // page * 8)
+        entries = np.frombuffer(f.read((end - start) // page * 8), dtype="<u8")
+    present, file_page = (entries >> 63) & 1, (entries >> 61) & 1
+    assert int(((present == 1) & (file_page == 0)).sum()) == 1  # one private page, 4 KB
+    assert got["a"].iloc[10] == 5.0 and mmcache.open("k")["a"].iloc[10] == 0.0
