@@ -386,6 +386,10 @@ def _reopen(cache_dir: str, key: str, token: str, columns: Any) -> Any:
     """Unpickle a reference: exactly version ``token``, or EntryChangedError."""
     from ._cache import Cache, _os_error
 
+    if _in_dask_scheduler():
+        # The scheduler only passes task arguments on to workers: never map there (it may
+        # be on a host without the entry), hand the reference on as it came.
+        return _Forward(cache_dir, key, token, columns)
     error: MmcacheError
     try:
         obj = Cache(cache_dir)._open_version(key, token, columns)
@@ -400,11 +404,11 @@ def _reopen(cache_dir: str, key: str, token: str, columns: Any) -> Any:
             f"key {key!r} in {cache_dir!r}: the version a frame was pickled from is gone (the "
             "key was re-saved or deleted and no process maps that version any more); open the "
             "key again in the worker (Entry.open()), or keep a frame of it alive in the "
-            "sender until the workers are done",
+            "sender until the workers are done" + _dask_hint(cache_dir),
             key=key,
             path=cache_dir,
         )
-    if _in_task_loop():
+    if _in_task_loop() or _in_dask_comm():
         # Raising here would kill a Pool worker while it reads its task: Pool.map would wait
         # forever, ProcessPoolExecutor would break. The task gets a stand-in that raises
         # this error on first use, so it reaches the caller as the task's own error.
@@ -424,6 +428,60 @@ _TASK_LOOPS = (
     ("_process_worker", os.path.join("loky", "process_executor.py")),
     ("wait_result_broken_or_wakeup", os.path.join("loky", "process_executor.py")),
 )
+
+
+class _Forward:
+    """A reference passing through a Dask scheduler: pickles as it came, maps nothing."""
+
+    __slots__ = ("args",)
+
+    def __init__(self, *args: Any) -> None:
+        self.args = args
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_reopen, self.args)
+
+    def __repr__(self) -> str:
+        return f"<mmcache reference to key {self.args[1]!r}, version {self.args[2]}>"
+
+
+def _in_dask_scheduler() -> bool:
+    return "distributed" in sys.modules and _called_from(
+        lambda code: code.co_name == "update_graph"
+        and code.co_filename.endswith(os.path.join("distributed", "scheduler.py")),
+        depth=40,
+    )
+
+
+def _in_dask_comm() -> bool:
+    """distributed unpickles task arguments (and results) while reading a message: an
+    error raised there breaks the connection instead of failing the task."""
+    return "distributed" in sys.modules and _called_from(
+        lambda code: code.co_name == "loads"
+        and code.co_filename.endswith(os.path.join("distributed", "protocol", "pickle.py")),
+        depth=40,
+    )
+
+
+def _dask_hint(cache_dir: str) -> str:
+    """Where a Dask worker is, and the way to give its node a copy; "" elsewhere."""
+    if "distributed" not in sys.modules:
+        return ""
+    import socket
+
+    import distributed
+
+    try:
+        address = distributed.get_worker().address
+    except ValueError:  # not running a task: reading one (or not a worker at all)
+        worker = next(iter(distributed.Worker._instances), None)
+        if worker is None:
+            return ""
+        address = worker.address
+    return (f". This is Dask worker {address} on node {socket.gethostname()!r}, where "
+            f"{cache_dir!r} does not hold that version: a frame opened on one node can only "
+            "be opened on that node; give every node its own copy with "
+            "mmcache.dask.share(client, df) and pass the handle it returns")
 
 
 def _in_task_loop() -> bool:

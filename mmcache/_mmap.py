@@ -15,6 +15,7 @@ import ctypes
 import mmap
 import os
 import stat
+import weakref
 
 import numpy as np
 
@@ -25,17 +26,21 @@ _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_
 _libc.munmap.restype = ctypes.c_int
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _MAP_FAILED = ctypes.c_void_p(-1).value
+# Every mapping this process holds now (see mapped_ranges): what memory accounting that
+# understands sharing (mmcache.dask) leaves out.
+_LIVE: weakref.WeakSet[_Region] = weakref.WeakSet()
 
 
 class _Region:
     """Owns one mapping; numpy arrays built on it keep it alive through their ``base``."""
 
-    __slots__ = ("address", "private", "size")
+    __slots__ = ("__weakref__", "address", "private", "size")
 
     def __init__(self, address: int, size: int, private: bool) -> None:
         self.address = address
         self.size = size
         self.private = private
+        _LIVE.add(self)
 
     @property
     def __array_interface__(self) -> dict[str, object]:
@@ -128,3 +133,9 @@ def written(arrays: list[np.ndarray]) -> bool:
     finally:
         os.close(fd)
     return False
+
+
+def mapped_ranges() -> list[tuple[int, int]]:
+    """``(start, end)`` of every cache file this process maps now, sorted."""
+    return sorted((r.address, r.address + r.size) for r in list(_LIVE) if r.size)
+

@@ -107,6 +107,15 @@ def own_data_file(name: str) -> bool:
     return _OWN_DATA_FILE.fullmatch(name) is not None
 
 
+# A line of /proc/PID/maps or smaps that maps a data file of an entry
+# (``.../NAME.TOKEN/<n>.npy``), wherever its cache directory is.
+MAPS_DATA_FILE = re.compile(
+    rf"^[0-9a-f]+-[0-9a-f]+ [^\n]*/{_STEM}\.{_TOKEN}/(?:0|[1-9][0-9]*)\.npy"
+    rf"(?: \(deleted\))?$".encode(),
+    re.MULTILINE,
+)
+
+
 def shm_root() -> Path | None:
     """The RAM file system the default cache lives on: ``$MMCACHE_SHM``, else ``/dev/shm``.
 

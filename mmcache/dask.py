@@ -1,0 +1,460 @@
+"""Dask distributed: one copy of a frame per node, and memory accounting that knows it.
+
+::
+
+    import mmcache.dask as mdask
+    mdask.register(client)              # plugins on every current and future worker
+    ref = mdask.share(client, df)       # one copy per node; ref is small and picklable
+    client.submit(lambda r: r.open()["a"].sum(), ref)
+    ref.delete()                        # every node's copy (or: with mdask.share(...) as ref:)
+
+A **node** is one host and cache directory: the workers of one host that resolve the same
+cache directory share one copy; workers given another ``MMCACHE_DIR`` get their own.
+
+Why a plugin: Dask measures a worker's memory as its resident set (RSS), which counts every
+page a worker maps from a cache entry, although the node holds one copy for all of them. A
+few workers reading a 1 GB entry each "use" 1 GB more, and Dask pauses, spills and restarts
+them for memory they do not own. :func:`register` installs, through ``distributed``'s plugin
+API, a measure that leaves those pages out: in the worker's monitor (pause, spill, the
+dashboard) and in the nanny's restart check. ``dask.sizeof`` of a frame over cache files
+counts only its private buffers, so Dask's managed memory does not count them either.
+
+Requires the ``distributed`` package (``pip install "mmcache[dask]"``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import socket
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial
+from typing import Any, TypeAlias
+
+import numpy as np
+import pandas as pd
+
+try:
+    import distributed
+    from dask.sizeof import sizeof
+    from distributed.diagnostics.plugin import NannyPlugin, WorkerPlugin
+except ImportError as _exc:  # pragma: no cover - the extra is not installed
+    raise ImportError(
+        "mmcache.dask needs the distributed package: pip install 'mmcache[dask]'"
+    ) from _exc
+
+from . import _mmap
+from ._cache import Cache
+from ._errors import EntryNotFoundError, InvalidArgumentError, MmcacheError
+from ._paths import MAPS_DATA_FILE, check_key
+
+__all__ = ["ShareError", "Shared", "node", "register", "share"]
+
+_Frame: TypeAlias = pd.DataFrame | pd.Series
+_PLUGIN = "mmcache-memory"
+
+
+class ShareError(MmcacheError):
+    """``share`` could not give every node its copy (workers kept dying, or timed out)."""
+
+
+# --- what a node is ---------------------------------------------------------------------
+
+
+def node() -> str:
+    """This process's node: ``host:cache-dir``. Processes with the same node share one copy."""
+    return f"{socket.gethostname()}:{Cache().dir}"
+
+
+def _node_and_key(key: str) -> tuple[str, bool]:
+    return node(), Cache().exists(key)
+
+
+# --- the handle -------------------------------------------------------------------------
+
+
+class Shared:
+    """A frame shared with every node of a cluster under ``key``: small and picklable.
+
+    ``open()`` maps the copy of the node it runs on. ``delete()`` removes every node's copy;
+    ``with mdask.share(client, df) as ref:`` deletes on exit, also on an exception.
+    """
+
+    __slots__ = ("_client", "build", "key")
+
+    def __init__(self, key: str, build: Callable[[], _Frame] | None = None,
+                 client: distributed.Client | None = None) -> None:
+        self.key = key
+        self.build = build
+        self._client = client
+
+    def __repr__(self) -> str:
+        return f"Shared(key={self.key!r})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Shared, (self.key, self.build))  # never the client
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Shared) and (self.key, self.build) == (other.key, other.build)
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+    def __dask_tokenize__(self) -> Any:
+        return ("mmcache.dask.Shared", self.key)
+
+    def open(self, columns: Sequence[Any] | None = None) -> _Frame:
+        """This node's copy, mapped without copying (``columns``: only those).
+
+        Shared with ``build=``, a node that joined later builds its copy on first use (once
+        per node). Shared from a frame, a node that joined later has no copy: the error says
+        so and names the node."""
+        try:
+            return Cache().open(self.key, columns=columns, build=self.build)
+        except EntryNotFoundError:
+            where = node()
+            raise EntryNotFoundError(
+                f"key {self.key!r} is not on node {where!r} (host:cache dir): it was shared "
+                "with the nodes of the cluster at share() time, and this worker's node was not "
+                "one of them (a worker that joined later, or one given another MMCACHE_DIR); "
+                "call mmcache.dask.share(client, df, key=...) again now that it is here, or "
+                "share(client, build=fn, key=...), which builds on new nodes by itself",
+                key=self.key, path=where.split(":", 1)[1],
+            ) from None
+
+    def delete(self, client: distributed.Client | None = None) -> int:
+        """Remove every node's copy; the number of nodes that had one. Frames already open
+        stay valid (their pages live until the last one is closed)."""
+        client = client or self._client or distributed.get_client()
+        removed = client.run(_delete_here, self.key, on_error="ignore")
+        return len({n for n, gone in removed.values() if gone})
+
+    def __enter__(self) -> Shared:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.delete()
+
+
+def _delete_here(key: str) -> tuple[str, bool]:
+    return node(), Cache().delete(key)
+
+
+# --- sharing ------------------------------------------------------------------------------
+
+
+def share(
+    client: distributed.Client,
+    obj: _Frame | None = None,
+    key: str | None = None,
+    *,
+    build: Callable[[], _Frame] | None = None,
+    timeout: float = 600,
+) -> Shared:
+    """Give every node of ``client``'s cluster one copy of ``obj`` under ``key`` (a fresh
+    unique key by default), or one built there by ``build()`` (then ``key`` is required).
+
+    ``obj`` travels to each node once, to one of its workers, which writes the entry (an
+    existing entry of ``key`` is replaced atomically); ``build`` runs once per node. A
+    worker that dies while writing leaves nothing visible, and another worker of its node
+    (or the one its nanny restarts) does the job instead. Returns the handle tasks receive.
+    """
+    if (obj is None) == (build is None):
+        raise InvalidArgumentError("share() takes a frame or build=, exactly one of them")
+    if obj is not None and not isinstance(obj, pd.DataFrame | pd.Series):
+        raise InvalidArgumentError(
+            f"share() shares a pandas DataFrame or Series, got {type(obj).__name__}")
+    if build is not None and key is None:
+        raise InvalidArgumentError(
+            "share(build=...) needs key=: the key names what build() makes on every node")
+    key = check_key(key if key is not None else f"dask-{uuid.uuid4().hex}")
+    _give_every_node(client, key, obj, build, timeout)
+    return Shared(key, build, client)
+
+
+def _save_here(obj: _Frame | None, key: str, build: Callable[[], _Frame] | None) -> str:
+    Cache().save(build() if build is not None else obj, key)  # type: ignore[arg-type]
+    return node()
+
+
+def _give_every_node(client: distributed.Client, key: str, obj: _Frame | None,
+                     build: Callable[[], _Frame] | None, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    done: set[str] = set()
+    tried: set[str] = set()
+    failures: list[str] = []
+    while True:
+        nodes = _nodes(client)
+        todo = {n: [a for a in addrs if a not in tried] or addrs
+                for n, addrs in nodes.items() if n not in done}
+        if not todo:
+            return
+        if time.monotonic() > deadline or len(failures) > 2 * len(nodes) + 2:
+            raise ShareError(
+                f"key {key!r}: could not write a copy on node(s) {sorted(todo)} "
+                f"({'; '.join(failures[-3:]) or 'timed out'}); check the workers' logs and "
+                "their cache directories (free space, MMCACHE_DIR), then share again",
+                key=key,
+            )
+        running = {}
+        for n, addrs in todo.items():
+            addr = addrs[0]
+            tried.add(addr)
+            try:
+                data: Any = obj
+                if obj is not None:
+                    # Straight to that worker, once per node; it writes the entry, then
+                    # the data are released.
+                    data = client.scatter(obj, workers=[addr], hash=False)
+                running[addr] = (n, data, client.submit(
+                    _save_here, data, key, build, workers=[addr], allow_other_workers=False,
+                    pure=False, key=f"mmcache-share-{uuid.uuid4().hex}"))
+            except Exception as exc:  # that worker died since it was listed: try another
+                failures.append(f"{addr}: {exc!r}")
+        _wait_alive(client, running, deadline)
+        for addr, (_, data, fut) in running.items():
+            if fut.status == "finished":
+                done.add(fut.result())
+            else:
+                failures.append(f"{addr}: {_why(fut)}")
+                fut.cancel()
+            if data is not obj:
+                data.release()
+
+
+def _nodes(client: distributed.Client) -> dict[str, list[str]]:
+    """Each node of the cluster and its workers' addresses (sorted: stable choices)."""
+    where = client.run(node, on_error="ignore")  # a worker dying now is left out
+    nodes: dict[str, list[str]] = {}
+    for addr in sorted(where):
+        nodes.setdefault(where[addr], []).append(addr)
+    return nodes
+
+
+def _wait_alive(client: distributed.Client, running: dict[str, Any], deadline: float) -> None:
+    """Until every task ends, its worker leaves the cluster, or the deadline."""
+    while time.monotonic() < deadline:
+        alive = set(client.scheduler_info(n_workers=-1)["workers"])
+        pending = [addr for addr, (_, _, fut) in running.items()
+                   if fut.status == "pending" and addr in alive]
+        if not pending:
+            return
+        # Time out, or a task cancelled (its data lost with a dead worker): look again.
+        with contextlib.suppress(Exception):
+            distributed.wait([running[a][2] for a in pending], timeout=0.5)
+
+
+def _why(fut: Any) -> str:
+    if fut.status == "error":
+        with contextlib.suppress(Exception):
+            return repr(fut.exception(timeout=1))
+    return f"task {fut.status} (worker gone or timed out)"
+
+
+# --- memory accounting --------------------------------------------------------------------
+
+
+def register(client: distributed.Client) -> None:
+    """Make Dask's view of memory understand sharing, on every current and future worker
+    (idempotent): the worker's monitor (pause, spill, the dashboard) and the nanny's
+    restart check leave out pages mapped from cache entries, and ``dask.sizeof`` of a frame
+    counts only its private buffers."""
+    _register_sizeof()
+    client.register_plugin(_WorkerMemory(), name=_PLUGIN)
+    with contextlib.suppress(ValueError):  # no nannies (workers started without one)
+        client.register_plugin(_NannyMemory(), name=_PLUGIN + "-nanny")
+
+
+class _OwnMemory:
+    """A worker's own memory, as Dask should see it: :func:`own_bytes`.
+
+    Reading it costs a walk of the process's mappings (~15 ms with pandas loaded and a GB
+    mapped), and Dask asks every 100 ms: it is read again after a second, or after a fifth
+    of a second when the resident set moved by more than 64 MB; in between, what the
+    resident set gained or lost since is added to the last reading, so growth shows at once
+    (and pages of cache files read meanwhile count until the next reading)."""
+
+    _EVERY, _SOON, _MOVED = 1.0, 0.2, 64 << 20
+
+    def __init__(self, proc: Any) -> None:
+        self.proc = proc
+        self.when = -1.0e9
+        self.rss_then = 0
+        self.own_then = 0
+
+    def __call__(self) -> int:
+        rss = self.proc.memory_info().rss
+        now = time.monotonic()
+        since = now - self.when
+        if since > self._EVERY or (since > self._SOON and abs(rss - self.rss_then) > self._MOVED):
+            own = own_bytes(self.proc.pid)
+            if own is None:  # smaps unreadable: Dask's own measure
+                return rss
+            self.when, self.rss_then, self.own_then = now, rss, own
+        return max(self.own_then + rss - self.rss_then, 0)
+
+
+class _WorkerMemory(WorkerPlugin):
+    """The worker's monitor measures :class:`_OwnMemory` (``get_process_memory`` is the
+    one measure its memory manager, heartbeats and dashboard read)."""
+
+    def setup(self, worker: Any) -> None:
+        _register_sizeof()
+        monitor = worker.monitor
+        if not isinstance(monitor.get_process_memory, _OwnMemory):
+            monitor.get_process_memory = _OwnMemory(monitor.proc)
+
+    def teardown(self, worker: Any) -> None:
+        with contextlib.suppress(AttributeError):
+            del worker.monitor.get_process_memory  # back to the class's own
+
+
+class _NannyMemory(NannyPlugin):
+    """The nanny restarts a worker whose RSS passes the terminate fraction of its limit.
+    Its check runs as before; only when RSS is past the limit is the worker's own memory
+    (:func:`own_bytes`) measured, and the restart goes ahead only if that is too."""
+
+    restart = False
+
+    def setup(self, nanny: Any) -> None:
+        pcs = nanny.periodic_callbacks
+        old = pcs.get("memory_monitor")
+        if old is None or getattr(old, "_mmcache", False):
+            return
+        from tornado.ioloop import PeriodicCallback
+
+        manager = nanny.memory_manager
+        pc = PeriodicCallback(partial(_nanny_check, nanny, manager), old.callback_time)
+        pc._mmcache = True  # type: ignore[attr-defined]
+        pc._mmcache_old = old  # type: ignore[attr-defined]
+        was_running = old.is_running()
+        old.stop()
+        pcs["memory_monitor"] = pc
+        if was_running:
+            pc.start()
+
+    def teardown(self, nanny: Any) -> None:
+        pc = nanny.periodic_callbacks.get("memory_monitor")
+        old = getattr(pc, "_mmcache_old", None)
+        if old is not None:
+            pc.stop()
+            nanny.periodic_callbacks["memory_monitor"] = old
+            old.start()
+
+
+def _nanny_check(nanny: Any, manager: Any) -> None:
+    process = getattr(getattr(nanny, "process", None), "process", None)
+    pid = getattr(process, "pid", None)
+    limit, fraction = manager.memory_limit, manager.memory_terminate_fraction
+    if pid is None or not limit or fraction is False:
+        return
+    try:
+        import psutil
+
+        rss = psutil.Process(pid).memory_info().rss
+    except Exception:  # gone, or not ours to read: the nanny's own check says the same
+        return
+    if rss / limit <= fraction:
+        return
+    own = own_bytes(pid)
+    if own is None or own / limit > fraction:
+        manager.memory_monitor(nanny)
+
+
+_PRIVATE = re.compile(rb"^Private_\w+:\s+(\d+) kB", re.MULTILINE)
+_ANONYMOUS = re.compile(rb"^Anonymous:\s+(\d+) kB", re.MULTILINE)
+
+
+def own_bytes(pid: int) -> int | None:
+    """Memory that is ``pid``'s own: its private pages (what its exit would free: USS),
+    leaving out pages of cache files, which belong to the node's one copy whoever maps them
+    (a page a private mapping wrote is an anonymous copy: that one is counted). Shared
+    library pages are left out too, as USS does. None if ``/proc/PID/smaps`` is unreadable.
+
+    A file is a cache file by mmcache's names for entry data, wherever its directory is."""
+    try:
+        with open(f"/proc/{pid}/smaps", "rb") as f:
+            smaps = f.read()
+    except OSError:
+        return None
+    kb = sum(map(int, _PRIVATE.findall(smaps)))
+    for m in MAPS_DATA_FILE.finditer(smaps):
+        end = smaps.find(b"\nVmFlags:", m.end())  # each mapping's last line
+        block = smaps[m.end():end if end >= 0 else len(smaps)]
+        kb += sum(map(int, _ANONYMOUS.findall(block))) - sum(map(int, _PRIVATE.findall(block)))
+    return kb * 1024
+
+
+# --- dask.sizeof ----------------------------------------------------------------------------
+
+_registered = False
+
+
+def _register_sizeof() -> None:
+    """``sizeof`` of pandas objects minus their buffers that lie in cache files."""
+    global _registered
+    if _registered:
+        return
+    sizeof(pd.DataFrame())  # dask registers pandas lazily, on first use: not over ours later
+    for cls in (pd.DataFrame, pd.Series, pd.Index):
+        sizeof.register(cls)(partial(_private_sizeof, sizeof.dispatch(cls)))
+    _registered = True
+
+
+def _private_sizeof(full: Callable[[Any], int], obj: Any) -> int:
+    return max(full(obj) - mapped_nbytes(obj), 400)
+
+
+def mapped_nbytes(obj: _Frame | pd.Index) -> int:
+    """Bytes of ``obj``'s buffers that lie in cache files this process maps: memory it
+    shares with every process of its node, not its own."""
+    ranges = _mmap.mapped_ranges()
+    if not ranges:
+        return 0
+    starts = np.array([s for s, _ in ranges], dtype=np.uint64)
+    ends = [e for _, e in ranges]
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for address, size in _buffers(obj):
+        if size <= 0 or (address, size) in seen:
+            continue
+        seen.add((address, size))
+        i = int(np.searchsorted(starts, np.uint64(address), side="right")) - 1
+        if i >= 0 and address + size <= ends[i]:
+            total += size
+    return total
+
+
+def _buffers(obj: Any) -> Iterator[tuple[int, int]]:
+    """``(address, nbytes)`` of the buffers of a pandas object, without building any."""
+    if isinstance(obj, pd.DataFrame):
+        for blk in obj._mgr.blocks:
+            yield from _buffers(blk.values)
+        for ax in obj.axes:
+            yield from _buffers(ax)
+    elif isinstance(obj, pd.Series):
+        yield from _buffers(obj._values)
+        yield from _buffers(obj.index)
+    elif isinstance(obj, pd.RangeIndex):
+        return
+    elif isinstance(obj, pd.MultiIndex):
+        for codes in obj.codes:
+            yield from _buffers(codes)
+    elif isinstance(obj, pd.Index):
+        yield from _buffers(obj._values)
+    elif isinstance(obj, np.ndarray):
+        if obj.dtype != object:
+            yield obj.__array_interface__["data"][0], obj.nbytes
+    elif isinstance(obj, pd.Categorical):
+        yield from _buffers(obj.codes)
+    elif hasattr(obj, "_pa_array"):
+        for chunk in obj._pa_array.chunks:
+            yield from ((b.address, b.size) for b in chunk.buffers() if b is not None)
+    else:
+        for name in ("_ndarray", "_data", "_mask", "_left", "_right"):
+            part = getattr(obj, name, None)
+            if part is not None:
+                yield from _buffers(part)
+
