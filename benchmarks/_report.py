@@ -430,6 +430,13 @@ def markdown(results: dict[str, Any]) -> str:
                          "MemAvailable MB (of one copy)", "MemAvailable noise MB",
                          "USS MB"], exc_rows)
         lines += [""]
+    if "dask" in results:
+        from ._dask import markdown as dask_markdown
+
+        lines += dask_markdown(results["dask"])
+    if results.get("commands"):
+        lines += ["Workloads measured by other commands (`--only`): " + "; ".join(
+            f"{k}: `{v}`" for k, v in sorted(results["commands"].items())), ""]
     if results.get("errors"):
         lines += ["## Errors", "", *[f"- {e}" for e in results["errors"]], ""]
     lines += ["## Plots", ""]
@@ -546,6 +553,12 @@ def plots(results: dict[str, Any], out: Path) -> list[str]:
         fig.savefig(out / "save_throughput.png", dpi=110)
         plt.close(fig)
         written.append("save_throughput.png")
+    if "dask" in results:
+        from ._dask import plot as dask_plot
+
+        name = dask_plot(results["dask"], out)
+        if name:
+            written.append(name)
     return written
 
 

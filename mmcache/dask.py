@@ -207,7 +207,7 @@ def _give_every_node(client: distributed.Client, key: str, obj: _Frame | None,
                 if obj is not None:
                     # Straight to that worker, once per node; it writes the entry, then
                     # the data are released.
-                    data = client.scatter(obj, workers=[addr], hash=False)
+                    data = _scatter(client, obj, addr)
                 running[addr] = (n, data, client.submit(
                     _save_here, data, key, build, workers=[addr], allow_other_workers=False,
                     pure=False, key=f"mmcache-share-{uuid.uuid4().hex}"))
@@ -222,6 +222,15 @@ def _give_every_node(client: distributed.Client, key: str, obj: _Frame | None,
                 fut.cancel()
             if data is not obj:
                 data.release()
+
+
+def _scatter(client: distributed.Client, obj: _Frame, addr: str) -> Any:
+    """``obj`` to the worker at ``addr``: straight there when the client can reach it,
+    else through the scheduler (twice the traffic)."""
+    try:
+        return client.scatter(obj, workers=[addr], hash=False, direct=True)
+    except OSError:
+        return client.scatter(obj, workers=[addr], hash=False, direct=False)
 
 
 def _nodes(client: distributed.Client) -> dict[str, list[str]]:
