@@ -235,3 +235,53 @@ def test_register_leaves_shared_pages_out_of_dasks_memory(here):
         statuses = client.run(w.statuses_over, 1.5)
         assert all("paused" in s for s in statuses.values()), statuses
         ref.delete()
+
+
+# --- the measures themselves, in this process (no cluster) ---------------------------------
+
+
+def test_sizeof_counts_private_buffers_only(cache_dir):
+    import numpy as np
+    from dask.sizeof import sizeof
+
+    mdask._register_sizeof()
+    df = w.frame(200_000)
+    df["c"] = df["b"].astype("category")
+    mmcache.save(df, "sz")
+    opened = mmcache.open("sz")
+    full = sizeof(df)
+    assert full > 3_000_000
+    assert sizeof(opened) < 0.02 * full  # every buffer is in the mapped files
+    assert sizeof(opened["a"]) < 0.02 * full
+    assert sizeof(opened.iloc[10:1000]) < 0.02 * full  # views of mapped buffers too
+    edited = opened.copy(deep=False)
+    edited["a"] = edited["a"] + 1  # a private column: counted
+    assert sizeof(edited) >= 200_000 * 8
+    assert sizeof(pd_empty := opened.iloc[:0]) >= 0 and sizeof(pd_empty.index) >= 0
+    assert sizeof(np.arange(10)) == 80  # not a pandas object: dask's own measure
+
+
+def test_own_bytes_leaves_out_cache_pages_but_not_private_copies(cache_dir):
+    import numpy as np
+    import pandas as pd
+    import psutil
+
+    from mmcache import _compat
+
+    n = 8_000_000  # 64 MB
+    mmcache.save(pd.DataFrame({"x": np.arange(n, dtype="float64")}), "own")
+    before = mdask.own_bytes(os.getpid())
+    opened = mmcache.open("own")
+    assert float(opened["x"].sum()) == n * (n - 1) / 2  # every page read
+    uss = psutil.Process().memory_full_info().uss
+    own = mdask.own_bytes(os.getpid())
+    # This process is the only one mapping the entry: USS counts its pages, own_bytes not.
+    assert uss - own > 0.9 * n * 8
+    assert own - before < 0.1 * n * 8
+    if _compat.writes_in_place():  # pandas 2 without copy-on-write: raw writes are allowed
+        opened["x"].to_numpy()[:] = 1.0  # every page now a private copy: counted
+        assert mdask.own_bytes(os.getpid()) - own > 0.9 * n * 8
+        own = mdask.own_bytes(os.getpid())
+    heap = np.ones(n)  # 64 MB of real memory: counted
+    assert mdask.own_bytes(os.getpid()) - own > 0.9 * n * 8
+    del heap, opened
