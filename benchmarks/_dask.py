@@ -88,6 +88,33 @@ def _pauses(dask_worker: Any) -> int:
 # --- in the benchmark process --------------------------------------------------------------
 
 
+def _wait_read(client: Any, tag: str, addrs: list[str], futs: list[Any],
+               timeout: float) -> str | None:
+    """Until every worker has read the frame; what went wrong if a task failed first (a
+    worker restarted by its nanny loses scattered data, and its task with it)."""
+    from distributed import Event
+
+    waiting = list(addrs)
+    end = time.monotonic() + timeout
+    while waiting and time.monotonic() < end:
+        if Event(f"{tag}-read-{waiting[0]}").wait(timeout=0.2):
+            waiting.pop(0)
+            continue
+        for f in futs:
+            if f.status in ("error", "cancelled", "lost"):
+                with contextlib.suppress(Exception):
+                    return f"{f.status}: {f.exception(timeout=5)!r}"[:300]
+                return f.status
+    return f"timed out waiting for {waiting}" if waiting else None
+
+
+def _restarts(client: Any) -> int:
+    """Worker processes its nanny restarted for memory so far (the nanny logs each)."""
+    with contextlib.suppress(Exception):
+        return len(client.get_events("worker-restart-memory"))
+    return -1
+
+
 def _loopback() -> int:
     counters = psutil.net_io_counters(pernic=True)
     return counters["lo"].bytes_sent if "lo" in counters else 0
@@ -182,19 +209,25 @@ def run_method(method: str, df: Any, expect: float, tmp: Path, hold: float,
                 tag = f"bench-{method}-{time.monotonic_ns()}"
                 futs = [client.submit(_read_hold, arg, hold, tag, workers=[a], pure=False)
                         for a in addrs]
-                for a in addrs:
-                    Event(f"{tag}-read-{a}").wait(timeout=600)
+                failed = _wait_read(client, tag, addrs, futs, timeout=600)
                 wall = time.perf_counter() - t0
                 Event(f"{tag}-go").set()
-                results = client.gather(futs)
+                results = [] if failed else client.gather(futs)
+                restarts = _restarts(client)
             moved = _loopback() - net0
             pauses = client.run(_pauses)
             copies = {str(d): len(list(d.glob("*.json"))) for d in dirs}
             if hasattr(arg, "delete"):
                 arg.delete()
             del arg, futs
+        if failed:
+            row = {"method": method, "error": failed, "pauses": sum(pauses.values()),
+                   "restarts": restarts, "added_bytes": peak.peak - base,
+                   "moved_bytes": moved, "wall_s": wall}
+            log(f"dask {method}: FAILED after {wall:.1f} s: {failed}")
+            return row
         row = {
-            "method": method, "wall_s": wall, "moved_bytes": moved,
+            "method": method, "wall_s": wall, "moved_bytes": moved, "restarts": restarts,
             "added_bytes": peak.peak - base, "pauses": sum(pauses.values()),
             "pauses_per_worker": pauses, "workers": results,
             "entries_per_node": copies if method.startswith("share") else None,
@@ -252,12 +285,16 @@ def markdown(dk: dict[str, Any]) -> list[str]:
         "fresh cluster. Moved: loopback bytes (the scheduler relays scattered data: 2 hops).",
         "",
         "| method | wall s | vs share | moved MB | memory added MB (copies of the frame) "
-        "| pause events | per worker, MB: Dask-reported / USS / private anonymous |",
-        "|---|---|---|---|---|---|---|",
+        "| pause events | restarts | per worker, MB: Dask-reported / USS / private anonymous |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in dk["rows"]:
         if "error" in r:
-            lines.append(f"| {r['method']} | error: {r['error']} | | | | | |")
+            extra = (f"{r['moved_bytes'] / MB:,.0f} | {r['added_bytes'] / MB:,.0f} "
+                     f"({r['added_bytes'] / fb:.1f}) | {r['pauses']} | {r['restarts']}"
+                     if "pauses" in r else " | | | ")
+            lines.append(f"| {r['method']} | failed after {r.get('wall_s', 0):.1f} s: "
+                         f"{r['error']} | | {extra} | |")
             continue
         per = ", ".join(f"{w['dask'] / MB:,.0f}/{w['uss'] / MB:,.0f}/{w['private_anon'] / MB:,.0f}"
                         for w in r["workers"])
@@ -265,7 +302,7 @@ def markdown(dk: dict[str, Any]) -> list[str]:
         lines.append(
             f"| {r['method']} | {r['wall_s']:.2f} | {vs} | {r['moved_bytes'] / MB:,.0f} | "
             f"{r['added_bytes'] / MB:,.0f} ({r['added_bytes'] / fb:.1f}) | {r['pauses']} | "
-            f"{per} |")
+            f"{r['restarts']} | {per} |")
     if share:
         lines += ["", f"Entries per node with share: {share['entries_per_node']}."]
     lines += [""]
