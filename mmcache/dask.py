@@ -198,39 +198,39 @@ def _give_every_node(client: distributed.Client, key: str, obj: _Frame | None,
                 "their cache directories (free space, MMCACHE_DIR), then share again",
                 key=key,
             )
+        chosen = {addrs[0]: n for n, addrs in todo.items()}  # one worker per node
+        tried.update(chosen)
+        data: Any = obj
         running = {}
-        for n, addrs in todo.items():
-            addr = addrs[0]
-            tried.add(addr)
-            try:
-                data: Any = obj
-                if obj is not None:
-                    # Straight to that worker, once per node; it writes the entry, then
-                    # the data are released.
-                    data = _scatter(client, obj, addr)
-                running[addr] = (n, data, client.submit(
+        try:
+            if obj is not None:
+                # To the chosen workers only, at once: once per node. Each writes the
+                # entry; then the data are released.
+                data = _scatter(client, obj, list(chosen))
+            for addr, n in chosen.items():
+                running[addr] = (n, client.submit(
                     _save_here, data, key, build, workers=[addr], allow_other_workers=False,
                     pure=False, key=f"mmcache-share-{uuid.uuid4().hex}"))
-            except Exception as exc:  # that worker died since it was listed: try another
-                failures.append(f"{addr}: {exc!r}")
+        except Exception as exc:  # a worker died since it was listed: try others
+            failures.append(f"{sorted(chosen)}: {exc!r}")
         _wait_alive(client, running, deadline)
-        for addr, (_, data, fut) in running.items():
+        for addr, (_, fut) in running.items():
             if fut.status == "finished":
                 done.add(fut.result())
             else:
                 failures.append(f"{addr}: {_why(fut)}")
                 fut.cancel()
-            if data is not obj:
-                data.release()
+        if data is not obj:
+            data.release()
 
 
-def _scatter(client: distributed.Client, obj: _Frame, addr: str) -> Any:
-    """``obj`` to the worker at ``addr``: straight there when the client can reach it,
+def _scatter(client: distributed.Client, obj: _Frame, addrs: list[str]) -> Any:
+    """``obj`` to the workers at ``addrs``: straight there when the client can reach them,
     else through the scheduler (twice the traffic)."""
     try:
-        return client.scatter(obj, workers=[addr], hash=False, direct=True)
+        return client.scatter(obj, workers=addrs, broadcast=True, hash=False, direct=True)
     except OSError:
-        return client.scatter(obj, workers=[addr], hash=False, direct=False)
+        return client.scatter(obj, workers=addrs, broadcast=True, hash=False, direct=False)
 
 
 def _nodes(client: distributed.Client) -> dict[str, list[str]]:
@@ -246,13 +246,13 @@ def _wait_alive(client: distributed.Client, running: dict[str, Any], deadline: f
     """Until every task ends, its worker leaves the cluster, or the deadline."""
     while time.monotonic() < deadline:
         alive = set(client.scheduler_info(n_workers=-1)["workers"])
-        pending = [addr for addr, (_, _, fut) in running.items()
+        pending = [addr for addr, (_, fut) in running.items()
                    if fut.status == "pending" and addr in alive]
         if not pending:
             return
         # Time out, or a task cancelled (its data lost with a dead worker): look again.
         with contextlib.suppress(Exception):
-            distributed.wait([running[a][2] for a in pending], timeout=0.5)
+            distributed.wait([running[a][1] for a in pending], timeout=0.5)
 
 
 def _why(fut: Any) -> str:
