@@ -282,7 +282,7 @@ def markdown(dk: dict[str, Any]) -> list[str]:
         f"x {dk['per_node']} workers (Nanny, 1 thread, {dk['limit_bytes'] / 2**30:.0f} GiB "
         "limit each, Dask's default memory fractions), one task per worker reading every "
         "column and holding it until all four have (wall time: until then). Each method in a "
-        "fresh cluster. Moved: loopback bytes (the scheduler relays scattered data: 2 hops).",
+        "fresh cluster. Moved: loopback bytes (data relayed by the scheduler count twice).",
         "",
         "| method | wall s | vs share | moved MB | memory added MB (copies of the frame) "
         "| pause events | restarts | per worker, MB: Dask-reported / USS / private anonymous |",

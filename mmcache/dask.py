@@ -68,10 +68,6 @@ def node() -> str:
     return f"{socket.gethostname()}:{Cache().dir}"
 
 
-def _node_and_key(key: str) -> tuple[str, bool]:
-    return node(), Cache().exists(key)
-
-
 # --- the handle -------------------------------------------------------------------------
 
 
@@ -126,7 +122,8 @@ class Shared:
 
     def delete(self, client: distributed.Client | None = None) -> int:
         """Remove every node's copy; the number of nodes that had one. Frames already open
-        stay valid (their pages live until the last one is closed)."""
+        stay valid (their pages live until the last one is closed). A node none of whose
+        workers is in the cluster any more keeps its copy: ``mmcache clean`` there."""
         client = client or self._client or distributed.get_client()
         removed = client.run(_delete_here, self.key, on_error="ignore")
         return len({n for n, gone in removed.values() if gone})
