@@ -318,15 +318,27 @@ def plot(dk: dict[str, Any], out: Path) -> str | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    colors = {"scatter": "#999", "submit": "#bbb", "share": "#2a7",
+              "share, no register": "#8c8"}
+    fig, axes = plt.subplots(1, 4, figsize=(15, 3.6))
     names = [r["method"] for r in rows]
     for ax, key, title in zip(
             axes, ("added_bytes", "moved_bytes", "wall_s"),
-            ("memory added (GB)", "moved between processes (GB)", "wall time (s)"),
-            strict=True):
+            ("memory added, peak (GB)", "moved between processes (GB)", "wall time (s)"),
+            strict=False):
         vals = [r[key] / (1e9 if key != "wall_s" else 1) for r in rows]
-        ax.bar(names, vals, color=["#999", "#bbb", "#2a7", "#8c8"][: len(rows)])
+        ax.bar(names, vals, color=[colors.get(n, "#ccc") for n in names])
         ax.set_title(title)
+    ax = axes[3]
+    x = range(len(rows))
+    ax.bar([i - 0.2 for i in x], [max(w["dask"] for w in r["workers"]) / 1e9 for r in rows],
+           width=0.4, color="#d95", label="Dask-reported")
+    ax.bar([i + 0.2 for i in x], [max(w["uss"] for w in r["workers"]) / 1e9 for r in rows],
+           width=0.4, color="#59d", label="USS")
+    ax.set_xticks(list(x), names)
+    ax.set_title("worker memory, max (GB)")
+    ax.legend(fontsize=8)
+    for ax in axes:
         ax.tick_params(axis="x", labelrotation=20, labelsize=8)
         ax.grid(alpha=0.3, axis="y")
     fig.suptitle(f"Dask: {dk['frame_bytes'] / 1e9:.1f} GB frame, 2 nodes x 2 workers")
