@@ -56,6 +56,7 @@ __all__ = [
     "delete",
     "entries",
     "exists",
+    "ingest",
     "open",
     "save",
     "share",
@@ -112,3 +113,26 @@ def clean(
 def share(obj: _pd.DataFrame | _pd.Series, *, cache_dir: _PathArg = None) -> Entry:
     """Save ``obj`` under a fresh unique key for the life of a ``with`` block."""
     return Cache(cache_dir).share(obj)
+
+
+def ingest(
+    source: Any,
+    key: str,
+    *,
+    columns: Sequence[str] | None = None,
+    cache_dir: _PathArg = None,
+    progress: bool | None = None,
+) -> Entry:
+    """Write a parquet file or directory, a CSV file, or a pyarrow ``Dataset``,
+    ``ParquetFile``, ``Table`` or ``RecordBatchReader`` under ``key``, batch by batch.
+
+    The entry opens as the frame ``pd.read_parquet(source)`` gives (index and categoricals
+    from the pandas metadata), zero-copy, like one written by :func:`save`; but the data never
+    sit in this process whole: memory stays about one batch (65,536 rows) plus what the
+    reader holds (a parquet row group). Atomic like ``save``: a failure or a kill leaves no
+    visible entry (a kill leaves leftovers ``clean`` removes). Nested Arrow types and a schema
+    that changes between files or batches raise an error naming the column; nothing is
+    written. ``progress``: a bar on stderr (rows, bytes, rate, ETA) for ingests longer than
+    two seconds, by default only when stderr is a terminal; ``False`` never, ``True`` always.
+    """
+    return Cache(cache_dir).ingest(source, key, columns=columns, progress=progress)

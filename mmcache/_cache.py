@@ -196,6 +196,17 @@ class Cache:
         with locked(cache_dir, name, key, LOCK_TIMEOUT):
             return _save.write(places, name, key, layout, pool, files)
 
+    @_api
+    def ingest(
+        self, source: Any, key: str, *, columns: Sequence[str] | None = None,
+        progress: bool | None = None,
+    ) -> Entry:
+        """Write an Arrow source (parquet, CSV, Dataset, Table, RecordBatchReader) under
+        ``key`` batch by batch; see :func:`mmcache.ingest`."""
+        from . import _ingest
+
+        return _ingest.ingest(self, source, key, columns, progress)
+
     # --- open -------------------------------------------------------------------------------
 
     @_api
