@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import pandas as _pd
+import pyarrow as _pa
 
 from ._cache import Cache, Entry
 from ._errors import (
@@ -58,6 +59,7 @@ __all__ = [
     "exists",
     "ingest",
     "open",
+    "open_arrow",
     "save",
     "share",
 ]
@@ -79,6 +81,20 @@ def open(
 ) -> _pd.DataFrame | _pd.Series:
     """Map ``key``'s entry and return a DataFrame (or Series) over it without copying."""
     return Cache(cache_dir).open(key, columns=columns, build=build)
+
+
+def open_arrow(
+    key: str, *, columns: Sequence[Any] | None = None, cache_dir: _PathArg = None
+) -> _pa.Table:
+    """Map ``key``'s entry and return it as a ``pyarrow.Table`` over the mapped files.
+
+    Numbers, timestamps (with their zone), durations, Arrow strings and category codes are
+    not copied; validity bitmaps (from masks, NaN, NaT), booleans and category labels are
+    converted (see the README's "Arrow in and out"). The index is stored as
+    ``pa.Table.from_pandas`` stores it (columns plus pandas metadata; a RangeIndex only in
+    the metadata), so ``table.to_pandas()`` gives the frame back. Memoised like ``open``.
+    """
+    return Cache(cache_dir).open_arrow(key, columns=columns)
 
 
 def exists(key: str, *, cache_dir: _PathArg = None) -> bool:

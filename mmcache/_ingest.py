@@ -252,15 +252,16 @@ class _Stager:
         n = int(spec["len"])
         bufs: list[Any] = [None if b is None else arrays[b["f"], b["o"]] for b in spec["bufs"]]
         if t is None:
-            t = {"type": spec["type"], "len": 0, "nulls": 0, "bufs": [None] * len(bufs),
-                 "base": 0}
+            slots: list[Any] = [None] * len(bufs)
+            t = {"type": spec["type"], "len": 0, "nulls": 0, "bufs": slots, "base": 0}
             if len(bufs) > 1:
                 t["bufs"][1:] = [self._slot(np.dtype(np.uint8)) for _ in bufs[1:]]
         elif t["type"] != spec["type"]:
             raise self._mismatch(where, f"Arrow type {typ}")
         if bufs[0] is not None and t["bufs"][0] is None:  # the first nulls: earlier rows valid
-            t["bufs"][0] = self._slot(np.dtype(np.uint8), _BITS)
-            _append_ones(self.slots[t["bufs"][0]["slot"]], t["len"])
+            valid_slot = self._slot(np.dtype(np.uint8), _BITS)
+            t["bufs"][0] = valid_slot
+            _append_ones(self.slots[valid_slot["slot"]], t["len"])
         if t["bufs"][0] is not None:
             valid = (np.ones(n, dtype=np.uint8) if bufs[0] is None
                      else np.unpackbits(bufs[0], count=n, bitorder="little"))
