@@ -214,6 +214,8 @@ class _Stager:
             return t
         if isinstance(spec, dict) and "bufs" in spec:
             return self._take_arrow(spec, t, arrays, where)
+        if isinstance(spec, dict) and spec.get("c") == "range":
+            return t or spec  # each batch's own 0..n: the whole table's is made at the end
         if isinstance(spec, dict) and spec.get("c") == "cat":
             t = t or {"c": "cat", "ordered": spec["ordered"], "codes": self._slot(
                 np.dtype(np.int32), _CODES), "cats": where}

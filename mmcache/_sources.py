@@ -80,13 +80,20 @@ def _path_stream(path: Path, columns: list[str] | None) -> Stream:
                        and not p.name.startswith((".", "_")))
         if not files:
             raise InvalidArgumentError(f"directory {str(path)!r} holds no parquet files")
-        return _parquet_stream([pq.ParquetFile(p) for p in files], columns,
+        return _parquet_stream([_parquet_file(p) for p in files], columns,
                                f"parquet directory {str(path)!r}")
     if not path.exists():
         raise InvalidArgumentError(f"source {str(path)!r} does not exist")
     if path.name.lower().endswith(_CSV_SUFFIXES):
         return _csv_stream(path, columns)
-    return _parquet_stream([pq.ParquetFile(path)], columns, f"parquet file {str(path)!r}")
+    return _parquet_stream([_parquet_file(path)], columns, f"parquet file {str(path)!r}")
+
+
+def _parquet_file(path: Path) -> pq.ParquetFile:
+    # pre_buffer=False: with it (pyarrow's default) iter_batches reads ahead without bound,
+    # holding most of the file (measured: 289 MB of Arrow memory for a 220 MB file, against
+    # 17 MB without); local files gain nothing from it.
+    return pq.ParquetFile(path, pre_buffer=False)
 
 
 def _parquet_stream(files: list[pq.ParquetFile], columns: list[str] | None, what: str) -> Stream:
@@ -111,8 +118,12 @@ def _dataset_stream(dataset: pa_ds.Dataset, columns: list[str] | None) -> Stream
             _same_types(schema, physical, f"{what} file {getattr(fragment, 'path', '?')!r}")
     # One fragment and a batch or two ahead at a time: the scanner's defaults (4 files,
     # 16 batches) would hold many row groups at once.
+    options = {}
+    if isinstance(dataset, pa_ds.FileSystemDataset) and isinstance(
+            dataset.format, pa_ds.ParquetFileFormat):
+        options["fragment_scan_options"] = pa_ds.ParquetFragmentScanOptions(pre_buffer=False)
     batches = dataset.to_batches(columns=schema.names, batch_size=BATCH_ROWS,
-                                 batch_readahead=1, fragment_readahead=1)
+                                 batch_readahead=1, fragment_readahead=1, **options)
     return Stream(schema, iter(batches), dataset.count_rows(), what)
 
 
