@@ -30,11 +30,11 @@ def table(frame: pd.DataFrame | pd.Series) -> pa.Table:
         frame = frame.to_frame(name=frame.name if frame.name is not None else 0)
     index = frame.index
     ranged = isinstance(index, pd.RangeIndex)
+    arrays = [_array(frame.iloc[:, i]._values, f"column {frame.columns[i]!r}")
+              for i in range(frame.shape[1])]
     # Names, index placement and pandas metadata exactly as from_pandas makes them, from an
     # empty slice (it converts no data).
     meta = pa.Schema.from_pandas(frame.iloc[:0], preserve_index=not ranged)
-    arrays = [_array(frame.iloc[:, i]._values, f"column {frame.columns[i]!r}")
-              for i in range(frame.shape[1])]
     if not ranged:
         for level in range(index.nlevels):
             arrays.append(_array(index.get_level_values(level)._values, "the index"))
