@@ -44,7 +44,7 @@ from ._entry import Entry
 from ._errors import UnsupportedTypeError
 from ._lock import locked
 from ._paths import check_key, entry_name
-from ._sources import Stream, check_batch, open_source
+from ._sources import Stream, check_batch, open_source, prefetched
 from ._units import human
 
 # Items per read when converting a staged file while packing it (bits, codes, promotion):
@@ -173,7 +173,9 @@ class _Stager:
     def _same_categories(self, df: pd.DataFrame) -> pd.DataFrame:
         """Recode each categorical so its categories extend the running ones (earlier
         batches' codes stay valid), as Arrow unifies dictionaries across chunks."""
-        for pos in [*range(df.shape[1]), "index"]:
+        cat: list[int | str] = [i for i, t in enumerate(df.dtypes)
+                                if isinstance(t, pd.CategoricalDtype)]
+        for pos in [*cat, "index"]:
             values = df.index if pos == "index" else df.iloc[:, pos]
             if not isinstance(values.dtype, pd.CategoricalDtype):
                 continue
@@ -437,7 +439,7 @@ def ingest(cache: Any, source: Any, key: str, columns: Sequence[str] | None,
             stager = _Stager(stage_dir, stream)
             nbytes = 0
             with _progress(progress, stream.nrows, key) as bar:
-                for batch in stream.batches:
+                for batch in prefetched(stream.batches):
                     check_batch(stream.schema, batch, stream.what)
                     if batch.num_rows or stager.cols is None:
                         stager.add(batch)
