@@ -244,6 +244,10 @@ def test_bad_source_and_columns_are_refused(tmp_path, files, cache_dir):
         mmcache.ingest(pd.DataFrame({"a": [1]}), "bad")
     with pytest.raises(mmcache.InvalidArgumentError, match="'nope'"):
         mmcache.ingest(files["parquet"], "bad", columns=["nope"])
+    damaged = tmp_path / "damaged.parquet"
+    damaged.write_bytes(b"PAR1 not really")
+    with pytest.raises(mmcache.InvalidArgumentError, match=r"key 'bad': cannot read .*damaged"):
+        mmcache.ingest(damaged, "bad")
     _nothing_written(cache_dir)
 
 
