@@ -206,21 +206,10 @@ class Cache:
         ``key`` batch by batch; see :func:`mmcache.ingest`."""
         from . import _ingest
 
-        # (The key is named here: _api would take a str source for it.)
         try:
             return _ingest.ingest(self, source, key, columns, progress)
-        except MmcacheError as exc:
-            if exc.key is None:
-                exc.key = key
-            raise
-        except pa.ArrowException as exc:  # a damaged or unreadable source
-            raise InvalidArgumentError(
-                f"key {key!r}: cannot read {_shown_source(source)}: {exc}; nothing was "
-                "written. Check the file (e.g. pyarrow.parquet.read_metadata(path))",
-                key=key,
-            ) from exc
-        except OSError as exc:
-            if isinstance(exc, MmcacheError) or exc.__dict__.get("_mmcache_user"):
+        except OSError as exc:  # said here: _api would take a str source for the key
+            if isinstance(exc, MmcacheError):
                 raise
             raise _os_error(exc, key, self._given) from exc
 
@@ -492,12 +481,6 @@ class Cache:
         The entry lives until the block exits (also on an exception), then it is deleted.
         """
         return self.save(obj, f"share-{uuid.uuid4().hex}")
-
-
-def _shown_source(source: Any) -> str:
-    if isinstance(source, str | os.PathLike):
-        return repr(os.fspath(source))
-    return f"the {type(source).__name__}"
 
 
 def _columns_arg(key: str, columns: Any) -> list[Any] | None:

@@ -41,7 +41,7 @@ import pyarrow as pa
 from . import _clean, _compat, _frame, _save, _store
 from ._codecs import Pool, Spec, _arrow_type_from_json, check_attrs, encode_index
 from ._entry import Entry
-from ._errors import UnsupportedTypeError
+from ._errors import InvalidArgumentError, MmcacheError, UnsupportedTypeError
 from ._lock import locked
 from ._paths import check_key, entry_name
 from ._sources import Stream, check_batch, open_source, prefetched
@@ -426,7 +426,25 @@ def _progress(progress: bool | None, total: int | None, key: str) -> Any:
 
 def ingest(cache: Any, source: Any, key: str, columns: Sequence[str] | None,
            progress: bool | None) -> Entry:
-    """See :func:`mmcache.ingest`."""
+    """See :func:`mmcache.ingest`. Errors name the key (and a source Arrow cannot read)."""
+    try:
+        return _ingest(cache, source, key, columns, progress)
+    except MmcacheError as exc:
+        if exc.key is None:
+            exc.key = key
+        raise
+    except pa.ArrowException as exc:  # a damaged or unreadable source
+        shown = (repr(os.fspath(source)) if isinstance(source, str | os.PathLike)
+                 else f"the {type(source).__name__}")
+        raise InvalidArgumentError(
+            f"key {key!r}: cannot read {shown}: {exc}; nothing was written. Check the "
+            "file (e.g. pyarrow.parquet.read_metadata(path))",
+            key=key,
+        ) from exc
+
+
+def _ingest(cache: Any, source: Any, key: str, columns: Sequence[str] | None,
+            progress: bool | None) -> Entry:
     check_key(key)
     stream = open_source(source, columns)  # checks what it can before writing anything
     places = cache._places(create=True)
