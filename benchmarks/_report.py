@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from . import _ingest
 from ._latency import MMCACHE_COLD, MMCACHE_MEMO
 from ._system import GB, MB
 
@@ -161,6 +162,8 @@ def targets(results: dict[str, Any]) -> list[tuple[str, str, str]]:
                 f"({e['system_excess'] / sh['frame_bytes']:.1%}, noise ±{e['noise'] / MB:.0f} MB)",
                 f"{'met' if own <= limit else 'MISSED'} (own memory); {by_sys} (MemAvailable)",
             ))
+    if "ingest" in results:
+        out += _ingest.targets(results["ingest"])
     for p in sizes:
         s = p["save"]
         if "mmcache.save" not in s:
@@ -430,6 +433,8 @@ def markdown(results: dict[str, Any]) -> str:
                          "MemAvailable MB (of one copy)", "MemAvailable noise MB",
                          "USS MB"], exc_rows)
         lines += [""]
+    if "ingest" in results:
+        lines += _ingest.markdown(results["ingest"])
     if "dask" in results:
         from ._dask import markdown as dask_markdown
 

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import pandas as _pd
+import pyarrow as _pa
 
 from ._cache import Cache, Entry
 from ._errors import (
@@ -56,7 +57,9 @@ __all__ = [
     "delete",
     "entries",
     "exists",
+    "ingest",
     "open",
+    "open_arrow",
     "save",
     "share",
 ]
@@ -78,6 +81,20 @@ def open(
 ) -> _pd.DataFrame | _pd.Series:
     """Map ``key``'s entry and return a DataFrame (or Series) over it without copying."""
     return Cache(cache_dir).open(key, columns=columns, build=build)
+
+
+def open_arrow(
+    key: str, *, columns: Sequence[Any] | None = None, cache_dir: _PathArg = None
+) -> _pa.Table:
+    """Map ``key``'s entry and return it as a ``pyarrow.Table`` over the mapped files.
+
+    Numbers, timestamps (with their zone), durations, Arrow strings and category codes are
+    not copied; validity bitmaps (from masks, NaN, NaT), booleans and category labels are
+    converted (see the README's "Arrow in and out"). The index is stored as
+    ``pa.Table.from_pandas`` stores it (columns plus pandas metadata; a RangeIndex only in
+    the metadata), so ``table.to_pandas()`` gives the frame back. Memoised like ``open``.
+    """
+    return Cache(cache_dir).open_arrow(key, columns=columns)
 
 
 def exists(key: str, *, cache_dir: _PathArg = None) -> bool:
@@ -112,3 +129,26 @@ def clean(
 def share(obj: _pd.DataFrame | _pd.Series, *, cache_dir: _PathArg = None) -> Entry:
     """Save ``obj`` under a fresh unique key for the life of a ``with`` block."""
     return Cache(cache_dir).share(obj)
+
+
+def ingest(
+    source: Any,
+    key: str,
+    *,
+    columns: Sequence[str] | None = None,
+    cache_dir: _PathArg = None,
+    progress: bool | None = None,
+) -> Entry:
+    """Write a parquet file or directory, a CSV file, or a pyarrow ``Dataset``,
+    ``ParquetFile``, ``Table`` or ``RecordBatchReader`` under ``key``, batch by batch.
+
+    The entry opens as the frame ``pd.read_parquet(source)`` gives (index and categoricals
+    from the pandas metadata), zero-copy, like one written by :func:`save`; but the data never
+    sit in this process whole: memory stays about one batch (65,536 rows) plus what the
+    reader holds (a parquet row group). Atomic like ``save``: a failure or a kill leaves no
+    visible entry (a kill leaves leftovers ``clean`` removes). Nested Arrow types and a schema
+    that changes between files or batches raise an error naming the column; nothing is
+    written. ``progress``: a bar on stderr (rows, bytes, rate, ETA) for ingests longer than
+    two seconds, by default only when stderr is a terminal; ``False`` never, ``True`` always.
+    """
+    return Cache(cache_dir).ingest(source, key, columns=columns, progress=progress)

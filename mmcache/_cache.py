@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pandas as pd
+import pyarrow as pa
 
-from . import _clean, _frame, _memo, _save, _store
+from . import _arrow, _clean, _frame, _memo, _save, _store
 from ._compat import writes_in_place
 from ._entry import Entry, Frame, not_found
 from ._errors import (
@@ -196,6 +197,22 @@ class Cache:
         with locked(cache_dir, name, key, LOCK_TIMEOUT):
             return _save.write(places, name, key, layout, pool, files)
 
+    @_api
+    def ingest(
+        self, source: Any, key: str, *, columns: Sequence[str] | None = None,
+        progress: bool | None = None,
+    ) -> Entry:
+        """Write an Arrow source (parquet, CSV, Dataset, Table, RecordBatchReader) under
+        ``key`` batch by batch; see :func:`mmcache.ingest`."""
+        from . import _ingest
+
+        try:
+            return _ingest.ingest(self, source, key, columns, progress)
+        except OSError as exc:  # said here: _api would take a str source for the key
+            if isinstance(exc, MmcacheError):
+                raise
+            raise _os_error(exc, key, self._given) from exc
+
     # --- open -------------------------------------------------------------------------------
 
     @_api
@@ -218,19 +235,7 @@ class Cache:
         (the others wait on the key's lock and open the result).
         """
         check_key(key)
-        if columns is not None:
-            if isinstance(columns, str | bytes) or not isinstance(columns, Iterable):
-                raise InvalidArgumentError(
-                    f"columns= takes a list of column labels, got {columns!r}", key=key
-                )
-            columns = list(columns)
-            for label in columns:
-                if not isinstance(label, Hashable):
-                    raise InvalidArgumentError(
-                        f"columns= holds {label!r}, which cannot be a column label; pass a "
-                        "flat list of labels",
-                        key=key,
-                    )
+        columns = _columns_arg(key, columns)
         try:
             return self._open(key, columns)
         except EntryNotFoundError:
@@ -257,7 +262,14 @@ class Cache:
                 _save.write(places, name, key, layout, pool, files)
         return self._open(key, columns)
 
-    def _open(self, key: str, columns: Sequence[Any] | None) -> Frame:
+    @_api
+    def open_arrow(self, key: str, *, columns: Sequence[Any] | None = None) -> pa.Table:
+        """``key``'s entry as a ``pyarrow.Table`` over the same mapped files; see
+        :func:`mmcache.open_arrow`."""
+        check_key(key)
+        return self._open(key, _columns_arg(key, columns), arrow=True)
+
+    def _open(self, key: str, columns: Sequence[Any] | None, *, arrow: bool = False) -> Any:
         places = self._places()
         name = entry_name(key)
         if len(places) > 1:
@@ -269,6 +281,8 @@ class Cache:
                         version = _memo.load(cache_dir, key, name)
                     except EntryNotFoundError:
                         break  # not there (or moved meanwhile): look in the other place
+                    if arrow:  # immutable: over the shared mapping on every pandas
+                        return _arrow.table(self._base(version, columns))
                     try:
                         return self._hand_out(cache_dir, version, columns)
                     except FileNotFoundError:
@@ -298,11 +312,18 @@ class Cache:
                                        version.mapped.where, private=True)
             base = _frame.decode(version.meta["layout"], private, columns)
             return _frame.hand_out(base, cache_dir, version, ckey, private=private)
+        return _frame.hand_out(self._base(version, columns), cache_dir, version, ckey)
+
+    @staticmethod
+    def _base(version: _memo.Version, columns: Any) -> Frame:
+        """The version's private frame over its shared mapping (decoded once per process),
+        never handed out as is."""
+        ckey = _columns_key(columns)
         base = version.frames.get(ckey)
         if base is None:
             base = _frame.decode(version.meta["layout"], version.mapped, columns)
             base = version.frames.setdefault(ckey, base)
-        return _frame.hand_out(base, cache_dir, version, ckey)
+        return base
 
     def _current_token(self, key: str) -> str | None:
         """The version ``key`` holds now, or None."""
@@ -460,6 +481,25 @@ class Cache:
         The entry lives until the block exits (also on an exception), then it is deleted.
         """
         return self.save(obj, f"share-{uuid.uuid4().hex}")
+
+
+def _columns_arg(key: str, columns: Any) -> list[Any] | None:
+    """``columns=`` as a list of labels, or None; raise InvalidArgumentError if it is not."""
+    if columns is None:
+        return None
+    if isinstance(columns, str | bytes) or not isinstance(columns, Iterable):
+        raise InvalidArgumentError(
+            f"columns= takes a list of column labels, got {columns!r}", key=key
+        )
+    columns = list(columns)
+    for label in columns:
+        if not isinstance(label, Hashable):
+            raise InvalidArgumentError(
+                f"columns= holds {label!r}, which cannot be a column label; pass a "
+                "flat list of labels",
+                key=key,
+            )
+    return columns
 
 
 def _size_arg(value: object, what: str) -> int:

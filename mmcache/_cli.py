@@ -1,4 +1,4 @@
-"""The ``mmcache`` command: see what the cache holds and free it.
+"""The ``mmcache`` command: see what the cache holds, free it, ingest parquet and CSV.
 
 Exit status: 0 on success, 1 on an error (one ``Error: ...`` line on stderr, no traceback),
 2 on bad usage (argparse's own message).
@@ -71,7 +71,24 @@ def _parser() -> argparse.ArgumentParser:
     clean.add_argument("--stale", action="store_true",
                        help="remove only damaged entries and leftovers of interrupted saves")
     clean.add_argument("--dry-run", action="store_true", help="remove nothing, show what would go")
+    ingest = sub.add_parser(
+        "ingest", parents=[common],
+        help="write a parquet file or directory, or a CSV file, under KEY in bounded memory",
+    )
+    ingest.add_argument("source", metavar="SOURCE", help="parquet file or directory, or CSV file")
+    ingest.add_argument("key", metavar="KEY")
+    ingest.add_argument("--columns", metavar="A,B", type=lambda t: t.split(","),
+                        help="only these columns (comma-separated; the index comes along)")
+    ingest.add_argument("--no-progress", action="store_true",
+                        help="no progress bar (shown on a terminal for long ingests)")
     return p
+
+
+def _ingest(cache: Cache, args: argparse.Namespace) -> None:
+    entry = cache.ingest(args.source, args.key, columns=args.columns,
+                         progress=False if args.no_progress else None)
+    print(f"ingested {_shown(entry.key)}: {entry.nrows:,} rows, {entry.ncols} columns, "
+          f"{human(entry.nbytes)} in {entry.cache_dir}")
 
 
 def _shown(key: str) -> str:
@@ -327,6 +344,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _ls(cache, args.json)
         elif args.command == "info":
             _info(cache, args.key, args.json)
+        elif args.command == "ingest":
+            _ingest(cache, args)
         else:
             _clean(cache, args)
     except BrokenPipeError:  # pragma: no cover - `mmcache ls | head`

@@ -48,7 +48,7 @@ class Pool:
     """Collects buffers for writing, one growing 1-D array per numpy dtype."""
 
     def __init__(self) -> None:
-        self.files: dict[str, list[np.ndarray]] = {}
+        self.files: dict[str, list[Any]] = {}
         self.counts: dict[str, int] = {}
         self.order: list[str] = []
         # Specs shared by equal dtypes (the categories of 10,000 category columns of one
@@ -62,6 +62,11 @@ class Pool:
         if dt.hasobject or dt.kind not in _NUMPY_KINDS:
             raise AssertionError(f"internal: buffer of dtype {dt} cannot be stored")
         flat = arr.reshape(-1) if arr.flags.c_contiguous else np.ascontiguousarray(arr).ravel()
+        return self.put(dt, flat.size, flat, align=align)
+
+    def put(self, dt: np.dtype, size: int, item: Any, *, align: bool = True) -> Spec:
+        """Place ``size`` items of ``dt`` held by ``item`` (an array, or what the writer of
+        the files knows how to copy: see _ingest) at the end of ``dt``'s file."""
         key = dt.str
         if key not in self.files:
             self.files[key] = []
@@ -73,9 +78,9 @@ class Pool:
             if pad:
                 self.files[key].append(np.zeros(pad, dtype=dt))
                 count += pad
-        self.files[key].append(flat)
-        self.counts[key] = count + flat.size
-        return {"f": self.order.index(key), "o": count, "n": int(flat.size)}
+        self.files[key].append(item)
+        self.counts[key] = count + size
+        return {"f": self.order.index(key), "o": count, "n": int(size)}
 
 
 class Mapped:

@@ -93,6 +93,25 @@ def string_array(arr: Any, na: Any) -> Any:
     return pd.arrays.ArrowStringArray(arr, dtype=dtype)
 
 
+def arrow_to_pandas(table: Any) -> pd.DataFrame:
+    """The frame ``pd.read_parquet`` makes of Arrow ``table`` (``ingest`` converts each batch
+    so): pandas' own conversion where it has one (3.x), else ``to_pandas`` with strings as
+    Arrow-backed ``str``. (pandas 2 makes object columns of them, which ``save`` stores as the
+    very same Arrow strings and opens as ``str``: the Python objects would be a detour, and
+    a batch of only nulls would be an object column of None, not text.)"""
+    # split_blocks: a block per column, so numbers without nulls are not copied into 2-D
+    # blocks (ingest regroups columns itself).
+    if not PANDAS_2:
+        from pandas.io._util import arrow_table_to_pandas
+
+        return arrow_table_to_pandas(table, to_pandas_kwargs={"split_blocks": True})
+    import pyarrow as pa
+
+    dtype = string_array(pa.array([], pa.large_string()), np.nan).dtype
+    strings = {pa.string(): dtype, pa.large_string(): dtype}
+    return table.to_pandas(types_mapper=strings.get, split_blocks=True)
+
+
 def set_freq(index: pd.Index, freq: Any) -> None:
     """Set a DatetimeIndex/TimedeltaIndex's freq without the public setter's check of every
     value (O(rows) at each open; it was valid when saved), as pandas' own constructors do.

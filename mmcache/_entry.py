@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, TypeAlias
 
 import pandas as pd
+import pyarrow as pa
 
 from ._errors import EntryNotFoundError
 
@@ -47,6 +48,13 @@ class Entry:
         from ._cache import Cache
 
         return Cache._holding(self.cache_dir).open(self.key, columns=columns)
+
+    def open_arrow(self, *, columns: Sequence[Any] | None = None) -> pa.Table:
+        """The entry as a ``pyarrow.Table`` over the same mapped files (see
+        :func:`mmcache.open_arrow`)."""
+        from ._cache import Cache
+
+        return Cache._holding(self.cache_dir).open_arrow(self.key, columns=columns)
 
     def delete(self) -> bool:
         from ._cache import Cache

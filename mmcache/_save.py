@@ -12,6 +12,7 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,8 @@ ENV_MAX_BYTES = "MMCACHE_MAX_BYTES"
 # How long save() waits for another process saving the same key. Saving even several GB to
 # tmpfs takes seconds; ten minutes means the holder is stuck, and saying so beats hanging.
 LOCK_TIMEOUT = 600.0
+Fill = Callable[[Path], None]
+Room = Callable[[Path], int]
 # Set once this process has warned that an entry did not fit in RAM (warn once, not per save).
 _fallback_warned = False
 
@@ -53,7 +56,7 @@ def make_room(cache: Any, places: list[Path], key: str, pool: _store.Pool) -> li
 
 def write(
     places: list[Path], name: str, key: str, layout: dict[str, Any], pool: _store.Pool,
-    files: list[Any],
+    files: list[Any], *, fill: Fill | None = None, room: Room | None = None,
 ) -> Entry:
     """With the key's lock held (in ``places[0]``): write the entry in the first place
     it fits in, then remove the key from the other place, if any.
@@ -69,9 +72,12 @@ def write(
     place's is unpublished, so a reader looking in both always finds one (see
     FIND_ROUNDS); a reader that mapped the old one keeps it intact (it is swept like any
     old version: only once no live process maps it).
+
+    ``fill(data_dir)`` writes the files instead of ``_store.write_data`` and ``room(place)``
+    says how many bytes that needs free in a place (``ingest`` moves staged files).
     """
     if len(places) == 1:
-        return _write_one(places[0], name, key, layout, pool, files)
+        return _write_one(places[0], name, key, layout, pool, files, fill, room)
     ram, disk = places
     with contextlib.ExitStack() as held:
         disk_locked = False
@@ -84,14 +90,14 @@ def write(
                 disk_locked = True
 
         try:
-            entry = _write_one(ram, name, key, layout, pool, files)
+            entry = _write_one(ram, name, key, layout, pool, files, fill, room)
             other = disk
         except CacheFullError as full:
             nbytes = sum(f["size"] for f in files)
             free = _free_bytes(ram)
             lock_disk()
             try:
-                entry = _write_one(disk, name, key, layout, pool, files)
+                entry = _write_one(disk, name, key, layout, pool, files, fill, room)
             except CacheFullError:
                 raise _both_full(places, key, nbytes) from full
             other = ram
@@ -106,10 +112,11 @@ def write(
 
 def _write_one(
     cache_dir: Path, name: str, key: str, layout: dict[str, Any], pool: _store.Pool,
-    files: list[Any],
+    files: list[Any], fill: Fill | None = None, room: Room | None = None,
 ) -> Entry:
     nbytes = sum(f["size"] for f in files)
-    _store.check_room(cache_dir, nbytes, key)  # again: others may have saved meanwhile
+    # again: others may have saved meanwhile
+    _store.check_room(cache_dir, nbytes if room is None else room(cache_dir), key)
     meta_path = cache_dir / f"{name}.json"
     old = os.path.lexists(meta_path)
     token = _store.new_token()
@@ -126,7 +133,10 @@ def _write_one(
         "layout": layout,
     }
     try:
-        _store.write_data(data_dir, pool, files)
+        if fill is None:
+            _store.write_data(data_dir, pool, files)
+        else:
+            fill(data_dir)
         meta_bytes = _store.publish_meta(cache_dir, name, token, meta,
                                           data_dir / _memo.VERSION_META)
     except BaseException as exc:

@@ -44,7 +44,7 @@ def new_token() -> str:
     return uuid.uuid4().hex[:16]
 
 
-def _npy_header(dtype: np.dtype, count: int) -> bytes:
+def npy_header(dtype: np.dtype, count: int) -> bytes:
     buf = io.BytesIO()
     np.lib.format.write_array_header_1_0(
         buf, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
@@ -59,7 +59,7 @@ def plan_files(pool: Pool) -> list[Spec]:
     for i, key in enumerate(pool.order):
         dtype = np.dtype(key)
         count = pool.counts[key]
-        size = len(_npy_header(dtype, count)) + count * dtype.itemsize
+        size = len(npy_header(dtype, count)) + count * dtype.itemsize
         out.append({"name": f"{i}.npy", "dtype": key, "count": count, "size": size})
     return out
 
@@ -105,14 +105,19 @@ def write_data(data_dir: Path, pool: Pool, files: list[Spec]) -> None:
         # fails with ENOSPC where a mapping would SIGBUS. (Reserving with posix_fallocate
         # first cost ~10% of save time on tmpfs, which zero-fills the pages it reserves.)
         with open(fd, "wb", buffering=0, closefd=True) as f:
-            f.write(_npy_header(np.dtype(key), spec["count"]))
+            f.write(npy_header(np.dtype(key), spec["count"]))
             for arr in pool.files[key]:
-                view = memoryview(arr.view(np.uint8))  # type: ignore[arg-type]
-                while view:  # a raw write may be partial
-                    n = f.write(view)
-                    if n is None:  # pragma: no cover - only for non-blocking files
-                        raise OSError(errno.EAGAIN, "short write")
-                    view = view[n:]
+                write_all(f, arr)
+
+
+def write_all(f: io.RawIOBase, arr: np.ndarray) -> None:
+    """Write all of ``arr``'s bytes to the unbuffered file ``f``."""
+    view = memoryview(arr.view(np.uint8))  # type: ignore[arg-type]
+    while view:  # a raw write may be partial
+        n = f.write(view)
+        if n is None:  # pragma: no cover - only for non-blocking files
+            raise OSError(errno.EAGAIN, "short write")
+        view = view[n:]
 
 
 def _dumps(meta: Spec) -> bytes:

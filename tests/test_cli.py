@@ -211,3 +211,18 @@ def test_ls_of_a_missing_dir_creates_nothing(tmp_path):
     r = run("ls", cache_dir=tmp_path / "typo" / "deep")
     assert r.returncode == 0 and "0 entries" in r.stdout
     assert not (tmp_path / "typo").exists()
+
+
+def test_ingest_with_columns_and_exit_codes(cache_dir, tmp_path):
+    df = pd.DataFrame({"a": np.arange(50), "b": np.arange(50) * 0.5,
+                       "s": [f"w{i}" for i in range(50)]})
+    parquet = tmp_path / "d.parquet"
+    df.to_parquet(parquet, row_group_size=20)
+    r = run("ingest", str(parquet), "p", "--columns", "a,s", cache_dir=cache_dir)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("ingested p: 50 rows, 2 columns") and r.stderr == ""
+    _pd.assert_frame_equal(mmcache.open("p"), df[["a", "s"]])
+    r = run("ingest", str(tmp_path / "missing.parquet"), "m", cache_dir=cache_dir)
+    assert r.returncode == 1 and r.stderr.startswith("Error: ") and "does not exist" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert run("ingest", str(parquet), cache_dir=cache_dir).returncode == 2  # no KEY
