@@ -412,7 +412,7 @@ def _reopen(cache_dir: str, key: str, token: str, columns: Any) -> Any:
         # Raising here would kill a Pool worker while it reads its task: Pool.map would wait
         # forever, ProcessPoolExecutor would break. The task gets a stand-in that raises
         # this error on first use, so it reaches the caller as the task's own error.
-        return Unavailable(error)
+        return Unavailable(error, (cache_dir, key, token, columns))
     raise error
 
 
@@ -515,10 +515,13 @@ class Unavailable:
     ``repr`` says what it is, for debugging; ``str`` and formatting raise, like any use.
     """
 
-    __slots__ = ("_mmcache_error",)
+    __slots__ = ("_mmcache_args", "_mmcache_error")
 
-    def __init__(self, error: MmcacheError) -> None:
+    def __init__(self, error: MmcacheError, args: tuple[Any, ...] | None = None) -> None:
         object.__setattr__(self, "_mmcache_error", error)
+        # The reference it came from: pickled again, it is that reference (a Dask worker
+        # asked for it by another, on a host that may hold the version), never an error.
+        object.__setattr__(self, "_mmcache_args", args)
 
     def _fail(self, *args: Any, **kwargs: Any) -> Any:
         e = object.__getattribute__(self, "_mmcache_error")
@@ -549,6 +552,17 @@ for _name in (
     "__dir__", "__sizeof__", "__fspath__",
 ):
     setattr(Unavailable, _name, Unavailable._fail)
+
+
+def _unavailable_reduce(self: Unavailable, *protocol: Any) -> Any:
+    args = object.__getattribute__(self, "_mmcache_args")
+    if args is None:
+        return self._fail()
+    return (_reopen, args)
+
+
+Unavailable.__reduce__ = _unavailable_reduce  # type: ignore[method-assign,assignment]
+Unavailable.__reduce_ex__ = _unavailable_reduce  # type: ignore[method-assign,assignment]
 
 
 def _reduce(obj: Any) -> Any:

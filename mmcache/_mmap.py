@@ -114,6 +114,12 @@ def written(arrays: list[np.ndarray]) -> bool:
             return True
         if base.size:
             regions.append((base.address, base.size))
+    return _written(regions)
+
+
+def _written(regions: list[tuple[int, int]]) -> bool:
+    """True if a page of these ``(address, size)`` private mappings was written, or if
+    that cannot be told."""
     try:
         fd = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
@@ -136,6 +142,9 @@ def written(arrays: list[np.ndarray]) -> bool:
 
 
 def mapped_ranges() -> list[tuple[int, int]]:
-    """``(start, end)`` of every cache file this process maps now, sorted."""
-    return sorted((r.address, r.address + r.size) for r in list(_LIVE) if r.size)
-
+    """``(start, end)`` of every cache file this process maps now and shares with other
+    processes, sorted: the shared mappings, and private ones none of whose pages was written
+    (a written page is this process's own copy)."""
+    regions = [r for r in list(_LIVE) if r.size]
+    return sorted((r.address, r.address + r.size) for r in regions
+                  if not r.private or not _written([(r.address, r.size)]))

@@ -47,10 +47,10 @@ except ImportError as _exc:  # pragma: no cover - the extra is not installed
 
 from . import _mmap
 from ._cache import Cache
-from ._errors import EntryNotFoundError, InvalidArgumentError, MmcacheError
+from ._errors import EntryChangedError, EntryNotFoundError, InvalidArgumentError, MmcacheError
 from ._paths import MAPS_DATA_FILE, check_key
 
-__all__ = ["ShareError", "Shared", "node", "register", "share"]
+__all__ = ["ShareError", "Shared", "mapped_nbytes", "node", "own_bytes", "register", "share"]
 
 _Frame: TypeAlias = pd.DataFrame | pd.Series
 _PLUGIN = "mmcache-memory"
@@ -74,56 +74,74 @@ def node() -> str:
 class Shared:
     """A frame shared with every node of a cluster under ``key``: small and picklable.
 
-    ``open()`` maps the copy of the node it runs on. ``delete()`` removes every node's copy;
-    ``with mdask.share(client, df) as ref:`` deletes on exit, also on an exception.
+    ``open()`` maps the copy of the node it runs on: exactly the version ``share`` wrote
+    there (a copy replaced since, or left by an earlier share while the node was away, is
+    never taken for it). ``delete()`` removes every node's copy; ``with mdask.share(client,
+    df) as ref:`` deletes on exit, also on an exception.
     """
 
-    __slots__ = ("_client", "build", "key")
+    __slots__ = ("_client", "build", "id", "key", "versions")
 
     def __init__(self, key: str, build: Callable[[], _Frame] | None = None,
+                 versions: dict[str, tuple[str, str]] | None = None, id: str = "",
                  client: distributed.Client | None = None) -> None:
         self.key = key
         self.build = build
+        # node -> (cache dir of its copy, version token): what share() wrote there
+        self.versions = dict(versions or {})
+        self.id = id or uuid.uuid4().hex  # tells two shares of one key apart (Dask tokens)
         self._client = client
 
     def __repr__(self) -> str:
-        return f"Shared(key={self.key!r})"
+        return f"Shared(key={self.key!r}, nodes={len(self.versions)})"
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (Shared, (self.key, self.build))  # never the client
+        return (Shared, (self.key, self.build, self.versions, self.id))  # never the client
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Shared) and (self.key, self.build) == (other.key, other.build)
+        return isinstance(other, Shared) and (self.key, self.id) == (other.key, other.id)
 
     def __hash__(self) -> int:
-        return hash(self.key)
+        return hash((self.key, self.id))
 
     def __dask_tokenize__(self) -> Any:
-        return ("mmcache.dask.Shared", self.key)
+        return ("mmcache.dask.Shared", self.key, self.id)
 
     def open(self, columns: Sequence[Any] | None = None) -> _Frame:
         """This node's copy, mapped without copying (``columns``: only those).
 
         Shared with ``build=``, a node that joined later builds its copy on first use (once
-        per node). Shared from a frame, a node that joined later has no copy: the error says
-        so and names the node."""
-        try:
+        per node; an entry an earlier share left under the key there is used as it is).
+        Shared from a frame, a node that joined later has no copy: the error says so and
+        names the node."""
+        where = node()
+        if where in self.versions:
+            cache_dir, token = self.versions[where]
+            obj = Cache(cache_dir)._open_version(self.key, token, columns)
+            if obj is not None:
+                return obj
+            raise EntryChangedError(
+                f"key {self.key!r} on node {where!r}: the copy share() wrote here was "
+                "deleted or replaced since (ref.delete(), another save or share of the key, "
+                "or mmcache clean); share the frame again",
+                key=self.key, path=cache_dir,
+            )
+        if self.build is not None:
             return Cache().open(self.key, columns=columns, build=self.build)
-        except EntryNotFoundError:
-            where = node()
-            raise EntryNotFoundError(
-                f"key {self.key!r} is not on node {where!r} (host:cache dir): it was shared "
-                "with the nodes of the cluster at share() time, and this worker's node was not "
-                "one of them (a worker that joined later, or one given another MMCACHE_DIR); "
-                "call mmcache.dask.share(client, df, key=...) again now that it is here, or "
-                "share(client, build=fn, key=...), which builds on new nodes by itself",
-                key=self.key, path=where.split(":", 1)[1],
-            ) from None
+        raise EntryNotFoundError(
+            f"key {self.key!r} is not on node {where!r} (host:cache dir): share() gave a copy "
+            "to the nodes of the cluster at the time, and this worker's node was not one of "
+            "them (a worker that joined later, or one given another MMCACHE_DIR), or the key "
+            "was deleted; call mmcache.dask.share(client, df, key=...) again now that it is "
+            "here, or share(client, build=fn, key=...), which builds on new nodes by itself",
+            key=self.key, path=where.split(":", 1)[1],
+        )
 
     def delete(self, client: distributed.Client | None = None) -> int:
         """Remove every node's copy; the number of nodes that had one. Frames already open
         stay valid (their pages live until the last one is closed). A node none of whose
-        workers is in the cluster any more keeps its copy: ``mmcache clean`` there."""
+        workers is in the cluster any more keeps its copy (``mmcache clean`` there; ``open``
+        never takes it for a later share's)."""
         client = client or self._client or distributed.get_client()
         removed = client.run(_delete_here, self.key, on_error="ignore")
         return len({n for n, gone in removed.values() if gone})
@@ -156,7 +174,9 @@ def share(
     ``obj`` travels to each node once, to one of its workers, which writes the entry (an
     existing entry of ``key`` is replaced atomically); ``build`` runs once per node. A
     worker that dies while writing leaves nothing visible, and another worker of its node
-    (or the one its nanny restarts) does the job instead. Returns the handle tasks receive.
+    (or the one its nanny restarts) does the job instead. Raises ShareError if a node has
+    no copy within ``timeout`` seconds, after removing the copies already written. Returns
+    the handle tasks receive.
     """
     if (obj is None) == (build is None):
         raise InvalidArgumentError("share() takes a frame or build=, exactly one of them")
@@ -167,35 +187,60 @@ def share(
         raise InvalidArgumentError(
             "share(build=...) needs key=: the key names what build() makes on every node")
     key = check_key(key if key is not None else f"dask-{uuid.uuid4().hex}")
-    _give_every_node(client, key, obj, build, timeout)
-    return Shared(key, build, client)
+    if obj is not None:
+        # A frame from mmcache.open would travel as a reference to this host's cache, which
+        # other hosts cannot open: the copy of the frame object sends its data.
+        obj = obj.copy(deep=False)
+    try:
+        versions = _give_every_node(client, key, obj, build, timeout)
+    except BaseException:
+        with contextlib.suppress(Exception):  # no copy left behind on the nodes that got one
+            client.run(_delete_here, key, on_error="ignore")
+        raise
+    return Shared(key, build, versions, client=client)
 
 
-def _save_here(obj: _Frame | None, key: str, build: Callable[[], _Frame] | None) -> str:
-    Cache().save(build() if build is not None else obj, key)  # type: ignore[arg-type]
-    return node()
+def _save_here(obj: _Frame | None, key: str,
+               build: Callable[[], _Frame] | None) -> tuple[str, str, str]:
+    """Write the entry on this worker's node: (node, cache dir of the copy, its version)."""
+    entry = Cache().save(build() if build is not None else obj, key)  # type: ignore[arg-type]
+    token = Cache(entry.cache_dir)._current_token(key)
+    return node(), str(entry.cache_dir), token or ""
 
 
 def _give_every_node(client: distributed.Client, key: str, obj: _Frame | None,
-                     build: Callable[[], _Frame] | None, timeout: float) -> None:
+                     build: Callable[[], _Frame] | None,
+                     timeout: float) -> dict[str, tuple[str, str]]:
+    """Write a copy on every node the cluster has (or had, while this runs): one worker
+    per node at a time, another after a failure, until each has one or the deadline."""
     deadline = time.monotonic() + timeout
-    done: set[str] = set()
+    done: dict[str, tuple[str, str]] = {}
     tried: set[str] = set()
     failures: list[str] = []
+    wanted: set[str] = set()
     while True:
-        nodes = _nodes(client)
-        todo = {n: [a for a in addrs if a not in tried] or addrs
-                for n, addrs in nodes.items() if n not in done}
-        if not todo:
-            return
-        if time.monotonic() > deadline or len(failures) > 2 * len(nodes) + 2:
+        nodes = _nodes(client, failures)
+        wanted |= set(nodes)  # a node whose workers are all restarting stays wanted
+        missing = sorted(wanted - set(done))
+        if not missing:
+            return done
+        if time.monotonic() > deadline:
             raise ShareError(
-                f"key {key!r}: could not write a copy on node(s) {sorted(todo)} "
-                f"({'; '.join(failures[-3:]) or 'timed out'}); check the workers' logs and "
-                "their cache directories (free space, MMCACHE_DIR), then share again",
+                f"key {key!r}: no copy could be written on node(s) {missing} within "
+                f"{timeout:g} s ({'; '.join(failures[-3:]) or 'no live worker there'}); "
+                "the copies written elsewhere were removed. Check those workers' logs and "
+                "cache directories (free space, MMCACHE_DIR), then share again",
                 key=key,
             )
-        chosen = {addrs[0]: n for n, addrs in todo.items()}  # one worker per node
+        chosen = {}
+        for n in missing:
+            addrs = nodes.get(n)
+            if addrs:  # else: wait for its workers to come back (a nanny restarting one)
+                fresh = [a for a in addrs if a not in tried]
+                chosen[(fresh or addrs)[0]] = n
+        if not chosen:
+            time.sleep(0.5)
+            continue
         tried.update(chosen)
         data: Any = obj
         running = {}
@@ -203,17 +248,18 @@ def _give_every_node(client: distributed.Client, key: str, obj: _Frame | None,
             if obj is not None:
                 # To the chosen workers only, at once: once per node. Each writes the
                 # entry; then the data are released.
-                data = _scatter(client, obj, list(chosen))
-            for addr, n in chosen.items():
-                running[addr] = (n, client.submit(
+                data = _scatter(client, obj, list(chosen), deadline)
+            for addr in chosen:
+                running[addr] = client.submit(
                     _save_here, data, key, build, workers=[addr], allow_other_workers=False,
-                    pure=False, key=f"mmcache-share-{uuid.uuid4().hex}"))
+                    pure=False, key=f"mmcache-share-{uuid.uuid4().hex}")
         except Exception as exc:  # a worker died since it was listed: try others
             failures.append(f"{sorted(chosen)}: {exc!r}")
         _wait_alive(client, running, deadline)
-        for addr, (_, fut) in running.items():
+        for addr, fut in running.items():
             if fut.status == "finished":
-                done.add(fut.result())
+                n, cache_dir, token = fut.result()
+                done[n] = (cache_dir, token)
             else:
                 failures.append(f"{addr}: {_why(fut)}")
                 fut.cancel()
@@ -221,21 +267,29 @@ def _give_every_node(client: distributed.Client, key: str, obj: _Frame | None,
             data.release()
 
 
-def _scatter(client: distributed.Client, obj: _Frame, addrs: list[str]) -> Any:
+def _scatter(client: distributed.Client, obj: _Frame, addrs: list[str],
+             deadline: float) -> Any:
     """``obj`` to the workers at ``addrs``: straight there when the client can reach them,
     else through the scheduler (twice the traffic)."""
+    timeout = max(deadline - time.monotonic(), 1)
     try:
-        return client.scatter(obj, workers=addrs, broadcast=True, hash=False, direct=True)
+        return client.scatter(obj, workers=addrs, broadcast=True, hash=False, direct=True,
+                              timeout=timeout)
     except OSError:
-        return client.scatter(obj, workers=addrs, broadcast=True, hash=False, direct=False)
+        return client.scatter(obj, workers=addrs, broadcast=True, hash=False, direct=False,
+                              timeout=timeout)
 
 
-def _nodes(client: distributed.Client) -> dict[str, list[str]]:
-    """Each node of the cluster and its workers' addresses (sorted: stable choices)."""
-    where = client.run(node, on_error="ignore")  # a worker dying now is left out
+def _nodes(client: distributed.Client, failures: list[str]) -> dict[str, list[str]]:
+    """Each node of the cluster and its workers' addresses (sorted: stable choices); a
+    worker that cannot say (dying, or broken) is left out and its error noted."""
+    where = client.run(node, on_error="return")
     nodes: dict[str, list[str]] = {}
     for addr in sorted(where):
-        nodes.setdefault(where[addr], []).append(addr)
+        if isinstance(where[addr], BaseException):
+            failures.append(f"{addr}: {where[addr]!r}")
+        else:
+            nodes.setdefault(where[addr], []).append(addr)
     return nodes
 
 
@@ -243,13 +297,13 @@ def _wait_alive(client: distributed.Client, running: dict[str, Any], deadline: f
     """Until every task ends, its worker leaves the cluster, or the deadline."""
     while time.monotonic() < deadline:
         alive = set(client.scheduler_info(n_workers=-1)["workers"])
-        pending = [addr for addr, (_, fut) in running.items()
+        pending = [addr for addr, fut in running.items()
                    if fut.status == "pending" and addr in alive]
         if not pending:
             return
         # Time out, or a task cancelled (its data lost with a dead worker): look again.
         with contextlib.suppress(Exception):
-            distributed.wait([running[a][1] for a in pending], timeout=0.5)
+            distributed.wait([running[a] for a in pending], timeout=0.5)
 
 
 def _why(fut: Any) -> str:
@@ -364,9 +418,22 @@ def _nanny_check(nanny: Any, manager: Any) -> None:
         return
     if rss / limit <= fraction:
         return
-    own = own_bytes(pid)
+    own = _nanny_reading(nanny, pid, rss)
     if own is None or own / limit > fraction:
         manager.memory_monitor(nanny)
+
+
+def _nanny_reading(nanny: Any, pid: int, rss: int) -> int | None:
+    """own_bytes(pid), read at most once a second (the check runs every 100 ms, and RSS
+    stays past the limit as long as the worker maps that much of an entry); in between,
+    what RSS gained since is added, so heap growth counts at once."""
+    now = time.monotonic()
+    cached = getattr(nanny, "_mmcache_own", None)
+    if cached is not None and cached[0] == pid and now - cached[1] < 1.0:
+        return cached[2] + rss - cached[3]  # type: ignore[no-any-return]
+    own = own_bytes(pid)
+    nanny._mmcache_own = None if own is None else (pid, now, own, rss)
+    return own
 
 
 _PRIVATE = re.compile(rb"^Private_\w+:\s+(\d+) kB", re.MULTILINE)
@@ -414,27 +481,34 @@ def _private_sizeof(full: Callable[[Any], int], obj: Any) -> int:
 
 
 def mapped_nbytes(obj: _Frame | pd.Index) -> int:
-    """Bytes of ``obj``'s buffers that lie in cache files this process maps: memory it
-    shares with every process of its node, not its own."""
+    """Bytes of ``obj``'s buffers that lie in cache files this process maps and shares:
+    memory of every process of its node, not its own. (An Arrow array counts as its
+    ``nbytes``, the part of its buffers it spans, as ``sizeof`` counts it, when all its
+    buffers lie there.)"""
     ranges = _mmap.mapped_ranges()
     if not ranges:
         return 0
     starts = np.array([s for s, _ in ranges], dtype=np.uint64)
     ends = [e for _, e in ranges]
+
+    def inside(address: int, size: int) -> bool:
+        i = int(np.searchsorted(starts, np.uint64(address), side="right")) - 1
+        return i >= 0 and address + size <= ends[i]
+
     seen: set[tuple[int, int]] = set()
     total = 0
-    for address, size in _buffers(obj):
+    for address, size, buffers in _buffers(obj):
         if size <= 0 or (address, size) in seen:
             continue
         seen.add((address, size))
-        i = int(np.searchsorted(starts, np.uint64(address), side="right")) - 1
-        if i >= 0 and address + size <= ends[i]:
+        if all(inside(a, n) for a, n in buffers):
             total += size
     return total
 
 
-def _buffers(obj: Any) -> Iterator[tuple[int, int]]:
-    """``(address, nbytes)`` of the buffers of a pandas object, without building any."""
+def _buffers(obj: Any) -> Iterator[tuple[int, int, list[tuple[int, int]]]]:
+    """``(address, nbytes as sizeof counts it, the memory it lies in)`` of each array of a
+    pandas object, without building any."""
     if isinstance(obj, pd.DataFrame):
         for blk in obj._mgr.blocks:
             yield from _buffers(blk.values)
@@ -452,15 +526,17 @@ def _buffers(obj: Any) -> Iterator[tuple[int, int]]:
         yield from _buffers(obj._values)
     elif isinstance(obj, np.ndarray):
         if obj.dtype != object:
-            yield obj.__array_interface__["data"][0], obj.nbytes
+            address = obj.__array_interface__["data"][0]
+            yield address, obj.nbytes, [(address, obj.nbytes)]
     elif isinstance(obj, pd.Categorical):
         yield from _buffers(obj.codes)
     elif hasattr(obj, "_pa_array"):
         for chunk in obj._pa_array.chunks:
-            yield from ((b.address, b.size) for b in chunk.buffers() if b is not None)
+            bufs = [(b.address, b.size) for b in chunk.buffers() if b is not None and b.size]
+            if bufs:
+                yield bufs[0][0] + chunk.offset, chunk.nbytes, bufs
     else:
         for name in ("_ndarray", "_data", "_mask", "_left", "_right"):
             part = getattr(obj, name, None)
             if part is not None:
                 yield from _buffers(part)
-

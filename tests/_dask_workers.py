@@ -163,3 +163,21 @@ def writer_pid(pids: list[int], cache_dir: str) -> int | None:
                     if target.startswith(cache_dir + os.sep) and target.endswith(".npy"):
                         return pid
     return None
+
+
+async def grow_heap(nbytes: int, dask_worker: Any) -> int:
+    """Allocate ``nbytes`` of real memory in the worker and keep it (a coroutine: run
+    without waiting, as the worker may be killed for it before it could answer)."""
+    dask_worker._mmcache_test_heap = np.ones(nbytes // 8)
+    return os.getpid()
+
+
+def save_tasks_per_node(client: Any, stream: list[dict[str, Any]]) -> dict[str, int]:
+    """How many of share's writing tasks each node's workers ran (a task stream's data)."""
+    where = client.run(node_of)
+    out: dict[str, int] = {}
+    for t in stream:
+        if str(t.get("key", "")).startswith("mmcache-share-"):
+            node = where.get(t["worker"], t["worker"])
+            out[node] = out.get(node, 0) + 1
+    return out

@@ -12,6 +12,7 @@ import threading
 import time
 from functools import partial
 
+import psutil
 import pytest
 
 pytest.importorskip("distributed")
@@ -52,9 +53,14 @@ def entries_per_node(nodes):
 
 def test_share_gives_each_node_one_copy_that_every_worker_maps(client, nodes, here):
     df = w.frame(100_000)
-    ref = mdask.share(client, df)
+    from distributed import get_task_stream
+
+    with get_task_stream(client) as stream:
+        ref = mdask.share(client, df)
     try:
-        assert len(pickle.dumps(ref)) < 300
+        # One worker of each node received the frame and wrote its node's copy.
+        assert w.save_tasks_per_node(client, stream.data) == {str(d): 1 for d in nodes}
+        assert len(pickle.dumps(ref)) < 1000
         assert entries_per_node(nodes) == {str(d): [ref.key] for d in nodes}
         assert mmcache.entries(cache_dir=here) == []  # nothing written where the client is
         where = node_map(client)
@@ -103,16 +109,51 @@ def test_share_refuses_bad_arguments(client):
         mdask.share(client, [1, 2, 3])
 
 
-def test_handle_on_a_node_without_the_entry_names_the_node(client, nodes, here):
+def test_handle_opens_only_the_copy_share_wrote_on_its_node(client, nodes, here):
     ref = mdask.share(client, w.frame(100), key="partial")
     try:
-        mmcache.delete("partial", cache_dir=nodes[1])  # as if node b joined after share()
-        addr = next(a for a, d in node_map(client).items() if d == str(nodes[1]))
-        fut = client.submit(w.sum_zero_copy, ref, "a", workers=[addr], pure=False)
+        assert sorted(d for d, _ in ref.versions.values()) == sorted(str(d) for d in nodes)
+        where = node_map(client)
+        b_addr = next(a for a, d in where.items() if d == str(nodes[1]))
+        # Node b's copy replaced behind the handle's back (another save of the key, or a
+        # copy an earlier share left while b was away): never taken for the shared one.
+        mmcache.save(w.frame(7), "partial", cache_dir=nodes[1])
+        with pytest.raises(mmcache.EntryChangedError) as info:
+            client.submit(w.sum_zero_copy, ref, "a", workers=[b_addr],
+                          pure=False).result(timeout=60)
+        assert "partial" in str(info.value) and str(nodes[1]) in str(info.value)
+        # A node the share did not reach (joined later): the error names it.
+        only_a = mdask.Shared("partial", versions={
+            n: v for n, v in ref.versions.items() if v[0] == str(nodes[0])})
         with pytest.raises(mmcache.EntryNotFoundError) as info:
-            fut.result(timeout=60)
+            client.submit(w.sum_zero_copy, only_a, "a", workers=[b_addr],
+                          pure=False).result(timeout=60)
         msg = str(info.value)
         assert "partial" in msg and str(nodes[1]) in msg and "mmcache.dask.share" in msg
+    finally:
+        ref.delete()
+
+
+def test_two_shares_of_one_key_are_different_tasks(client, here):
+    """Dask caches results by token: a handle of a new share must not reuse the old one's."""
+    first = mdask.share(client, w.frame(10), key="daily")
+    one = client.submit(w.sum_zero_copy, first, "a").result(timeout=60)[1]
+    second = mdask.share(client, w.frame(20), key="daily")
+    try:
+        assert client.submit(w.sum_zero_copy, second, "a").result(timeout=60)[1] != one
+    finally:
+        second.delete()
+
+
+def test_share_of_an_opened_frame_sends_its_data(client, nodes, here):
+    """An opened frame would travel as a reference to the client's cache (unopenable on
+    another host): share sends the data."""
+    mmcache.save(w.frame(1000), "mine")
+    opened = mmcache.open("mine")
+    ref = mdask.share(client, opened, timeout=60)
+    try:
+        assert entries_per_node(nodes) == {str(d): [ref.key] for d in nodes}
+        assert all(d != str(here) for d, _ in ref.versions.values())
     finally:
         ref.delete()
 
@@ -211,7 +252,7 @@ def test_register_leaves_shared_pages_out_of_dasks_memory(here):
         # Written from here: a worker building 256 MB in its heap would pass the limit.
         mmcache.save(w.big_frame(ROWS), "big", cache_dir=node)
         gc.collect()
-        ref = mdask.Shared("big", client=client)
+        ref = mdask.Shared("big", build=partial(w.big_frame, ROWS), client=client)
         pids = client.run(os.getpid)
         held = client.gather([client.submit(w.hold, ref, workers=[a], pure=False)
                               for a in pids])
@@ -234,6 +275,17 @@ def test_register_leaves_shared_pages_out_of_dasks_memory(here):
         client.unregister_worker_plugin("mmcache-memory")
         statuses = client.run(w.statuses_over, 1.5)
         assert all("paused" in s for s in statuses.values()), statuses
+        # Memory that is the worker's own still gets it restarted past the terminate
+        # fraction, register or not (the nanny plugin only leaves out cache pages).
+        before = len(client.get_events("worker-restart-memory"))
+        victim = sorted(pids)[0]
+        client.run(w.grow_heap, 400 << 20, workers=[victim], wait=False)  # it may die first
+        deadline = time.monotonic() + 60
+        while len(client.get_events("worker-restart-memory")) == before:
+            assert time.monotonic() < deadline, "the nanny never restarted the worker"
+            time.sleep(0.2)
+        assert not psutil.pid_exists(pids[victim]) or \
+            psutil.Process(pids[victim]).status() == psutil.STATUS_ZOMBIE
         ref.delete()
 
 
