@@ -24,12 +24,14 @@ class Config:
     share_size: int
     ns: list[int]
     ncols: list[int]
-    wide_kinds: list[bool]  # mixed dtypes (True) and/or all float64 (False)
+    # mixed dtypes (True), all float64 (False), categories each with its own ("categories")
+    wide_kinds: list[bool | str]
     memory_repeats: int  # runs of mmcache and baseline sharing rows (medians reported)
     save_reps: dict[int, int]  # frame size -> mmcache/plain save repetitions
     alt_save_reps: dict[int, int]
     read_reps: dict[int, dict[str, Any]]  # frame size -> repeat() settings
     wide_reps: dict[str, Any] = field(default_factory=dict)
+    chunk_size: int = 100 * MB  # frame of the chunked Pool.map workload
     out: Path = RESULTS
 
 
@@ -43,7 +45,7 @@ QUICK = Config(
     share_size=100 * MB,
     ns=[1, 2, 4],
     ncols=[10, 100, 1_000, 10_000],
-    wide_kinds=[True],
+    wide_kinds=[True, "categories"],
     memory_repeats=1,
     save_reps={100 * MB: 3},
     alt_save_reps={100 * MB: 1},
@@ -56,15 +58,16 @@ FULL = Config(
     share_size=GB,
     ns=[1, 2, 4, 8],
     ncols=[10, 100, 1_000, 10_000],
-    wide_kinds=[True, False],
+    wide_kinds=[True, False, "categories"],
     memory_repeats=3,
     save_reps={100 * MB: 5, GB: 3, 4 * GB: 3},
     alt_save_reps={100 * MB: 3, GB: 2, 4 * GB: 1},
     read_reps={100 * MB: _reads(1.0, 5, 3.0), GB: _reads(1.0, 3, 5.0),
                4 * GB: _reads(1.0, 2, 5.0)},
     wide_reps=_reads(1.0, 3, 3.0),
+    chunk_size=GB,
 )
-WORKLOADS = ("size", "columns", "sharing")
+WORKLOADS = ("size", "columns", "sharing", "chunks")
 
 
 def _log(msg: str) -> None:
@@ -72,7 +75,7 @@ def _log(msg: str) -> None:
 
 
 def run(cfg: Config, workloads: list[str], cap: int, command: str) -> dict[str, Any]:
-    from . import _latency, _sharing
+    from . import _chunks, _latency, _sharing
 
     t0 = time.perf_counter()
     results: dict[str, Any] = {"command": command, "machine": machine(), "cap_bytes": cap,
@@ -100,6 +103,11 @@ def run(cfg: Config, workloads: list[str], cap: int, command: str) -> dict[str, 
                                 ncols, mixed, tmp, reps=cfg.wide_reps, log=_log))
                         except Exception as exc:
                             _fail(results, f"open of {ncols} columns", exc)
+            if "chunks" in workloads:
+                try:
+                    results["chunks"] = _chunks.chunks(cfg.chunk_size, tmp, log=_log)
+                except Exception as exc:
+                    _fail(results, "chunks", exc)
             if "sharing" in workloads:
                 try:
                     results["sharing"] = _sharing.sharing(cfg.share_size, cfg.ns, tmp, cap=cap,
@@ -108,6 +116,9 @@ def run(cfg: Config, workloads: list[str], cap: int, command: str) -> dict[str, 
                     _fail(results, "sharing", exc)
         finally:
             kill_children(keep=_sharing.HELPERS)
+    for row in results.get("chunks", {}).get("rows_out", []):
+        if not row["correct"]:
+            results["errors"].append(f"chunks {row['way']}: checksums differ")
     for row in results.get("sharing", {}).get("rows", []):
         for key in ("error", "wrong"):
             if key in row:
@@ -127,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--quick", action="store_true",
-                      help="small sizes (100 MB, N=1,2,4), about 2 minutes: CI's smoke test; "
+                      help="small sizes (100 MB, N=1,2,4), a few minutes: CI's smoke test; "
                            "writes to benchmarks/results/quick/")
     mode.add_argument("--full", action="store_true",
                       help="100 MB, 1 GB, 4 GB; N=1,2,4,8 at 1 GB; under 30 minutes; writes "
