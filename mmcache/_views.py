@@ -60,15 +60,21 @@ def reference(obj: pd.DataFrame | pd.Series) -> tuple[Any, ...] | None:
     if type(obj) not in (pd.DataFrame, pd.Series) or len(obj) == 0:
         return None
     where = _Where()
-    cols = _columns(obj)
-    if not where.regions or not cols:
+    if not where.regions:
         return None
-    first = _row0(cols[0])
-    if first is None:
+    # Any one column outside the mappings settles it, before looking at the others (this
+    # runs for every frame pickled in a process that has an entry open).
+    if isinstance(obj, pd.Series):
+        first = _row0(obj._values)
+    elif obj.shape[1] and obj._mgr.blocks:
+        values = obj._mgr.blocks[0].values
+        first = _row0(values[0] if values.ndim == 2 else values)
+    else:
         return None
-    region = where.find(first[0], first[1])
+    region = None if first is None else where.find(first[0], first[1])
     if region is None:
         return None
+    cols = _columns(obj)
     cache_dir, key, token, _ = region.owner
     base = _full(cache_dir, key, token)
     if base is None:
