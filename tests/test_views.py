@@ -76,7 +76,18 @@ def assert_same(back: Any, view: Any) -> None:
     assert back.flags.allows_duplicate_labels == view.flags.allows_duplicate_labels
 
 
-def test_views_pickle_small_and_map_the_same_pages_in_a_spawned_worker(cache_dir):
+@pytest.fixture(scope="module")
+def spawned():
+    """Two ``spawn`` workers shared by this file's tests (starting them is the slow part)."""
+    p = mp.get_context("spawn").Pool(2)
+    try:
+        yield p
+    finally:
+        p.terminate()
+        p.join()
+
+
+def test_views_pickle_small_and_map_the_same_pages_in_a_spawned_worker(spawned, cache_dir):
     tasks, want = [], []
     for index in ("range", "datetime", "multi"):
         mmcache.save(zoo(index), index, cache_dir=cache_dir)
@@ -96,12 +107,7 @@ def test_views_pickle_small_and_map_the_same_pages_in_a_spawned_worker(cache_dir
         assert len(pickle.dumps(view)) <= 1024
         tasks.append((view, str(cache_dir)))
         want.append((index, "saved Series rows", view))
-    p = mp.get_context("spawn").Pool(1)
-    try:
-        results = p.map_async(_workers.view_task, tasks, chunksize=1).get(WAIT)
-    finally:
-        p.terminate()
-        p.join()
+    results = spawned.map_async(_workers.view_task, tasks, chunksize=1).get(WAIT)
     for (index, kind, view), got in zip(want, results, strict=True):
         assert got["zero_copy"], (index, kind)
         assert_same(got["copy"], view)
@@ -230,7 +236,7 @@ def test_a_view_of_a_resaved_version_keeps_its_data_or_says_it_is_gone(cache_dir
         pickle.loads(payload)
 
 
-def test_chunked_pool_map_over_an_opened_frame_matches_the_plain_frame(cache_dir):
+def test_chunked_pool_map_over_an_opened_frame_matches_the_plain_frame(spawned, cache_dir):
     plain = _workers.make_mixed_frame(20_000, seed=9)
     mmcache.save(plain, "k", cache_dir=cache_dir)
     df = mmcache.open("k", cache_dir=cache_dir)
@@ -238,12 +244,7 @@ def test_chunked_pool_map_over_an_opened_frame_matches_the_plain_frame(cache_dir
     chunks = [df.iloc[i : i + n] for i in range(0, len(df), n)]
     assert all(len(pickle.dumps(c)) <= 1024 for c in chunks)
     assert len(pickle.dumps(plain.iloc[:n])) > 100 * 1024  # what a plain chunk ships
-    p = mp.get_context("spawn").Pool(2)
-    try:
-        got = p.map_async(_workers.chunk_task, chunks, chunksize=1).get(WAIT)
-    finally:
-        p.terminate()
-        p.join()
+    got = spawned.map_async(_workers.chunk_task, chunks, chunksize=1).get(WAIT)
     assert got == [_workers.chunk_task(plain.iloc[i : i + n]) for i in range(0, len(plain), n)]
 
 
