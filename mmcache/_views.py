@@ -102,6 +102,7 @@ def _full(cache_dir: str, key: str, token: str) -> Any:
     from pathlib import Path
 
     from . import _frame, _memo
+    from ._cache import no_gc
     from ._paths import entry_name
 
     version = _memo.load_version(Path(cache_dir), key, entry_name(key), token)
@@ -109,8 +110,9 @@ def _full(cache_dir: str, key: str, token: str) -> Any:
         return None  # written before versions linked their metadata: not openable by token
     base = version.frames.get(None)
     if base is None:
-        base = version.frames.setdefault(
-            None, _frame.decode(version.meta["layout"], version.mapped, None))
+        with no_gc():
+            base = _frame.decode(version.meta["layout"], version.mapped, None)
+        base = version.frames.setdefault(None, base)
     return base
 
 
