@@ -516,7 +516,10 @@ def _reduce(obj: Any) -> Any:
     else:
         from ._views import reference
 
-        view = reference(obj)  # a row range or column subset of an opened frame?
+        try:
+            view = reference(obj)  # a row range or column subset of an opened frame?
+        except Exception:  # the check must never break pickling: then the data go
+            view = None
         if view is not None and not _persisting():
             return (_reopen, view)
     return obj.__reduce_ex__(2)

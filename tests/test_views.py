@@ -259,3 +259,20 @@ def test_plain_frames_and_views_of_other_memory_pickle_as_pandas_does(cache_dir)
         assert REF not in payload
         assert_same(pickle.loads(payload), obj)
     assert maps_under(cache_dir) and array_buffers(df["a"]._values)
+
+
+def test_a_failing_view_check_pickles_the_data(cache_dir, monkeypatch):
+    """Whatever goes wrong while recognising a view (here: its entry cannot be read), the
+    frame still pickles, in full."""
+    from mmcache import _views
+
+    mmcache.save(zoo("range"), "k", cache_dir=cache_dir)
+    view = mmcache.open("k", cache_dir=cache_dir).iloc[3:30]
+
+    def broken(*args: Any) -> Any:
+        raise OSError("unreadable")
+
+    monkeypatch.setattr(_views, "_full", broken)
+    payload = pickle.dumps(view)
+    assert REF not in payload
+    assert_same(pickle.loads(payload), view)
