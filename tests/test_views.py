@@ -236,6 +236,24 @@ def test_a_view_of_a_resaved_version_keeps_its_data_or_says_it_is_gone(cache_dir
         pickle.loads(payload)
 
 
+def test_a_gone_view_fails_its_pool_task_not_the_pool(spawned, cache_dir):
+    """Unpickled in a Pool worker, a view of a version that is gone raises EntryChangedError
+    as the task's own error (raising while the worker reads its task would hang the map)."""
+    from . import _trust_workers as tw
+
+    mmcache.save(pd.DataFrame({"x": np.arange(50.0)}), "k", cache_dir=cache_dir)
+    payload = pickle.dumps(mmcache.open("k", cache_dir=cache_dir).iloc[10:20])
+    assert REF in payload
+    gc.collect()
+    mmcache.delete("k", cache_dir=cache_dir)
+    result = spawned.map_async(tw.sum_column, [tw.Deferred(payload)] * 2, chunksize=1)
+    with pytest.raises(mmcache.EntryChangedError, match="'k'"):
+        result.get(WAIT)
+    mmcache.save(pd.DataFrame({"x": np.arange(50.0)}), "k", cache_dir=cache_dir)
+    view = mmcache.open("k", cache_dir=cache_dir).iloc[10:20]
+    assert spawned.map(tw.sum_column, [view]) == [float(np.arange(10.0, 20.0).sum())]
+
+
 def test_chunked_pool_map_over_an_opened_frame_matches_the_plain_frame(spawned, cache_dir):
     plain = _workers.make_mixed_frame(20_000, seed=9)
     mmcache.save(plain, "k", cache_dir=cache_dir)
