@@ -207,7 +207,8 @@ def test_readers_never_see_a_mix_during_overwrites(shm_dir):
     key = "hot"
     readers: list[Child] = []
     with Child(
-        "alternating_writer", {"cache_dir": str(d), "key": key, "nrows": 500_000, "seconds": 3.0}
+        "alternating_writer",
+        {"cache_dir": str(d), "key": key, "nrows": 500_000, "seconds": 3.0, "min_saves": 10},
     ) as writer:
         try:
             writer.expect("ready", timeout=60)
