@@ -1,4 +1,4 @@
-"""``python -m benchmarks --quick | --full``: run every workload, write results and plots."""
+"""``python -m benchmarks --quick | --smoke | --full``: run every workload, write results and plots."""
 
 from __future__ import annotations
 
@@ -55,6 +55,24 @@ QUICK = Config(
     read_reps={100 * MB: _reads(0.2, 3, 1.0)},
     wide_reps=_reads(0.2, 2, 0.5),
     out=RESULTS / "quick",
+)
+# CI's smoke test: every workload, format and sharing method once, on small data (N=2 is
+# the smallest N at which joblib starts workers). Its figures mean little; it fails only
+# if a run breaks.
+SMOKE = Config(
+    sizes=[20 * MB],
+    share_size=20 * MB,
+    ns=[2],
+    ncols=[10, 1_000],
+    wide_kinds=[True],
+    memory_repeats=1,
+    save_reps={20 * MB: 1},
+    alt_save_reps={20 * MB: 1},
+    read_reps={20 * MB: _reads(0.05, 1, 0.1)},
+    wide_reps=_reads(0.05, 1, 0.1),
+    chunk_size=20 * MB,
+    ingest_rows=200_000,
+    out=RESULTS / "smoke",
 )
 FULL = Config(
     sizes=[100 * MB, GB, 4 * GB],
@@ -159,8 +177,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--quick", action="store_true",
-                      help="small sizes (100 MB, N=1,2,4), a few minutes: CI's smoke test; "
+                      help="small sizes (100 MB, N=1,2,4), about 2 minutes; "
                            "writes to benchmarks/results/quick/")
+    mode.add_argument("--smoke", action="store_true",
+                      help="tiny sizes (20 MB, N=2), every workload once, under a minute: "
+                           "CI's smoke test; writes to benchmarks/results/smoke/")
     mode.add_argument("--full", action="store_true",
                       help="100 MB, 1 GB, 4 GB; N=1,2,4,8 at 1 GB; under 30 minutes; writes "
                            "the committed benchmarks/results/")
@@ -173,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="skip runs whose estimated peak memory exceeds this (default "
                         f"{DEFAULT_CAP_GB:.0f})")
     args = p.parse_args(argv)
-    cfg = QUICK if args.quick else FULL
+    cfg = QUICK if args.quick else SMOKE if args.smoke else FULL
     out = args.out or cfg.out
     command = "python -m benchmarks " + " ".join(argv)
     if args.report_only:
