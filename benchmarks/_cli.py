@@ -1,4 +1,4 @@
-"""``python -m benchmarks --quick | --smoke | --full``: run every workload, write results and plots."""
+"""``python -m benchmarks --quick | --smoke | --full``: run the workloads, write results."""
 
 from __future__ import annotations
 
