@@ -189,11 +189,18 @@ class _Stager:
                 running = cats
             self.cats[where] = running
             if not cats.equals(running):
+                # Recoded by hand: astype() keeps the codes when the categories are the same
+                # set in another order (equal dtypes when unordered), which would give the
+                # codes other labels.
                 dtype = pd.CategoricalDtype(running, ordered=values.dtype.ordered)
+                codes = np.asarray(values.array.codes)
+                moved = running.get_indexer(cats)
+                recoded = pd.Categorical.from_codes(
+                    np.where(codes >= 0, moved[np.maximum(codes, 0)], -1), dtype=dtype)
                 if pos == "index":
-                    df.index = df.index.astype(dtype)
+                    df.index = pd.CategoricalIndex(recoded, name=df.index.name)
                 else:
-                    df.isetitem(pos, values.astype(dtype))
+                    df.isetitem(pos, pd.Series(recoded, index=df.index, name=values.name))
         return df
 
     def _slot(self, dtype: np.dtype, kind: str = _DATA) -> Spec:

@@ -153,6 +153,34 @@ def test_cross_batch_int_nulls_categories_and_string_validity(tmp_path, cache_di
     assert list(got["c"].cat.categories) == ["a", "b", "c", "d"]
 
 
+def test_dictionaries_of_the_same_words_in_another_order_keep_their_labels(
+        tmp_path, cache_dir):
+    """Row groups whose dictionaries hold the same words in another order (as two pandas
+    files of one categorical can): each value keeps its label, in columns and the index."""
+    groups = [
+        pa.table({"side": pa.array(["buy", "sell", "buy"]).dictionary_encode(),
+                  "n": pa.array([1, 2, 3])}),
+        pa.table({"side": pa.DictionaryArray.from_arrays(
+                      pa.array([0, 1, 0], pa.int32()), pa.array(["sell", "buy"])),
+                  "n": pa.array([4, 5, 6])}),
+    ]
+    path = tmp_path / "orders.parquet"
+    _write_groups(path, groups)
+    mmcache.ingest(path, "o", progress=False)
+    expected = pd.read_parquet(path)
+    got = _check("o", expected, cache_dir)
+    assert list(got["side"].astype(str)) == ["buy", "sell", "buy", "sell", "buy", "sell"]
+    indexed = tmp_path / "indexed.parquet"
+    frames = [pd.DataFrame({"n": [1, 2]}, index=pd.CategoricalIndex(["x", "y"], name="k")),
+              pd.DataFrame({"n": [3, 4]}, index=pd.CategoricalIndex(
+                  ["x", "y"], categories=["y", "x"], name="k"))]
+    with pq.ParquetWriter(indexed, pa.Schema.from_pandas(frames[0])) as writer:
+        for f in frames:
+            writer.write_table(pa.Table.from_pandas(f, schema=writer.schema))
+    mmcache.ingest(indexed, "oi", progress=False)
+    assert list(mmcache.open("oi").index.astype(str)) == ["x", "y", "x", "y"]
+
+
 def test_columns_keep_the_index_and_touch_nothing_else(files, cache_dir):
     mmcache.ingest(files["parquet"], "c", columns=["dest", "distance"], progress=False)
     expected = pd.read_parquet(files["parquet"], columns=["dest", "distance"])
