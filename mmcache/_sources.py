@@ -81,10 +81,22 @@ def open_source(source: Any, columns: Sequence[str] | None) -> Stream:
 
 def _path_stream(path: Path, columns: list[str] | None) -> Stream:
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file()
-                       and not p.name.startswith((".", "_")))
+        # Sorted as pyarrow and pandas list a directory: by the path as a string.
+        files = sorted((p for p in path.rglob("*") if p.is_file()
+                        and not p.name.startswith((".", "_"))), key=str)
         if not files:
             raise InvalidArgumentError(f"directory {str(path)!r} holds no parquet files")
+        hive = sorted({d.name for f in files for d in f.relative_to(path).parents
+                       if "=" in d.name})
+        if hive:
+            # pd.read_parquet turns `name=value` folders into columns: reading the files
+            # alone would silently drop them.
+            raise InvalidArgumentError(
+                f"directory {str(path)!r} is partitioned ({hive[0]!r}, ...): ingest does not "
+                "read partition folders as columns yet; nothing was written. Use "
+                "pd.read_parquet(path) and mmcache.save(), or ingest each partition's "
+                "folder under its own key"
+            )
         return _parquet_stream([_parquet_file(p) for p in files], columns,
                                f"parquet directory {str(path)!r}")
     if not path.exists():

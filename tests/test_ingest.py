@@ -181,6 +181,16 @@ def test_dictionaries_of_the_same_words_in_another_order_keep_their_labels(
     assert list(mmcache.open("oi").index.astype(str)) == ["x", "y", "x", "y"]
 
 
+def test_partitioned_directory_is_refused_not_read_without_its_partition_column(
+        tmp_path, cache_dir):
+    root = tmp_path / "hive"
+    pd.DataFrame({"v": [1, 2], "year": [2020, 2021]}).to_parquet(root, partition_cols=["year"])
+    assert list(pd.read_parquet(root).columns) == ["v", "year"]
+    with pytest.raises(mmcache.InvalidArgumentError, match="partitioned"):
+        mmcache.ingest(root, "hive", progress=False)
+    assert not mmcache.exists("hive")
+
+
 def test_columns_keep_the_index_and_touch_nothing_else(files, cache_dir):
     mmcache.ingest(files["parquet"], "c", columns=["dest", "distance"], progress=False)
     expected = pd.read_parquet(files["parquet"], columns=["dest", "distance"])
@@ -377,7 +387,8 @@ def test_ingest_memory_does_not_grow_with_the_data(shm_dir):
         return int(_run(_MEASURE, str(path), str(tiny), str(shm_dir / f"c-{how}"), how))
 
     naive = grown(small, "naive")
-    extra = grown(big, "ingest") - grown(small, "ingest")
+    # Noise (a busy machine, allocator arenas) only ever adds: the smaller of two tries.
+    extra = min(grown(big, "ingest") - grown(small, "ingest") for _ in range(2))
     assert naive >= 0.75 * sizes[small], (naive, sizes[small])
     assert extra <= 0.3 * (sizes[big] - sizes[small]), (extra, sizes)
 
