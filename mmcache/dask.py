@@ -331,12 +331,12 @@ class _OwnMemory:
     """A worker's own memory, as Dask should see it: :func:`own_bytes`.
 
     Reading it costs a walk of the process's mappings (~15 ms with pandas loaded and a GB
-    mapped), and Dask asks every 100 ms: it is read again after a second, or after a fifth
-    of a second when the resident set moved by more than 64 MB; in between, what the
-    resident set gained or lost since is added to the last reading, so growth shows at once
-    (and pages of cache files read meanwhile count until the next reading)."""
+    mapped), and Dask asks every 100 ms: it is read again after a second, or at once when
+    the resident set moved by more than 64 MB since the last reading (so pages of an entry
+    being read never count for more than that); in between, what the resident set gained or
+    lost since is added to the last reading, so heap growth shows at once."""
 
-    _EVERY, _SOON, _MOVED = 1.0, 0.2, 64 << 20
+    _EVERY, _MOVED = 1.0, 64 << 20
 
     def __init__(self, proc: Any) -> None:
         self.proc = proc
@@ -348,7 +348,7 @@ class _OwnMemory:
         rss = self.proc.memory_info().rss
         now = time.monotonic()
         since = now - self.when
-        if since > self._EVERY or (since > self._SOON and abs(rss - self.rss_then) > self._MOVED):
+        if since > self._EVERY or abs(rss - self.rss_then) > self._MOVED:
             own = own_bytes(self.proc.pid)
             if own is None:  # smaps unreadable: Dask's own measure
                 return rss

@@ -3,6 +3,8 @@ polars and DuckDB recipes."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -104,7 +106,11 @@ def test_open_arrow_of_an_ingested_parquet_file(tmp_path, cache_dir):
     table = mmcache.open_arrow("z")
     ranges = maps_under(cache_dir)
     assert all(_in_cache(table.column(c).chunk(0).buffers()[1], ranges) for c in ("i", "f", "t"))
-    _pd.assert_frame_equal(table.to_pandas(), pd.read_parquet(path), check_dtype=False)
+    with warnings.catch_warnings():
+        # pandas 2.3's own testing: None (to_pandas of Arrow text) against NaN (read_parquet's
+        # object text) are equal today, with a FutureWarning that they will not be.
+        warnings.simplefilter("ignore", FutureWarning)
+        _pd.assert_frame_equal(table.to_pandas(), pd.read_parquet(path), check_dtype=False)
 
 
 def test_open_arrow_refuses_what_arrow_cannot_hold(cache_dir):
