@@ -53,8 +53,10 @@ def cluster(node_dirs: list[Path], per_node: int = 2, **worker_options: Any) -> 
             with contextlib.suppress(Exception):
                 spec.close(timeout=CLOSE_TIMEOUT)
         for p in psutil.Process().children(recursive=True):
-            if p.pid not in before:
-                with contextlib.suppress(psutil.Error):
+            with contextlib.suppress(psutil.Error):
+                # multiprocessing's resource tracker, started on the way, serves the rest of
+                # the session: killing it makes later tests warn "process died unexpectedly".
+                if p.pid not in before and "resource_tracker" not in " ".join(p.cmdline()):
                     p.kill()
 
 
