@@ -34,7 +34,7 @@ from typing import Any
 import psutil
 
 from ._data import frame_nbytes, mixed_frame, touch_frame
-from ._system import MB, private_anon
+from ._system import MB, private_anon, tree_memory
 
 LIMIT = 2 * 2**30
 NODES, PER_NODE = 2, 2
@@ -123,16 +123,7 @@ def _loopback() -> int:
 def _anon_pss() -> int:
     """Pss_Anon of this process and its descendants: the heaps. (Entries are tmpfs files,
     counted once by the bytes of the cache directories, not where they are mapped.)"""
-    total = 0
-    procs = [psutil.Process()]
-    with contextlib.suppress(psutil.Error):
-        procs += psutil.Process().children(recursive=True)
-    for p in procs:
-        with contextlib.suppress(OSError), open(f"/proc/{p.pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Pss_Anon:"):
-                    total += int(line.split()[1]) * 1024
-    return total
+    return tree_memory(("Pss_Anon:",))
 
 
 def _dir_bytes(dirs: list[Path]) -> int:

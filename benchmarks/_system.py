@@ -71,28 +71,29 @@ def sample_available(count: int = 5, interval: float = 0.04) -> tuple[int, int]:
     return int(statistics.median(values)), max(values) - min(values)
 
 
-def _rollup(pid: int) -> int:
-    """Pss_Anon + Pss_Shmem of a process, in bytes (0 if it is gone)."""
+def _rollup(pid: int, fields: tuple[str, ...]) -> int:
+    """The sum of these smaps_rollup fields of a process, in bytes (0 if it is gone)."""
     total = 0
     try:
         with open(f"/proc/{pid}/smaps_rollup") as f:
             for line in f:
-                if line.startswith(("Pss_Anon:", "Pss_Shmem:")):
+                if line.startswith(fields):
                     total += int(line.split()[1]) * 1024
     except (FileNotFoundError, ProcessLookupError, PermissionError):
         return 0
     return total
 
 
-def tree_memory() -> int:
+def tree_memory(fields: tuple[str, ...] = ("Pss_Anon:", "Pss_Shmem:")) -> int:
     """Anonymous and shared-memory pages of this process and all its descendants, each page
     counted once (PSS): the benchmark's own memory, undisturbed by other processes on the
     machine. Library pages (page cache) are left out; tmpfs files that no process maps are
-    not seen (when it is sampled, the workers map all the data they read)."""
+    not seen (when it is sampled, the workers map all the data they read). ``fields``: which
+    smaps_rollup lines to add (``("Pss_Anon:",)``: the heaps alone)."""
     pids = [os.getpid()]
     with contextlib.suppress(psutil.Error):
         pids += [p.pid for p in psutil.Process().children(recursive=True)]
-    return sum(_rollup(pid) for pid in pids)
+    return sum(_rollup(pid, fields) for pid in pids)
 
 
 def private_anon(pid: int | str = "self") -> int:

@@ -328,7 +328,8 @@ def register(client: distributed.Client) -> None:
 
 
 class _OwnMemory:
-    """A worker's own memory, as Dask should see it: :func:`own_bytes`.
+    """A worker's own memory, as Dask should see it: :func:`own_bytes`, for the worker's
+    monitor (called) and for its nanny's restart check (:meth:`reading`).
 
     Reading it costs a walk of the process's mappings (~15 ms with pandas loaded and a GB
     mapped), and Dask asks every 100 ms: it is read again after a second, or at once when
@@ -338,21 +339,28 @@ class _OwnMemory:
 
     _EVERY, _MOVED = 1.0, 64 << 20
 
-    def __init__(self, proc: Any) -> None:
+    def __init__(self, proc: Any = None) -> None:
         self.proc = proc
+        self.pid: int | None = None
         self.when = -1.0e9
         self.rss_then = 0
         self.own_then = 0
 
     def __call__(self) -> int:
         rss = self.proc.memory_info().rss
+        own = self.reading(self.proc.pid, rss)
+        return rss if own is None else own  # smaps unreadable: Dask's own measure
+
+    def reading(self, pid: int, rss: int) -> int | None:
+        """Process ``pid``'s own memory, given its RSS now; None if it cannot be read."""
         now = time.monotonic()
-        since = now - self.when
-        if since > self._EVERY or abs(rss - self.rss_then) > self._MOVED:
-            own = own_bytes(self.proc.pid)
-            if own is None:  # smaps unreadable: Dask's own measure
-                return rss
-            self.when, self.rss_then, self.own_then = now, rss, own
+        if (pid != self.pid or now - self.when > self._EVERY
+                or abs(rss - self.rss_then) > self._MOVED):
+            own = own_bytes(pid)
+            if own is None:
+                self.pid = None
+                return None
+            self.pid, self.when, self.rss_then, self.own_then = pid, now, rss, own
         return max(self.own_then + rss - self.rss_then, 0)
 
 
@@ -418,22 +426,12 @@ def _nanny_check(nanny: Any, manager: Any) -> None:
         return
     if rss / limit <= fraction:
         return
-    own = _nanny_reading(nanny, pid, rss)
+    reader = getattr(nanny, "_mmcache_own", None)
+    if reader is None:
+        reader = nanny._mmcache_own = _OwnMemory()
+    own = reader.reading(pid, rss)
     if own is None or own / limit > fraction:
         manager.memory_monitor(nanny)
-
-
-def _nanny_reading(nanny: Any, pid: int, rss: int) -> int | None:
-    """own_bytes(pid), read at most once a second (the check runs every 100 ms, and RSS
-    stays past the limit as long as the worker maps that much of an entry); in between,
-    what RSS gained since is added, so heap growth counts at once."""
-    now = time.monotonic()
-    cached = getattr(nanny, "_mmcache_own", None)
-    if cached is not None and cached[0] == pid and now - cached[1] < 1.0:
-        return cached[2] + rss - cached[3]  # type: ignore[no-any-return]
-    own = own_bytes(pid)
-    nanny._mmcache_own = None if own is None else (pid, now, own, rss)
-    return own
 
 
 _PRIVATE = re.compile(rb"^Private_\w+:\s+(\d+) kB", re.MULTILINE)
