@@ -24,13 +24,17 @@ class Config:
     share_size: int
     ns: list[int]
     ncols: list[int]
-    wide_kinds: list[bool]  # mixed dtypes (True) and/or all float64 (False)
+    # mixed dtypes (True), all float64 (False), categories each with its own ("categories")
+    wide_kinds: list[bool | str]
     memory_repeats: int  # runs of mmcache and baseline sharing rows (medians reported)
     save_reps: dict[int, int]  # frame size -> mmcache/plain save repetitions
     alt_save_reps: dict[int, int]
     read_reps: dict[int, dict[str, Any]]  # frame size -> repeat() settings
     wide_reps: dict[str, Any] = field(default_factory=dict)
     ingest_rows: int = 800_000  # parquet rows to ingest (~112 bytes each in memory)
+    chunk_size: int = 100 * MB  # frame of the chunked Pool.map workload
+    # column counts of the "categories" kind (its 10,000-column files take long to write)
+    category_ncols: list[int] = field(default_factory=lambda: [1_000])
     out: Path = RESULTS
 
 
@@ -44,7 +48,7 @@ QUICK = Config(
     share_size=100 * MB,
     ns=[1, 2, 4],
     ncols=[10, 100, 1_000, 10_000],
-    wide_kinds=[True],
+    wide_kinds=[True, "categories"],
     memory_repeats=1,
     save_reps={100 * MB: 3},
     alt_save_reps={100 * MB: 1},
@@ -66,6 +70,7 @@ SMOKE = Config(
     alt_save_reps={20 * MB: 1},
     read_reps={20 * MB: _reads(0.05, 1, 0.1)},
     wide_reps=_reads(0.05, 1, 0.1),
+    chunk_size=20 * MB,
     ingest_rows=200_000,
     out=RESULTS / "smoke",
 )
@@ -74,7 +79,7 @@ FULL = Config(
     share_size=GB,
     ns=[1, 2, 4, 8],
     ncols=[10, 100, 1_000, 10_000],
-    wide_kinds=[True, False],
+    wide_kinds=[True, False, "categories"],
     memory_repeats=3,
     save_reps={100 * MB: 5, GB: 3, 4 * GB: 3},
     alt_save_reps={100 * MB: 3, GB: 2, 4 * GB: 1},
@@ -82,8 +87,10 @@ FULL = Config(
                4 * GB: _reads(1.0, 2, 5.0)},
     wide_reps=_reads(1.0, 3, 3.0),
     ingest_rows=20_000_000,  # ~2.3 GB in memory: DESIGN.md asks for at least 2 GB
+    chunk_size=GB,
+    category_ncols=[10, 100, 1_000, 10_000],
 )
-WORKLOADS = ("size", "columns", "sharing", "ingest", "dask")
+WORKLOADS = ("size", "columns", "sharing", "chunks", "ingest", "dask")
 
 
 def _log(msg: str) -> None:
@@ -91,7 +98,7 @@ def _log(msg: str) -> None:
 
 
 def run(cfg: Config, workloads: list[str], cap: int, command: str) -> dict[str, Any]:
-    from . import _dask, _ingest, _latency, _sharing
+    from . import _chunks, _dask, _ingest, _latency, _sharing
 
     t0 = time.perf_counter()
     results: dict[str, Any] = {"command": command, "machine": machine(), "cap_bytes": cap,
@@ -113,12 +120,17 @@ def run(cfg: Config, workloads: list[str], cap: int, command: str) -> dict[str, 
             if "columns" in workloads:
                 results["open_vs_columns"] = []
                 for mixed in cfg.wide_kinds:
-                    for ncols in cfg.ncols:
+                    for ncols in cfg.category_ncols if mixed == "categories" else cfg.ncols:
                         try:
                             results["open_vs_columns"].append(_latency.columns_point(
                                 ncols, mixed, tmp, reps=cfg.wide_reps, log=_log))
                         except Exception as exc:
                             _fail(results, f"open of {ncols} columns", exc)
+            if "chunks" in workloads:
+                try:
+                    results["chunks"] = _chunks.chunks(cfg.chunk_size, tmp, log=_log)
+                except Exception as exc:
+                    _fail(results, "chunks", exc)
             if "ingest" in workloads:
                 try:
                     results["ingest"] = _ingest.ingest_point(cfg.ingest_rows, tmp, log=_log)
@@ -137,6 +149,9 @@ def run(cfg: Config, workloads: list[str], cap: int, command: str) -> dict[str, 
                     _fail(results, "dask", exc)
         finally:
             kill_children(keep=_sharing.HELPERS)
+    for row in results.get("chunks", {}).get("rows_out", []):
+        if not row["correct"]:
+            results["errors"].append(f"chunks {row['way']}: checksums differ")
     for row in results.get("sharing", {}).get("rows", []):
         for key in ("error", "wrong"):
             if key in row:

@@ -382,8 +382,9 @@ def _same_json(a: Any, b: Any) -> bool:
     return _same_label(a, b)
 
 
-def _reopen(cache_dir: str, key: str, token: str, columns: Any) -> Any:
-    """Unpickle a reference: exactly version ``token``, or EntryChangedError."""
+def _reopen(cache_dir: str, key: str, token: str, columns: Any, view: Any = None) -> Any:
+    """Unpickle a reference: exactly version ``token``, or EntryChangedError. ``view``:
+    the rows and columns of it a derived frame was (see _views.cut)."""
     from ._cache import Cache, _os_error
 
     if _in_dask_scheduler():
@@ -393,6 +394,10 @@ def _reopen(cache_dir: str, key: str, token: str, columns: Any) -> Any:
     error: MmcacheError
     try:
         obj = Cache(cache_dir)._open_version(key, token, columns)
+        if obj is not None and view is not None:
+            from ._views import cut
+
+            obj = cut(obj, view)
     except MmcacheError as exc:  # damaged files, an unusable directory, ...
         obj, error = None, exc
     except OSError as exc:  # out of descriptors or memory, no permission
@@ -570,14 +575,25 @@ def _reduce(obj: Any) -> Any:
 
     A frame handed out by open(), unmodified, whose entry still holds its version pickles as
     a reference (key, cache directory, version: a few hundred bytes) and the receiving
-    process maps the same files. Anything else pickles exactly as pandas pickles it.
+    process maps the same files; so does an unmodified row range or column subset of one
+    (see _views.py). Anything else pickles exactly as pandas pickles it.
 
     A hook on the exact classes, rather than a subclass, keeps ``type(mmcache.open(k))`` a
     plain ``pd.DataFrame``: pandas' testing helpers and user code that compare classes work.
     """
     ref = obj.__dict__.get("_mmcache_ref")
-    if ref is not None and ref.unmodified(obj) and ref.openable() and not _persisting():
-        return (_reopen, (ref.cache_dir, ref.key, ref.token, ref.columns))
+    if ref is not None:
+        if ref.unmodified(obj) and ref.openable() and not _persisting():
+            return (_reopen, (ref.cache_dir, ref.key, ref.token, ref.columns))
+    else:
+        from ._views import reference
+
+        try:
+            view = reference(obj)  # a row range or column subset of an opened frame?
+        except Exception:  # the check must never break pickling: then the data go
+            view = None
+        if view is not None and not _persisting():
+            return (_reopen, view)
     return obj.__reduce_ex__(2)
 
 

@@ -11,11 +11,13 @@ descriptor closed at once, ``munmap`` when the last array viewing the mapping is
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import mmap
 import os
 import stat
 import weakref
+from typing import Any
 
 import numpy as np
 
@@ -26,21 +28,20 @@ _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_
 _libc.munmap.restype = ctypes.c_int
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _MAP_FAILED = ctypes.c_void_p(-1).value
-# Every mapping this process holds now (see mapped_ranges): what memory accounting that
-# understands sharing (mmcache.dask) leaves out.
-_LIVE: weakref.WeakSet[_Region] = weakref.WeakSet()
 
 
 class _Region:
     """Owns one mapping; numpy arrays built on it keep it alive through their ``base``."""
 
-    __slots__ = ("__weakref__", "address", "private", "size")
+    __slots__ = ("__weakref__", "address", "owner", "private", "size")
 
     def __init__(self, address: int, size: int, private: bool) -> None:
         self.address = address
         self.size = size
         self.private = private
-        _LIVE.add(self)
+        # What the mapped file is, for telling a derived frame's buffers apart (see
+        # _views.py): (cache dir, key, token, file name), set by whoever mapped it.
+        self.owner: Any = None
 
     @property
     def __array_interface__(self) -> dict[str, object]:
@@ -77,7 +78,29 @@ def map_file(path: str | os.PathLike[str], size: int, *, private: bool = False) 
     if address in (None, _MAP_FAILED):
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), os.fspath(path))
-    return np.asarray(_Region(address, size, private))
+    region = _Region(address, size, private)
+    _LIVE.add(region)
+    return np.asarray(region)
+
+
+# Every mapping alive in this process: derived frames' buffers are found in them by address,
+# and memory accounting that understands sharing (mmcache.dask) leaves them out.
+_LIVE: weakref.WeakSet[_Region] = weakref.WeakSet()
+
+
+def live_regions() -> list[_Region]:
+    """The mappings alive now, sorted by address (to be searched with :func:`locate`)."""
+    return sorted((r for r in list(_LIVE) if r.size), key=lambda r: r.address)
+
+
+def locate(regions: list[_Region], starts: list[int], address: int, nbytes: int) -> Any:
+    """The region of ``regions`` (sorted, ``starts`` their addresses) that holds the
+    ``nbytes`` bytes at ``address``, or None."""
+    i = bisect.bisect_right(starts, address) - 1
+    if i < 0:
+        return None
+    r = regions[i]
+    return r if address + nbytes <= r.address + r.size else None
 
 
 _PAGE = mmap.PAGESIZE
@@ -86,7 +109,7 @@ _PAGE = mmap.PAGESIZE
 _PRESENT, _SWAPPED, _FILE = np.uint64(1 << 63), np.uint64(1 << 62), np.uint64(1 << 61)
 
 
-def _region(arr: np.ndarray) -> _Region | None:
+def region_of(arr: np.ndarray) -> _Region | None:
     base = arr.base
     while isinstance(base, np.ndarray):
         base = base.base
@@ -95,7 +118,7 @@ def _region(arr: np.ndarray) -> _Region | None:
 
 def in_private_mapping(arr: np.ndarray) -> bool:
     """True if ``arr`` views a private mapping (``map_file(private=True)``)."""
-    region = _region(arr)
+    region = region_of(arr)
     return region is not None and region.private
 
 
@@ -107,10 +130,20 @@ def written(arrays: list[np.ndarray]) -> bool:
     first write replaces it with an anonymous copy (present, not a file page) that may later
     be swapped out. The kernel's page table says which, without touching the data.
     """
-    regions: list[tuple[int, int]] = []
+    found = []
     for arr in arrays:
-        base = _region(arr)
-        if base is None or not base.private:
+        base = region_of(arr)
+        if base is None:
+            return True
+        found.append(base)
+    return regions_written(found)
+
+
+def regions_written(found: list[_Region]) -> bool:
+    """:func:`written` for the mappings themselves (each must be private, else True)."""
+    regions: list[tuple[int, int]] = []
+    for base in found:
+        if not base.private:
             return True
         if base.size:
             regions.append((base.address, base.size))

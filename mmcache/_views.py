@@ -1,0 +1,370 @@
+"""Frames derived from opened frames that still pickle by reference: row ranges and column
+subsets.
+
+``df.iloc[a:b]``, ``df[["x", "y"]]`` or ``df["x"]`` of an opened frame are views of its mapped
+pages, but they are plain pandas objects: nothing in pandas says where they came from. So a
+view is recognised by what it *is*, never by how it was made:
+
+1. its first column's buffer lies in a mapping of a cache file: that names the version;
+2. each column's row-0 address places it in one column of that version, at one row offset
+   ``a`` shared by all columns: a guess at ``(columns, a, b)``;
+3. the frame the receiver will build for that guess (:func:`cut` of the full version, the
+   very function the receiver runs) is built here too and compared with the view, part by
+   part: same classes and dtypes, labels, names, attrs and flags by value; buffers the same
+   memory or the same bytes of the same cache file; small unmapped ones (categories, labels)
+   by value. Anything not understood compares unequal.
+
+So a view pickles as a reference only when the receiver provably rebuilds the same data: a
+renamed, re-indexed, re-typed or edited view (pandas copy-on-write copies an edited column
+out of the mapping) pickles in full. On pandas 2 without copy-on-write, edits write into the
+frame's private mapping: any written page of a view's mappings makes it pickle in full.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ._mmap import live_regions, locate, regions_written
+
+# Unmapped arrays (categories and labels rebuilt from JSON, all-missing object columns)
+# compared by value up to this many items; a larger one makes the view pickle in full.
+SMALL = 1 << 16
+
+
+class _Where:
+    """Finds which mapped cache file, and where in it, an address lies."""
+
+    def __init__(self) -> None:
+        self.regions = live_regions()
+        self.starts = [r.address for r in self.regions]
+        self.private: set[Any] = set()  # regions of the view that are private mappings
+
+    def find(self, address: int, nbytes: int) -> Any:
+        if not self.regions:
+            return None
+        r = locate(self.regions, self.starts, address, max(nbytes, 1))
+        return None if r is None or r.owner is None else r
+
+    def place(self, address: int, nbytes: int) -> tuple[Any, int] | None:
+        """(file, offset) of these bytes in a cache file, or None."""
+        r = self.find(address, nbytes)
+        return None if r is None else (r.owner, address - r.address)
+
+
+def reference(obj: pd.DataFrame | pd.Series) -> tuple[Any, ...] | None:
+    """``(cache_dir, key, token, None, cut)`` for :func:`_frame._reopen` if ``obj`` is an
+    unmodified view of a saved version that is still on disk, else None (pickle in full)."""
+    if type(obj) not in (pd.DataFrame, pd.Series) or len(obj) == 0:
+        return None
+    where = _Where()
+    if not where.regions:
+        return None
+    # Any one column outside the mappings settles it, before looking at the others (this
+    # runs for every frame pickled in a process that has an entry open).
+    if isinstance(obj, pd.Series):
+        first = _row0(obj._values)
+    elif obj.shape[1] and obj._mgr.blocks:
+        values = obj._mgr.blocks[0].values
+        first = _row0(values[0] if values.ndim == 2 else values)
+    else:
+        return None
+    region = None if first is None else where.find(first[0], first[1])
+    if region is None:
+        return None
+    cols = _columns(obj)
+    cache_dir, key, token, _ = region.owner
+    base = _full(cache_dir, key, token)
+    if base is None:
+        return None
+    where = _Where()  # _full may have mapped the version again
+    guess = _guess(obj, cols, base, where)
+    if guess is None:
+        return None
+    positions, a = guess
+    n = len(obj)
+    spec = (_runs(positions, base), a, a + n, isinstance(obj, pd.Series))
+    rebuilt = cut(base, spec)
+    if not _same_object(obj, rebuilt, where):
+        return None
+    # pandas 2 without copy-on-write writes edits into the frame's own private mapping: a
+    # written page anywhere in the view's mappings (conservative) means it may differ.
+    if where.private and regions_written(list(where.private)):
+        return None
+    return (cache_dir, key, token, None, spec)
+
+
+def _full(cache_dir: str, key: str, token: str) -> Any:
+    """The whole frame of this version, decoded over this process's shared mapping of it
+    (never handed out: it is only compared against), if the version is still on disk."""
+    from pathlib import Path
+
+    from . import _frame, _memo
+    from ._cache import no_gc
+    from ._paths import entry_name
+
+    version = _memo.load_version(Path(cache_dir), key, entry_name(key), token)
+    if version is None or not (version.data_dir / _memo.VERSION_META).exists():
+        return None  # written before versions linked their metadata: not openable by token
+    base = version.frames.get(None)
+    if base is None:
+        with no_gc():
+            base = _frame.decode(version.meta["layout"], version.mapped, None)
+        base = version.frames.setdefault(None, base)
+    return base
+
+
+def cut(frame: pd.DataFrame | pd.Series, spec: tuple[Any, ...]) -> pd.DataFrame | pd.Series:
+    """Rows ``a:b`` and the columns ``runs`` (``(start, stop)`` pairs of positions; None: all)
+    of ``frame``, as views of its buffers; a Series when ``series``. The sender builds this
+    to check a view, the receiver to rebuild it: one function, so both build the same."""
+    from ._compat import frame_from_blocks
+    from ._frame import pin
+
+    runs, a, b, series = spec
+    rows = frame.iloc[a:b]
+    if isinstance(rows, pd.Series):
+        return rows
+    if runs is None:
+        out: pd.DataFrame | pd.Series = rows
+    elif series:
+        (start, _), = runs
+        out = rows.iloc[:, start]
+    elif len(runs) == 1:
+        out = rows.iloc[:, runs[0][0]:runs[0][1]]
+    else:
+        positions = [p for start, stop in runs for p in range(start, stop)]
+        blocks = []
+        for new, p in enumerate(positions):
+            values = rows._mgr.iget_values(p)
+            if isinstance(values, np.ndarray | pd.arrays.DatetimeArray | pd.arrays.TimedeltaArray):
+                values = values.reshape(1, -1)
+            blocks.append((values, np.array([new], dtype=np.intp)))
+        out = frame_from_blocks(blocks, index=rows.index, columns=rows.columns.take(positions))
+        out.attrs = dict(rows.attrs)
+        out.flags.allows_duplicate_labels = rows.flags.allows_duplicate_labels
+        pin(out)
+    return out
+
+
+def _runs(positions: list[int], base: Any) -> list[tuple[int, int]] | None:
+    if isinstance(base, pd.Series) or positions == list(range(base.shape[1])):
+        return None
+    runs: list[list[int]] = []
+    for p in positions:
+        if runs and runs[-1][1] == p:
+            runs[-1][1] = p + 1
+        else:
+            runs.append([p, p + 1])
+    return [(s, e) for s, e in runs]
+
+
+def _columns(obj: pd.DataFrame | pd.Series) -> list[Any]:
+    """Each column's 1-D array, by position (whatever the blocks)."""
+    if isinstance(obj, pd.Series):
+        return [obj._values]
+    out: list[Any] = [None] * obj.shape[1]
+    for blk in obj._mgr.blocks:
+        values = blk.values
+        for row, pos in enumerate(blk.mgr_locs.as_array.tolist()):
+            out[pos] = values[row] if values.ndim == 2 else values
+    return out
+
+
+def _row0(values: Any) -> tuple[int, int] | None:
+    """(address of row 0, bytes a row) of the buffer that runs along an array's rows."""
+    if isinstance(values, np.ndarray):
+        if values.ndim != 1 or not len(values):
+            return None
+        return values.__array_interface__["data"][0], values.strides[0]
+    if isinstance(values, pd.Categorical):
+        return _row0(values._codes)
+    if isinstance(values, pd.arrays.IntervalArray):
+        return _row0(_unindex(values._left))
+    for attr in ("_mask", "_ndarray"):  # masked arrays: their values; numpy-backed ones
+        if hasattr(values, attr):
+            return _row0(values._data if attr == "_mask" else values._ndarray)
+    chunked = getattr(values, "_pa_array", None)
+    if chunked is None or chunked.num_chunks != 1:
+        return None
+    import pyarrow as pa
+
+    chunk = chunked.chunk(0)
+    t = chunk.type
+    if pa.types.is_large_string(t) or pa.types.is_large_binary(t):
+        width = 8
+    elif pa.types.is_string(t) or pa.types.is_binary(t):
+        width = 4
+    elif t.num_fields == 0 and not pa.types.is_boolean(t) and t.bit_width % 8 == 0:
+        width = t.bit_width // 8
+    else:
+        return None
+    buf = chunk.buffers()[1]
+    return (None if buf is None else (buf.address + chunk.offset * width, width))
+
+
+def _guess(obj: Any, cols: list[Any], base: Any, where: _Where) -> tuple[list[int], int] | None:
+    """Which of ``base``'s columns each of ``obj``'s is, and at which row it starts."""
+    table: dict[Any, list[tuple[int, int, int, int]]] = {}
+    for p, values in enumerate(_columns(base)):
+        row0 = _row0(values)
+        place = None if row0 is None else where.place(row0[0], row0[1])
+        if row0 is not None and place is not None:
+            table.setdefault(place[0], []).append((place[1], row0[1], len(values), p))
+    n = len(obj)
+    positions: list[int] = []
+    start: int | None = None
+    for values in cols:
+        row0 = _row0(values)
+        place = None if row0 is None else where.place(row0[0], row0[1])
+        if row0 is None or place is None:
+            return None
+        found = next(((p, (place[1] - off) // stride)
+                      for off, stride, rows, p in table.get(place[0], ())
+                      if stride == row0[1] and 0 <= place[1] - off < stride * rows
+                      and (place[1] - off) % stride == 0), None)
+        if found is None or (start is not None and found[1] != start) or found[1] + n > len(base):
+            return None
+        start = found[1]
+        positions.append(found[0])
+    assert start is not None
+    return positions, start
+
+
+# --- comparing a view with what the receiver rebuilds ----------------------------------
+
+
+def _same_object(x: Any, y: Any, where: _Where) -> bool:
+    from ._frame import _same_json, _same_label
+
+    if type(x) is not type(y) or x.shape != y.shape:
+        return False
+    if isinstance(x, pd.Series):
+        if not _same_label(x.name, y.name):
+            return False
+    elif not _same_index(x.columns, y.columns, where):
+        return False
+    return (_same_index(x.index, y.index, where)
+            and _same_json(x.attrs, y.attrs)
+            and x.flags.allows_duplicate_labels == y.flags.allows_duplicate_labels
+            and all(_same_array(a, b, where)
+                    for a, b in zip(_columns(x), _columns(y), strict=True)))
+
+
+def _same_index(x: Any, y: Any, where: _Where) -> bool:
+    from ._frame import _same_label, _same_labels
+
+    if x is y:
+        return True
+    if type(x) is not type(y) or not _same_labels(list(x.names), list(y.names)):
+        return False
+    if isinstance(x, pd.RangeIndex):
+        return (x.start, x.stop, x.step) == (y.start, y.stop, y.step)
+    if isinstance(x, pd.MultiIndex):
+        return (x.sortorder == y.sortorder
+                and len(x.levels) == len(y.levels)
+                and all(_same_index(a, b, where) for a, b in zip(x.levels, y.levels, strict=True))
+                and all(_same_array(a, b, where) for a, b in zip(x.codes, y.codes, strict=True)))
+    return (_same_label(getattr(x, "freq", None), getattr(y, "freq", None))
+            and _same_array(x._values, y._values, where))
+
+
+def _same_dtype(x: Any, y: Any) -> bool:
+    if type(x) is not type(y) or x != y or str(x) != str(y):
+        return False
+    tz = getattr(x, "tz", None)
+    if tz is not None and (type(tz) is not type(y.tz) or str(tz) != str(y.tz)):
+        return False
+    na = getattr(x, "na_value", None)
+    return na is None or repr(na) == repr(y.na_value)
+
+
+def _same_array(x: Any, y: Any, where: _Where) -> bool:
+    """Same class, dtype and length, and the same data: the same memory, the same bytes of
+    the same cache file, or (small and unmapped) equal values."""
+    if type(x) is not type(y) or len(x) != len(y):
+        return False
+    if isinstance(x, np.ndarray):
+        return x.dtype == y.dtype and x.dtype.str == y.dtype.str and _same_memory(x, y, where)
+    if isinstance(x, pd.Categorical):
+        return (x.dtype.ordered == y.dtype.ordered
+                and _same_index(x.categories, y.categories, where)
+                and _same_array(x._codes, y._codes, where))
+    if isinstance(x, pd.arrays.IntervalArray):
+        return _same_dtype(x.dtype, y.dtype) and all(
+            _same_array(_unindex(getattr(x, s)), _unindex(getattr(y, s)), where)
+            for s in ("_left", "_right"))
+    if not _same_dtype(x.dtype, y.dtype):
+        return False
+    if hasattr(x, "_mask"):
+        return _same_array(x._data, y._data, where) and _same_array(x._mask, y._mask, where)
+    if hasattr(x, "_ndarray"):
+        from ._frame import _same_label
+
+        return (_same_label(getattr(x, "freq", None), getattr(y, "freq", None))
+                and _same_array(x._ndarray, y._ndarray, where))
+    if hasattr(x, "_pa_array"):
+        return _same_arrow(x._pa_array, y._pa_array, where)
+    return False
+
+
+def _unindex(values: Any) -> Any:
+    return values._values if isinstance(values, pd.Index) else values
+
+
+def _same_memory(x: np.ndarray, y: np.ndarray, where: _Where) -> bool:
+    from ._frame import _same_labels
+
+    if x.shape != y.shape or x.strides != y.strides:
+        return False
+    if x.size == 0:
+        return True
+    if x.ndim != 1:
+        return False
+    px = x.__array_interface__["data"][0]
+    py = y.__array_interface__["data"][0]
+    span = x.itemsize + (len(x) - 1) * abs(x.strides[0])
+    lo_x = px + min(0, (len(x) - 1) * x.strides[0])
+    lo_y = py + min(0, (len(y) - 1) * y.strides[0])
+    rx, ry = where.find(lo_x, span), where.find(lo_y, span)
+    if (rx is not None and ry is not None and rx.owner == ry.owner
+            and lo_x - rx.address == lo_y - ry.address):
+        if rx.private:
+            where.private.add(rx)
+        return True  # the same bytes of the same file
+    if px == py and rx is None and ry is None:
+        return True  # the same memory, outside any mapping
+    if x.size > SMALL:
+        return False
+    if x.dtype == object:
+        return _same_labels(x.tolist(), y.tolist())
+    return bool(x.tobytes() == y.tobytes())
+
+
+def _same_arrow(x: Any, y: Any, where: _Where) -> bool:
+    import pyarrow as pa
+
+    if x.num_chunks != y.num_chunks:
+        return False
+    for cx, cy in zip(x.chunks, y.chunks, strict=True):
+        t = cx.type
+        if not t.equals(cy.type) or t.num_fields or pa.types.is_dictionary(t):
+            return False
+        bx, by = cx.buffers(), cy.buffers()
+        mx = [None if b is None or not b.size else where.find(b.address, b.size) for b in bx]
+        my = [None if b is None or not b.size else where.find(b.address, b.size) for b in by]
+        same_slice = (cx.offset, len(cx), cx.null_count) == (cy.offset, len(cy), cy.null_count)
+        if same_slice and len(bx) == len(by) and all(
+                (a is None and b is None) or (a is not None and b is not None
+                                              and a.size == b.size and (not a.size or (
+                                                  ra is not None and rb is not None
+                                                  and ra.owner == rb.owner
+                                                  and a.address - ra.address
+                                                  == b.address - rb.address)))
+                for a, b, ra, rb in zip(bx, by, mx, my, strict=True)):
+            where.private.update(r for r in mx if r is not None and r.private)
+        elif len(cx) > SMALL or not cx.equals(cy):  # e.g. labels pandas built: by value
+            return False
+    return True
