@@ -34,7 +34,7 @@ from ._codecs import (
     label_to_json,
     tz_dtype,
 )
-from ._compat import frame_from_blocks, own_freq
+from ._compat import frame_from_blocks, own_freq, writes_in_place
 from ._errors import (
     ColumnNotFoundError,
     CorruptEntryError,
@@ -164,6 +164,7 @@ def decode(layout: Spec, m: Mapped, columns: Sequence[Any] | None) -> pd.DataFra
             # Setting it checks the labels are unique, as they were at save.
             obj.flags.allows_duplicate_labels = bool(flags["allows_duplicate_labels"])
         pin(obj)
+        freeze(obj)
         return obj
     except MmcacheError:
         raise
@@ -305,7 +306,8 @@ class _Ref:
         # Arrow-backed arrays are edited by swapping their _pa_array (no read-only buffer
         # stops it), so that identity is part of "unmodified" too.
         self.values = [(blk.values, _arrow_data(blk.values),
-                        blk.mgr_locs.as_array.tolist()) for blk in obj._mgr.blocks]
+                        blk.mgr_locs.as_array.tolist(), _categories_names(blk.values))
+                       for blk in obj._mgr.blocks]
 
     def openable(self) -> bool:
         """The receiver can map this version: its files are on disk, and kept there while
@@ -329,10 +331,12 @@ class _Ref:
                for a, b, n, (freq, pa_array)
                in zip(mgr.axes, self.axes, self.names, self.axis_data, strict=True)):
             return False
-        for blk, (values, pa_array, locs) in zip(mgr.blocks, self.values, strict=True):
+        for blk, (values, pa_array, locs, cat_names) in zip(mgr.blocks, self.values,
+                                                              strict=True):
             if (blk.values is not values
                     or _arrow_data(values) is not pa_array
-                    or blk.mgr_locs.as_array.tolist() != locs):
+                    or blk.mgr_locs.as_array.tolist() != locs
+                    or not _same_labels(_categories_names(values), cat_names)):
                 return False
         if isinstance(obj, pd.Series) and not _same_label(obj.name, self.name):
             return False
@@ -343,6 +347,11 @@ class _Ref:
         # pages they wrote tell them.
         return self.private is None or not (written(self.private.arrays)
                                              or self.private.edited())
+
+
+def _categories_names(values: Any) -> list[Any]:
+    """A categorical's categories' names (the frame's own Index, renamable in place)."""
+    return list(values.categories.names) if isinstance(values, pd.Categorical) else []
 
 
 def _arrow_data(values: Any) -> Any:
@@ -362,7 +371,24 @@ def _axis_arrow(index: pd.Index) -> Any:
 
 
 def _same_label(a: Any, b: Any) -> bool:
-    return a is b or (type(a) is type(b) and a == b) or (a != a and b != b)
+    """The same label as the receiver would rebuild: the same type, and for numbers the
+    same bits (``-0.0`` is not ``0.0``; ``True`` is not ``1``; ``NaT`` is not ``NaN``);
+    tuples item by item."""
+    if a is b:
+        return True
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, tuple):
+        return len(a) == len(b) and all(_same_label(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, float | complex | np.floating | np.complexfloating):
+        return bool(np.asarray(a).tobytes() == np.asarray(b).tobytes()) or (a != a and b != b)
+    if isinstance(a, pd.Timestamp | pd.Timedelta):
+        return (a == b and str(getattr(a, "tz", None)) == str(getattr(b, "tz", None))
+                and a.unit == b.unit)
+    try:
+        return bool(a == b) or (a != a and b != b)
+    except (TypeError, ValueError):
+        return False
 
 
 def _same_labels(a: list[Any], b: list[Any]) -> bool:
@@ -393,11 +419,19 @@ def _reopen(cache_dir: str, key: str, token: str, columns: Any, view: Any = None
         return _Forward(cache_dir, key, token, columns)
     error: MmcacheError
     try:
-        obj = Cache(cache_dir)._open_version(key, token, columns)
-        if obj is not None and view is not None:
+        if view is None:
+            obj = Cache(cache_dir)._open_version(key, token, columns)
+        elif writes_in_place():
+            # pandas 2 without copy-on-write: the view is cut from a frame over its own
+            # private mapping, where edits may write in place
             from ._views import cut
 
-            obj = cut(obj, view)
+            obj = Cache(cache_dir)._open_version(key, token, columns)
+            obj = None if obj is None else cut(obj, view)
+        else:
+            from ._views import rebuild
+
+            obj = rebuild(cache_dir, key, token, view)
     except MmcacheError as exc:  # damaged files, an unusable directory, ...
         obj, error = None, exc
     except OSError as exc:  # out of descriptors or memory, no permission
@@ -632,6 +666,77 @@ def pin(obj: pd.DataFrame | pd.Series) -> None:
         blk.refs.referenced_blocks.append(_PIN)
 
 
+def own(obj: Any) -> Any:
+    """``obj`` (a shallow copy of a decoded frame) given label objects and array wrappers of
+    its own, over the same data: nothing a user can change in place on it (an axis's or a
+    categorical's categories' name, an index's freq, the Arrow data an ``.array[i] = x``
+    swaps) is shared with the process's decoded base, the next ``open`` or another frame.
+    Numpy label arrays need no copy: :func:`freeze` made them read-only. O(blocks)."""
+    index = _own_index(own_freq(obj.index))
+    if index is not obj.index:
+        obj.index = index
+    if isinstance(obj, pd.DataFrame):
+        columns = _own_index(obj.columns)
+        if columns is not obj.columns:
+            obj.columns = columns
+    for blk in obj._mgr.blocks:
+        values = blk.values
+        if isinstance(values, pd.arrays.ArrowExtensionArray):
+            # `df["s"].array[0] = x` swaps the wrapper's data in place
+            blk.values = values.view()
+        elif isinstance(values, pd.Categorical):
+            # `df["c"].cat.categories.name = x` renames the dtype's own Index in place
+            dtype = pd.CategoricalDtype._from_fastpath(  # type: ignore[attr-defined]
+                _own_index(values.categories, always=True), values.ordered)
+            blk.values = pd.Categorical._simple_new(values._codes, dtype)  # type: ignore[attr-defined]
+    return obj
+
+
+def _own_index(index: pd.Index, *, always: bool = False) -> pd.Index:
+    """A new Index object over the same data when the data are Arrow-backed (their wrapper is
+    swappable in place), or a MultiIndex has such levels; ``always``: in any case."""
+    if isinstance(index, pd.MultiIndex):
+        if not any(_axis_arrow(level) is not None for level in index.levels):
+            return index._view() if always else index
+        return pd.MultiIndex(levels=[_own_index(level) for level in index.levels],
+                             codes=index.codes, sortorder=index.sortorder,
+                             names=index.names, verify_integrity=False)
+    if _axis_arrow(index) is not None:
+        return type(index)._simple_new(index._values.view(), name=index.name)  # type: ignore[attr-defined]
+    return index._view() if always else index
+
+
+def freeze(obj: Any) -> None:
+    """Make the label arrays of a decoded frame read-only (its axes, MultiIndex levels and
+    codes, categories): built from JSON they are writable, and pandas 2 with copy-on-write
+    lets ``Index.array[i] = x`` write into them, which would reach every frame of the
+    version. Mapped ones are read-only already."""
+    indexes = [obj.index] + ([obj.columns] if isinstance(obj, pd.DataFrame) else [])
+    for blk in obj._mgr.blocks:
+        if isinstance(blk.values, pd.Categorical):
+            indexes.append(blk.values.categories)
+    while indexes:
+        index = indexes.pop()
+        if isinstance(index, pd.RangeIndex):
+            continue  # no array: ``_values`` would build one (8 bytes a row) and keep it
+        if isinstance(index, pd.MultiIndex):
+            indexes.extend(index.levels)
+            arrays = list(index.codes)
+        else:
+            values = index._values
+            if isinstance(values, np.ndarray):
+                arrays = [values]
+            elif hasattr(values, "_mask"):  # nullable numbers and booleans
+                arrays = [values._mask, values._data]
+            else:
+                arrays = [values._ndarray] if hasattr(values, "_ndarray") else []
+            if isinstance(values, pd.Categorical):
+                arrays.append(values._codes)
+                indexes.append(values.categories)
+        for arr in arrays:
+            arr.flags.writeable = False
+
+
 def hand_out(
     base: pd.DataFrame | pd.Series, cache_dir: str | os.PathLike[str], version: Any,
     columns: Any, *, private: Mapped | None = None,
@@ -640,15 +745,7 @@ def hand_out(
     pin()), so neither the cache nor other frames ever see them. ``private``: ``base`` lies
     over this frame's own copy-on-write mapping (pandas 2 without copy-on-write writes in
     place: the kernel copies each written page instead)."""
-    obj = base.copy(deep=False)
-    index = own_freq(obj.index)
-    if index is not obj.index:
-        obj.index = index
-    for blk in obj._mgr.blocks:
-        if isinstance(blk.values, pd.arrays.ArrowExtensionArray):
-            # Its own wrapper over the same Arrow data: `df["s"].array[0] = x` swaps the
-            # wrapper's data in place, which must not reach base (the next open()) or others.
-            blk.values = blk.values.view()
+    obj = own(base.copy(deep=False))
     obj.attrs = copy.deepcopy(base.attrs)
     object.__setattr__(obj, "_mmcache_ref",
                        _Ref(obj, os.fspath(cache_dir), version, columns, private))

@@ -22,6 +22,11 @@ frame's private mapping: any written page of a view's mappings makes it pickle i
 
 from __future__ import annotations
 
+import bisect
+import copy
+import itertools
+import pickle
+import zlib
 from typing import Any
 
 import numpy as np
@@ -55,8 +60,10 @@ class _Where:
 
 
 def reference(obj: pd.DataFrame | pd.Series) -> tuple[Any, ...] | None:
-    """``(cache_dir, key, token, None, cut)`` for :func:`_frame._reopen` if ``obj`` is an
-    unmodified view of a saved version that is still on disk, else None (pickle in full)."""
+    """``(cache_dir, key, token, None, spec)`` for :func:`_frame._reopen` if ``obj`` is an
+    unmodified view of a saved version that is still on disk and its reference fits in
+    :data:`LIMIT` bytes, else None (pickle in full). Cost: O(columns of ``obj``) once the
+    version's column index is built (O(columns of the version), once per process)."""
     if type(obj) not in (pd.DataFrame, pd.Series) or len(obj) == 0:
         return None
     where = _Where()
@@ -74,18 +81,25 @@ def reference(obj: pd.DataFrame | pd.Series) -> tuple[Any, ...] | None:
     region = None if first is None else where.find(first[0], first[1])
     if region is None:
         return None
-    cols = _columns(obj)
     cache_dir, key, token, _ = region.owner
     base = _full(cache_dir, key, token)
     if base is None:
         return None
     where = _Where()  # _full may have mapped the version again
-    guess = _guess(obj, cols, base, where)
+    guess = _guess(obj, base, where)
     if guess is None:
         return None
     positions, a = guess
-    n = len(obj)
-    spec = (_runs(positions, base), a, a + n, isinstance(obj, pd.Series))
+    series = isinstance(obj, pd.Series)
+    if isinstance(base, pd.Series) or (not series and len(positions) == base.shape[1]
+                                        and positions == list(range(base.shape[1]))):
+        cols = None
+    else:
+        cols = encode_positions(positions, base.shape[1])
+    spec = (cols, a, a + len(obj), series)
+    args = (cache_dir, key, token, None, spec)
+    if len(pickle.dumps(args, protocol=pickle.HIGHEST_PROTOCOL)) > LIMIT - _CALL:
+        return None  # e.g. a random half of 10,000 columns: no encoding fits (README)
     rebuilt = cut(base, spec)
     if not _same_object(obj, rebuilt, where):
         return None
@@ -93,7 +107,13 @@ def reference(obj: pd.DataFrame | pd.Series) -> tuple[Any, ...] | None:
     # written page anywhere in the view's mappings (conservative) means it may differ.
     if where.private and regions_written(list(where.private)):
         return None
-    return (cache_dir, key, token, None, spec)
+    return args
+
+
+# The contract's bound on a view's pickled reference, and what the call around the
+# arguments adds (the global ``mmcache._frame _reopen`` and the protocol's framing).
+LIMIT = 1024
+_CALL = 64
 
 
 def _full(cache_dir: str, key: str, token: str) -> Any:
@@ -101,64 +121,151 @@ def _full(cache_dir: str, key: str, token: str) -> Any:
     (never handed out: it is only compared against), if the version is still on disk."""
     from pathlib import Path
 
-    from . import _frame, _memo
-    from ._cache import no_gc
+    from . import _memo
+    from ._cache import Cache, no_gc
     from ._paths import entry_name
 
     version = _memo.load_version(Path(cache_dir), key, entry_name(key), token)
     if version is None or not (version.data_dir / _memo.VERSION_META).exists():
         return None  # written before versions linked their metadata: not openable by token
-    base = version.frames.get(None)
-    if base is None:
-        with no_gc():
-            base = _frame.decode(version.meta["layout"], version.mapped, None)
-        base = version.frames.setdefault(None, base)
-    return base
+    with no_gc():
+        return Cache._base(version, None)
+
+
+def rebuild(cache_dir: str, key: str, token: str, spec: tuple[Any, ...]) -> Any:
+    """The receiver's side: the view ``spec`` of version ``token``, over this process's
+    shared mapping, with label objects of its own; None if the version is gone."""
+    from pathlib import Path
+
+    from . import _memo
+    from ._cache import Cache, no_gc
+    from ._frame import own
+    from ._paths import entry_name
+
+    version = _memo.load_version(Path(cache_dir), key, entry_name(key), token)
+    if version is None:
+        return None
+    with no_gc():
+        obj = own(cut(Cache._base(version, None), spec))
+    # Like a frame open() returned, the view keeps this process's mapping of its version
+    # (and the decoded base) while it lives: more views of it map and decode nothing.
+    object.__setattr__(obj, "_mmcache_version", version)
+    return obj
 
 
 def cut(frame: pd.DataFrame | pd.Series, spec: tuple[Any, ...]) -> pd.DataFrame | pd.Series:
-    """Rows ``a:b`` and the columns ``runs`` (``(start, stop)`` pairs of positions; None: all)
-    of ``frame``, as views of its buffers; a Series when ``series``. The sender builds this
-    to check a view, the receiver to rebuild it: one function, so both build the same."""
+    """Rows ``a:b`` and the columns ``cols`` (:func:`encode_positions`; None: all) of
+    ``frame``, as views of its buffers; a Series when ``series``. The sender builds this
+    to check a view, the receiver to rebuild it: one function, so both build the same.
+    O(columns taken): consecutive columns of one 2-D block stay one block."""
     from ._compat import frame_from_blocks
     from ._frame import pin
 
-    runs, a, b, series = spec
-    rows = frame.iloc[a:b]
-    if isinstance(rows, pd.Series):
-        return rows
-    if runs is None:
-        out: pd.DataFrame | pd.Series = rows
-    elif series:
-        (start, _), = runs
-        out = rows.iloc[:, start]
-    elif len(runs) == 1:
-        out = rows.iloc[:, runs[0][0]:runs[0][1]]
-    else:
-        positions = [p for start, stop in runs for p in range(start, stop)]
-        blocks = []
-        for new, p in enumerate(positions):
-            values = rows._mgr.iget_values(p)
-            if isinstance(values, np.ndarray | pd.arrays.DatetimeArray | pd.arrays.TimedeltaArray):
-                values = values.reshape(1, -1)
-            blocks.append((values, np.array([new], dtype=np.intp)))
-        out = frame_from_blocks(blocks, index=rows.index, columns=rows.columns.take(positions))
-        out.attrs = dict(rows.attrs)
-        out.flags.allows_duplicate_labels = rows.flags.allows_duplicate_labels
-        pin(out)
+    cols, a, b, series = spec
+    if not 0 <= a <= b <= len(frame):
+        raise ValueError(f"rows {a}:{b} out of a frame of {len(frame)}")
+    if isinstance(frame, pd.Series) or cols is None:
+        return frame.iloc[a:b]
+    positions = decode_positions(cols, frame.shape[1])
+    if series:
+        (p,) = positions
+        return frame._ixs(p, axis=1).iloc[a:b]
+    mgr = frame._mgr
+    blknos, blklocs = mgr.blknos, mgr.blklocs
+    blocks: list[tuple[Any, np.ndarray]] = []
+    i, n = 0, len(positions)
+    while i < n:
+        bn, loc = int(blknos[positions[i]]), int(blklocs[positions[i]])
+        values = mgr.blocks[bn].values
+        j = i + 1
+        if values.ndim == 2:
+            while (j < n and blknos[positions[j]] == bn
+                   and blklocs[positions[j]] == loc + j - i):
+                j += 1
+            part = values[loc : loc + j - i, a:b]
+        else:
+            part = values[a:b]
+        blocks.append((part, np.arange(i, j, dtype=np.intp)))
+        i = j
+    out = frame_from_blocks(blocks, index=frame.index[a:b],
+                            columns=frame.columns.take(positions))
+    out.attrs = copy.deepcopy(frame.attrs)
+    out.flags.allows_duplicate_labels = frame.flags.allows_duplicate_labels
+    pin(out)
     return out
 
 
-def _runs(positions: list[int], base: Any) -> list[tuple[int, int]] | None:
-    if isinstance(base, pd.Series) or positions == list(range(base.shape[1])):
-        return None
-    runs: list[list[int]] = []
-    for p in positions:
-        if runs and runs[-1][1] == p:
-            runs[-1][1] = p + 1
-        else:
-            runs.append([p, p + 1])
-    return [(s, e) for s, e in runs]
+# --- column positions, compactly --------------------------------------------------------
+# A reference names its columns by position in the version. Three encodings, the shortest
+# wins: "r" runs of consecutive positions as varints (start relative to the previous run's
+# end, zigzag-signed, so reorders and repeats cost little), "z" the same deflated, and "b"
+# a deflated bitmap (increasing positions only). Chunks of all columns need none.
+
+
+def encode_positions(positions: list[int], ncols: int) -> bytes:
+    raw = bytearray()
+    prev, i, n = 0, 0, len(positions)
+    while i < n:
+        start = positions[i]
+        j = i + 1
+        while j < n and positions[j] == start + j - i:
+            j += 1
+        delta = start - prev
+        _varint(raw, (delta << 1) ^ (delta >> 63))
+        _varint(raw, j - i - 1)
+        prev = start + j - i
+        i = j
+    options = [b"r" + bytes(raw), b"z" + zlib.compress(bytes(raw), 9)]
+    if all(x < y for x, y in itertools.pairwise(positions)):
+        mask = np.zeros(ncols, dtype=bool)
+        mask[positions] = True
+        options.append(b"b" + zlib.compress(np.packbits(mask).tobytes(), 9))
+    return min(options, key=len)
+
+
+def decode_positions(blob: bytes, ncols: int) -> list[int]:
+    kind, data = blob[:1], blob[1:]
+    if kind == b"b":
+        bits = np.unpackbits(np.frombuffer(zlib.decompress(data), dtype=np.uint8))
+        if bits[ncols:].any():
+            raise ValueError("column bitmap past the version's columns")
+        return np.flatnonzero(bits[:ncols]).tolist()
+    if kind == b"z":
+        data = zlib.decompress(data)
+    elif kind != b"r":
+        raise ValueError(f"unknown column encoding {kind!r}")
+    numbers = _varints(data)
+    if len(numbers) % 2:
+        raise ValueError("column runs cut short")
+    out: list[int] = []
+    prev = 0
+    for z, extra in zip(numbers[::2], numbers[1::2], strict=True):
+        start = prev + ((z >> 1) ^ -(z & 1))
+        if start < 0 or start + extra >= ncols:
+            raise ValueError("column run past the version's columns")
+        out.extend(range(start, start + extra + 1))
+        prev = start + extra + 1
+    return out
+
+
+def _varint(out: bytearray, v: int) -> None:
+    while v >= 0x80:
+        out.append((v & 0x7F) | 0x80)
+        v >>= 7
+    out.append(v)
+
+
+def _varints(data: bytes) -> list[int]:
+    out, v, shift = [], 0, 0
+    for byte in data:
+        v |= (byte & 0x7F) << shift
+        shift += 7
+        if byte < 0x80:
+            out.append(v)
+            v, shift = 0, 0
+    if shift:
+        raise ValueError("varint cut short")
+    return out
 
 
 def _columns(obj: pd.DataFrame | pd.Series) -> list[Any]:
@@ -205,30 +312,51 @@ def _row0(values: Any) -> tuple[int, int] | None:
     return (None if buf is None else (buf.address + chunk.offset * width, width))
 
 
-def _guess(obj: Any, cols: list[Any], base: Any, where: _Where) -> tuple[list[int], int] | None:
-    """Which of ``base``'s columns each of ``obj``'s is, and at which row it starts."""
+def _column_index(base: Any, where: _Where) -> dict[Any, tuple[list[int], list[Any]]]:
+    """Where each of ``base``'s columns starts in its cache file: built once per decoded
+    version (O(columns)), kept on it, then each lookup is a bisection:
+    ``{file: (sorted start offsets, [(offset, row stride, rows, position)])}``."""
+    found = base.__dict__.get("_mmcache_columns")
+    if found is not None:
+        return found
     table: dict[Any, list[tuple[int, int, int, int]]] = {}
     for p, values in enumerate(_columns(base)):
         row0 = _row0(values)
         place = None if row0 is None else where.place(row0[0], row0[1])
         if row0 is not None and place is not None:
             table.setdefault(place[0], []).append((place[1], row0[1], len(values), p))
+    index = {}
+    for owner, entries in table.items():
+        entries.sort()
+        index[owner] = ([e[0] for e in entries], entries)
+    object.__setattr__(base, "_mmcache_columns", index)  # base is never handed out
+    return index
+
+
+def _guess(obj: Any, base: Any, where: _Where) -> tuple[list[int], int] | None:
+    """Which of ``base``'s columns each of ``obj``'s is, and at which row it starts."""
+    index = _column_index(base, where)
     n = len(obj)
     positions: list[int] = []
     start: int | None = None
-    for values in cols:
+    for values in _columns(obj):
         row0 = _row0(values)
         place = None if row0 is None else where.place(row0[0], row0[1])
-        if row0 is None or place is None:
+        if row0 is None or place is None or place[0] not in index:
             return None
-        found = next(((p, (place[1] - off) // stride)
-                      for off, stride, rows, p in table.get(place[0], ())
-                      if stride == row0[1] and 0 <= place[1] - off < stride * rows
-                      and (place[1] - off) % stride == 0), None)
-        if found is None or (start is not None and found[1] != start) or found[1] + n > len(base):
+        starts, entries = index[place[0]]
+        i = bisect.bisect_right(starts, place[1]) - 1
+        if i < 0:
             return None
-        start = found[1]
-        positions.append(found[0])
+        off, stride, rows, p = entries[i]
+        skip = place[1] - off
+        if stride != row0[1] or skip >= stride * rows or skip % stride:
+            return None
+        row = skip // stride
+        if (start is not None and row != start) or row + n > len(base):
+            return None
+        start = row
+        positions.append(p)
     assert start is not None
     return positions, start
 

@@ -9,6 +9,7 @@ fails here even when the payload looks right.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import multiprocessing as mp
 import os
@@ -19,6 +20,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import mmcache
 from mmcache._compat import writes_in_place
@@ -294,3 +297,247 @@ def test_a_failing_view_check_pickles_the_data(cache_dir, monkeypatch):
     payload = pickle.dumps(view)
     assert REF not in payload
     assert_same(pickle.loads(payload), view)
+
+
+# --- labels: nothing shared, nothing taken as equal that the receiver would rebuild otherwise
+
+
+def _labelled() -> pd.DataFrame:
+    """Labels of every kind mmcache rebuilds from JSON or maps: object column labels,
+    categories, a string index."""
+    n = 40
+    df = pd.DataFrame({
+        "x": np.arange(n, dtype=np.float64),
+        "cat": pd.Categorical.from_codes(np.arange(n) % 3, categories=["lo", "mid", "hi"]),
+        ("t", 1): np.arange(n, dtype=np.int64),
+    }, index=pd.Index([f"r{i}" for i in range(n)], name="row"))
+    df.columns.name = "col"
+    return df
+
+
+def _labels(df: pd.DataFrame) -> list[Any]:
+    cats = df["cat"].cat.categories
+    return [list(df.index), df.index.name, list(df.columns), df.columns.name, list(cats),
+            cats.name]
+
+
+def _cat_name(df: pd.DataFrame) -> None:
+    df["cat"].cat.categories.name = "renamed"
+
+
+def _cat_rename_inplace(df: pd.DataFrame) -> None:
+    df["cat"].cat.categories.rename("renamed", inplace=True)
+
+
+def _index_rename_inplace(df: pd.DataFrame) -> None:
+    df.index.rename("renamed", inplace=True)
+
+
+def _columns_name(df: pd.DataFrame) -> None:
+    df.columns.name = "renamed"
+
+
+def _index_array(df: pd.DataFrame) -> None:
+    df.index.array[0] = "changed"
+
+
+def _columns_array(df: pd.DataFrame) -> None:
+    df.columns.array[0] = "changed"
+
+
+def _categories_array(df: pd.DataFrame) -> None:
+    df["cat"].cat.categories.array[0] = "changed"
+
+
+IN_PLACE: dict[str, Callable[[pd.DataFrame], None]] = {
+    "categories name": _cat_name,
+    "categories rename inplace": _cat_rename_inplace,
+    "index rename inplace": _index_rename_inplace,
+    "columns name": _columns_name,
+    "index array": _index_array,
+    "columns array": _columns_array,
+    "categories array": _categories_array,
+}
+
+
+@pytest.mark.parametrize("edit", list(IN_PLACE))
+def test_labels_changed_in_place_reach_no_other_frame_and_pickle_as_they_are(edit, cache_dir):
+    """Found by an attack on the first round: an opened frame's categories were the
+    process's cached base's, so renaming them in place reached every later open, and a
+    reference then rebuilt other labels in the receiver. pandas 2 with copy-on-write also
+    let ``Index.array[i] = x`` write into label arrays."""
+    original = _labelled()
+    mmcache.save(original, "k", cache_dir=cache_dir)
+    df = mmcache.open("k", cache_dir=cache_dir)
+    # refused (read-only labels) is fine, as long as nothing changed elsewhere
+    with contextlib.suppress(ValueError, TypeError, RuntimeError):
+        IN_PLACE[edit](df)
+    for again in (mmcache.open("k", cache_dir=cache_dir), mmcache.open("k", cache_dir=cache_dir)):
+        assert _labels(again) == _labels(original), edit
+    for obj in (df, df.iloc[3:9], df[["cat", "x"]], df["cat"], df.iloc[2:5]["cat"]):
+        back = pickle.loads(pickle.dumps(obj))
+        assert_same(back, obj)
+        if isinstance(obj, pd.Series):
+            assert back.cat.categories.name == obj.cat.categories.name
+        else:
+            assert back["cat"].cat.categories.name == obj["cat"].cat.categories.name
+    changed = _labels(df) != _labels(original)
+    assert (REF in pickle.dumps(df)) != changed, edit
+
+
+# name -> (what the entry holds, a label equal to it that the receiver would not rebuild)
+EQUAL_NOT_SAME = {
+    "-0.0": (0.0, -0.0),
+    "NaT for NaN": (np.nan, pd.NaT),
+    "True for 1": (1, True),
+    "tuple (True,)": (("a", 1), ("a", True)),
+    "float for int": (1, 1.0),
+}
+
+
+@pytest.mark.parametrize("kind", list(EQUAL_NOT_SAME))
+def test_labels_equal_but_not_the_same_pickle_in_full(kind, cache_dir):
+    stored, other = EQUAL_NOT_SAME[kind]
+    df = pd.DataFrame({"x": np.arange(10.0), "y": np.arange(10)})
+    df.index.name = stored
+    mmcache.save(df, "k", cache_dir=cache_dir)
+    opened = mmcache.open("k", cache_dir=cache_dir)
+    assert REF in pickle.dumps(opened)
+    for make in (lambda d: d, lambda d: d.iloc[2:5], lambda d: d[["y"]], lambda d: d["x"]):
+        obj = make(mmcache.open("k", cache_dir=cache_dir))
+        obj.index.name = other
+        payload = pickle.dumps(obj)
+        assert REF not in payload, kind
+        back = pickle.loads(payload)
+        assert type(back.index.name) is type(other)
+        assert repr(back.index.name) == repr(other)
+    view = mmcache.open("k", cache_dir=cache_dir)["x"]
+    view.name = 0.0 if kind != "-0.0" else -0.0
+    assert REF not in pickle.dumps(view)
+
+
+def test_a_one_column_frame_and_its_column_are_references(cache_dir):
+    """Found by the attack: ``df[["a"]]`` and ``df["a"]`` of a one-column entry pickled in
+    full."""
+    mmcache.save(pd.DataFrame({"a": np.arange(100.0)}), "k", cache_dir=cache_dir)
+    df = mmcache.open("k", cache_dir=cache_dir)
+    views = [df["a"], df["a"].iloc[5:9]]
+    if not writes_in_place():  # pandas 2 without copy-on-write copies column subsets
+        views += [df[["a"]], df.iloc[5:9, [0]]]
+    for obj in views:
+        payload = pickle.dumps(obj)
+        assert REF in payload and len(payload) <= 1024
+        assert_same(pickle.loads(payload), obj)
+
+
+# --- property: view kinds x modifications ---------------------------------------------
+
+
+def _small_zoo() -> pd.DataFrame:
+    df = _labelled()
+    n = len(df)
+    df["n"] = pd.array(np.where(np.arange(n) % 7 == 0, None, np.arange(n)), dtype="Int64")
+    df["t"] = pd.date_range("2024-01-01", periods=n, freq="min", tz="Europe/Paris")
+    df["s"] = pd.Series([f"s{i}" for i in range(n)], index=df.index, dtype=_pd.STR)
+    df["y"] = np.arange(n, dtype=np.float64) / 3
+    df.attrs = {"source": "zoo"}
+    return df
+
+
+def _mod_index_name(obj: Any) -> Any:
+    obj.index.name = "other"
+    return obj
+
+
+def _mod_rename(obj: Any) -> Any:
+    if isinstance(obj, pd.Series):
+        return obj.rename("other")
+    return obj.rename(columns={obj.columns[0]: "other"})
+
+
+def _mod_edit(obj: Any) -> Any:
+    if isinstance(obj, pd.Series):
+        obj.iloc[0] = obj.iloc[-1]  # may equal the old value: still an edit (a copy)
+    else:
+        obj.iloc[0, 0] = obj.iloc[-1, 0]
+    return obj
+
+
+def _mod_attrs(obj: Any) -> Any:
+    obj.attrs["source"] = "other"
+    return obj
+
+
+def _mod_categories(obj: Any) -> Any:
+    columns = [obj] if isinstance(obj, pd.Series) else [
+        obj.iloc[:, i] for i in range(obj.shape[1])]
+    cats = [c for c in columns if isinstance(c.dtype, pd.CategoricalDtype)]
+    if not cats:
+        return None  # nothing to rename: not this case
+    cats[0].cat.categories.name = "other"
+    return obj
+
+
+MODS: dict[str, Callable[[Any], Any] | None] = {
+    "none": None,
+    "index name": _mod_index_name,
+    "renamed": _mod_rename,
+    "edited": _mod_edit,
+    "attrs": _mod_attrs,
+    "categories name": _mod_categories,
+}
+
+
+def _full_labels(obj: Any) -> Any:
+    out: list[Any] = [repr(obj.index.name), list(obj.index), repr(obj.attrs)]
+    series = [obj] if isinstance(obj, pd.Series) else [obj.iloc[:, i] for i in range(obj.shape[1])]
+    out += [repr(obj.name) if isinstance(obj, pd.Series) else list(obj.columns)]
+    for s in series:
+        if isinstance(s.dtype, pd.CategoricalDtype):
+            out.append((list(s.cat.categories), s.cat.categories.name))
+    return out
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(data=st.data())
+def test_views_and_their_modifications_round_trip_exactly(cache_dir, data):
+    """Any row range and any column subset (reordered, repeated), or a column, of an opened
+    frame, modified or not: pickled and unpickled it is exactly what was pickled; a
+    reference exactly when unmodified; and no later open sees the modification."""
+    original = _small_zoo()
+    if not mmcache.exists("z", cache_dir=cache_dir):
+        mmcache.save(original, "z", cache_dir=cache_dir)
+    df = mmcache.open("z", cache_dir=cache_dir)
+    n, ncols = df.shape
+    a = data.draw(st.integers(0, n - 1), label="a")
+    b = data.draw(st.integers(a + 1, n), label="b")
+    kind = data.draw(st.sampled_from(["rows", "columns", "rows+columns", "column"]), label="kind")
+    cols = data.draw(st.lists(st.integers(0, ncols - 1), min_size=1, max_size=2 * ncols),
+                     label="cols")
+    if kind == "rows":
+        obj = df.iloc[a:b]
+    elif kind == "column":
+        obj = df.iloc[a:b, cols[0]]
+    else:
+        obj = df.iloc[:, cols] if kind == "columns" else df.iloc[a:b, cols]
+    mod = data.draw(st.sampled_from(list(MODS)), label="mod")
+    change = MODS[mod]
+    if change is not None:
+        changed = change(obj)
+        if changed is None:
+            return
+        obj = changed
+    payload = pickle.dumps(obj)
+    back = pickle.loads(payload)
+    assert_same(back, obj)
+    assert _full_labels(back) == _full_labels(obj)
+    if mod != "none":
+        assert REF not in payload
+    elif not writes_in_place() and len(set(cols)) == len(cols):
+        assert REF in payload and len(payload) <= 1024  # (repeated columns: pandas copies)
+    # the parent, whatever the view's modification did to it, and the next open
+    back = pickle.loads(pickle.dumps(df))
+    assert_same(back, df)
+    assert _full_labels(back) == _full_labels(df)
+    assert _full_labels(mmcache.open("z", cache_dir=cache_dir)) == _full_labels(original)
