@@ -216,7 +216,7 @@ def encode_positions(positions: list[int], ncols: int) -> bytes:
         prev = start + j - i
         i = j
     options = [b"r" + bytes(raw), b"z" + zlib.compress(bytes(raw), 9)]
-    if all(x < y for x, y in itertools.pairwise(positions)):
+    if len(raw) > 16 and all(x < y for x, y in itertools.pairwise(positions)):
         mask = np.zeros(ncols, dtype=bool)
         mask[positions] = True
         options.append(b"b" + zlib.compress(np.packbits(mask).tobytes(), 9))
