@@ -34,7 +34,7 @@ from ._codecs import (
     label_to_json,
     tz_dtype,
 )
-from ._compat import frame_from_blocks, own_freq, writes_in_place
+from ._compat import PANDAS_2, frame_from_blocks, own_freq, writes_in_place
 from ._errors import (
     ColumnNotFoundError,
     CorruptEntryError,
@@ -305,8 +305,7 @@ class _Ref:
         self.flags = obj.flags.allows_duplicate_labels  # setting it is an edit too
         # Arrow-backed arrays are edited by swapping their _pa_array (no read-only buffer
         # stops it), so that identity is part of "unmodified" too.
-        self.values = [(blk.values, _arrow_data(blk.values),
-                        blk.mgr_locs.as_array.tolist(), _categories_names(blk.values))
+        self.values = [(blk.values, _label_state(blk.values), blk.mgr_locs.as_array.tolist())
                        for blk in obj._mgr.blocks]
 
     def openable(self) -> bool:
@@ -331,12 +330,10 @@ class _Ref:
                for a, b, n, (freq, pa_array)
                in zip(mgr.axes, self.axes, self.names, self.axis_data, strict=True)):
             return False
-        for blk, (values, pa_array, locs, cat_names) in zip(mgr.blocks, self.values,
-                                                              strict=True):
+        for blk, (values, state, locs) in zip(mgr.blocks, self.values, strict=True):
             if (blk.values is not values
-                    or _arrow_data(values) is not pa_array
-                    or blk.mgr_locs.as_array.tolist() != locs
-                    or not _same_labels(_categories_names(values), cat_names)):
+                    or not _same_state(_label_state(values), state)
+                    or blk.mgr_locs.as_array.tolist() != locs):
                 return False
         if isinstance(obj, pd.Series) and not _same_label(obj.name, self.name):
             return False
@@ -349,17 +346,23 @@ class _Ref:
                                              or self.private.edited())
 
 
-def _categories_names(values: Any) -> list[Any]:
-    """A categorical's categories' names (the frame's own Index, renamable in place)."""
-    return list(values.categories.names) if isinstance(values, pd.Categorical) else []
-
-
-def _arrow_data(values: Any) -> Any:
-    """The Arrow data an array (or a categorical's categories) holds: swapped in place by
-    ``.array[i] = x`` on Arrow-backed arrays and pandas 2 indexes."""
-    if isinstance(values, pd.Categorical):
-        return _axis_arrow(values.categories)
+def _label_state(values: Any) -> Any:
+    """What an array's own objects can change in place: the Arrow data an Arrow-backed
+    array holds (``.array[i] = x`` swaps it), a categorical's categories' name and Arrow
+    data. None for the rest (numpy buffers are read-only). A µs a column: it runs for every
+    column at every open."""
+    if type(values) is pd.Categorical:
+        categories = values.dtype.categories
+        if isinstance(categories, pd.MultiIndex):
+            return (tuple(categories.names), None)
+        return (categories._name, getattr(categories._data, "_pa_array", None))
     return getattr(values, "_pa_array", None)
+
+
+def _same_state(a: Any, b: Any) -> bool:
+    if type(a) is tuple and type(b) is tuple:
+        return _same_label(a[0], b[0]) and a[1] is b[1]
+    return a is b
 
 
 def _axis_arrow(index: pd.Index) -> Any:
@@ -686,10 +689,20 @@ def own(obj: Any) -> Any:
             blk.values = values.view()
         elif isinstance(values, pd.Categorical):
             # `df["c"].cat.categories.name = x` renames the dtype's own Index in place
-            dtype = pd.CategoricalDtype._from_fastpath(  # type: ignore[attr-defined]
-                _own_index(values.categories, always=True), values.ordered)
-            blk.values = pd.Categorical._simple_new(values._codes, dtype)  # type: ignore[attr-defined]
+            blk.values = pd.Categorical._simple_new(  # type: ignore[attr-defined]
+                values._codes, _own_dtype(values.dtype))
     return obj
+
+
+def _own_dtype(dtype: pd.CategoricalDtype) -> pd.CategoricalDtype:
+    """The same categories and order under a dtype object of its own. Built as pandas'
+    ``CategoricalDtype._finalize`` builds one, without validating again categories that
+    a dtype already holds: 0.5 µs instead of 9 (10,000 categorical columns are 10,000 of
+    these at every open)."""
+    own = pd.CategoricalDtype.__new__(pd.CategoricalDtype)
+    own._categories = _own_index(dtype.categories, always=True)  # type: ignore[attr-defined]
+    own._ordered = dtype.ordered  # type: ignore[attr-defined]
+    return own
 
 
 def _own_index(index: pd.Index, *, always: bool = False) -> pd.Index:
@@ -701,7 +714,9 @@ def _own_index(index: pd.Index, *, always: bool = False) -> pd.Index:
         return pd.MultiIndex(levels=[_own_index(level) for level in index.levels],
                              codes=index.codes, sortorder=index.sortorder,
                              names=index.names, verify_integrity=False)
-    if _axis_arrow(index) is not None:
+    if PANDAS_2 and _axis_arrow(index) is not None:
+        # pandas 2's Index.array is the Index's own array (pandas 3 hands out a read-only
+        # view): `.array[i] = x` swaps its Arrow data in place
         return type(index)._simple_new(index._values.view(), name=index.name)  # type: ignore[attr-defined]
     return index._view() if always else index
 

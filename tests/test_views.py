@@ -557,6 +557,8 @@ def wide(cache_dir):
     return mmcache.open("wide", cache_dir=cache_dir)
 
 
+@pytest.mark.skipif("writes_in_place()", reason="pandas 2 without copy-on-write copies "
+                    "column subsets: not views")
 def test_column_subsets_of_a_wide_frame_pickle_within_1kb_or_in_full(wide):
     """Found by the attack: a reference listed its column runs one by one and passed 1 KB
     past ~150 runs. Subsets are now encoded compactly; a subset no encoding can fit (a
@@ -604,6 +606,7 @@ def test_recognising_a_column_does_not_look_at_the_others(wide, monkeypatch):
         payload = pickle.dumps(wide[label].iloc[1:])
         assert REF in payload
         assert calls <= 4, calls
-    calls = 0
-    assert REF in pickle.dumps(wide.iloc[:, 10:20])
-    assert calls <= 4 * 10, calls
+    if not writes_in_place():  # (pandas 2 without copy-on-write copies column ranges)
+        calls = 0
+        assert REF in pickle.dumps(wide.iloc[:, 10:20])
+        assert calls <= 4 * 10, calls
