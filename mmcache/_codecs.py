@@ -569,9 +569,9 @@ def _decode_cat(spec: Spec, m: Mapped) -> Any:
         cats = m.shared[cats_id] = decode_index(m.shared_specs[cats_id], m, labels=True)
     # The checked constructor hashes the categories again (~100 µs a column); they were
     # unique when saved and the metadata is checksummed.
-    dtype = pd.CategoricalDtype._from_fastpath(cats, ordered=bool(spec["ordered"]))
-    # validate=False: checking the codes' range would read every page of the column.
-    return pd.Categorical.from_codes(codes, dtype=dtype, validate=False)
+    dtype = _compat.categorical_dtype(cats, bool(spec["ordered"]))
+    # Not checking the codes' range: that would read every page of the column.
+    return _compat.categorical(codes, dtype)
 
 
 def _decode_str(spec: Spec, m: Mapped) -> Any:
