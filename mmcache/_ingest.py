@@ -2,15 +2,19 @@
 
 How: each batch is converted as ``pd.read_parquet`` converts a table (``_compat.
 arrow_to_pandas``) and encoded by the same codecs ``save`` uses (``_frame.encode``); each
-buffer of that small layout is appended to its own *staged* file (a slot). Once the source is
-exhausted, the slots are packed into the entry's usual ``.npy`` files, one per numpy dtype,
-by kernel copies (``sendfile``), each slot unlinked as soon as it has been copied, and the
-entry is published exactly as ``save`` publishes (``_save.write``: free-space check, atomic
-rename, sweep of old versions, the default cache's RAM/disk places).
+buffer of that small layout is appended to a slot. When the source announces its row count
+(parquet, ``Dataset``, ``Table``), the slots of the 2-D block columns (numbers, timestamps:
+most of a frame's bytes) are regions of preallocated files, one per dtype, laid out as the
+entry's files will be, so those bytes are written once, at their final place, and each file
+is renamed into the entry. Every other slot (text, category codes, validity, or any slot
+when the count is unknown or proves wrong) is its own *staged* file, copied into the entry's
+files in the kernel (``sendfile``) once the source is exhausted and unlinked as soon as it
+has been copied. The entry is published exactly as ``save`` publishes (``_save.write``:
+free-space check, atomic rename, sweep of old versions, the default cache's RAM/disk places).
 
 Memory: one batch in Arrow form, its pandas conversion and its encoding (a few times
 ``BATCH_ROWS`` rows), plus what the reader holds (a parquet row group); never the dataset.
-File-system room: the data once, plus the largest slot while packing.
+File-system room: the data once, plus the largest staged slot while packing.
 
 Atomicity: the whole ingest holds the key's lock, and everything is written under names a
 killed save also leaves (``NAME.TOKEN/<n>.npy``), so a failure removes them and a kill leaves
@@ -59,9 +63,12 @@ _CODES = "codes"  # int32 category codes, narrowed to pandas' codes dtype at the
 
 
 class _Slot:
-    """One staged buffer: a file in the staging directory that batches append to."""
+    """One staged buffer: a file in the staging directory that batches append to, or a
+    *region* of a preallocated file (``at``: that file and the byte offset where the slot's
+    items start; ``cap``: how many items fit), where batches are written at their final
+    place so the data are written once (see :meth:`_Stager.plan_direct`)."""
 
-    __slots__ = ("count", "dtype", "final", "kind", "path")
+    __slots__ = ("at", "cap", "count", "dtype", "final", "kind", "path")
 
     def __init__(self, path: Path, dtype: np.dtype, kind: str) -> None:
         self.path = path
@@ -69,17 +76,54 @@ class _Slot:
         self.kind = kind
         self.count = 0
         self.final = np.dtype(np.uint8) if kind == _BITS else dtype
+        self.at: tuple[Path, int] | None = None
+        self.cap = 0
 
     def append(self, arr: np.ndarray) -> None:
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
-        with open(fd, "wb", buffering=0, closefd=True) as f:
-            _store.write_all(f, np.ascontiguousarray(arr, dtype=self.dtype))
+        arr = np.ascontiguousarray(arr, dtype=self.dtype)
+        if self.at is not None and self.count + len(arr) > self.cap:
+            self.leave_region()  # more rows than the source announced
+        if self.at is not None:
+            path, start = self.at
+            fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
+            try:
+                _pwrite_all(fd, arr, start + self.count * self.dtype.itemsize)
+            finally:
+                os.close(fd)
+        else:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW,
+                         0o600)
+            with open(fd, "wb", buffering=0, closefd=True) as f:
+                _store.write_all(f, arr)
         self.count += len(arr)
 
+    def nbytes(self) -> int:
+        return self.count * self.dtype.itemsize
+
     def chunks(self) -> Any:
-        with open(self.path, "rb", buffering=0) as f:
-            while chunk := f.read(CHUNK_ITEMS * self.dtype.itemsize):
+        path, start = self.at or (self.path, 0)
+        left = self.nbytes()
+        with open(path, "rb", buffering=0) as f:
+            f.seek(start)
+            while left and (chunk := f.read(min(left, CHUNK_ITEMS * self.dtype.itemsize))):
+                left -= len(chunk)
                 yield np.frombuffer(chunk, dtype=self.dtype)
+
+    def enter_region(self, path: Path, start: int, cap: int) -> None:
+        """From now on, write into ``path`` from byte ``start`` (room for ``cap`` items);
+        what is staged so far (one batch) moves there."""
+        staged = [chunk.copy() for chunk in self.chunks()] if self.path.exists() else []
+        self.path.unlink(missing_ok=True)
+        self.at, self.cap, self.count = (path, start), cap, 0
+        for chunk in staged:
+            self.append(chunk)
+
+    def leave_region(self) -> None:
+        """Move what is written in the region to the slot's own staged file."""
+        if self.at is not None:
+            with open(self.path, "wb", buffering=0) as out:
+                self.copy_region(out)
+            self.at = None
 
     def promote(self, dtype: np.dtype) -> None:
         """Convert what is staged to ``dtype`` (an int column that met its first null)."""
@@ -89,16 +133,21 @@ class _Slot:
             for chunk in self.chunks():
                 _store.write_all(out, chunk.astype(dtype))
         os.replace(tmp, self.path)
+        self.at = None
         self.dtype = self.final = dtype
 
     def final_count(self) -> int:
         return (self.count + 7) // 8 if self.kind == _BITS else self.count
 
+    def copy_region(self, out: io.RawIOBase) -> None:
+        path, start = self.at or (self.path, 0)
+        _copy_file(path, start, self.nbytes(), out)
+
     def copy_to(self, out: io.RawIOBase) -> None:
-        """Append this slot to ``out`` in its final form, then unlink it (room: the data
-        once, plus one slot)."""
+        """Append this slot to ``out`` in its final form, then unlink its staged file
+        (room: the data once, plus one slot)."""
         if self.kind != _BITS and self.final == self.dtype:
-            _copy_file(self.path, out)
+            self.copy_region(out)
         else:
             carry = np.empty(0, dtype=np.uint8)
             for chunk in self.chunks():
@@ -110,25 +159,35 @@ class _Slot:
                 _store.write_all(out, chunk.astype(self.final))
             if len(carry):
                 _store.write_all(out, np.packbits(carry, bitorder="little"))
-        os.unlink(self.path)
+        if self.at is None:
+            os.unlink(self.path)
 
 
-def _copy_file(path: Path, out: io.RawIOBase) -> None:
-    """Append ``path`` to ``out`` in the kernel (no pages through this process)."""
+def _pwrite_all(fd: int, arr: np.ndarray, offset: int) -> None:
+    view = memoryview(arr.view(np.uint8))  # type: ignore[arg-type]
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+def _copy_file(path: Path, start: int, size: int, out: io.RawIOBase) -> None:
+    """Append ``size`` bytes of ``path`` from ``start`` to ``out`` in the kernel (no pages
+    through this process)."""
     with open(path, "rb", buffering=0) as src:
-        size = os.fstat(src.fileno()).st_size
-        offset = 0
+        offset, end = start, start + size
         try:
-            while offset < size:
-                sent = os.sendfile(out.fileno(), src.fileno(), offset, size - offset)
+            while offset < end:
+                sent = os.sendfile(out.fileno(), src.fileno(), offset, end - offset)
                 if sent == 0:
                     raise OSError(errno.EIO, f"{path} shrank while copying")
                 offset += sent
         except OSError as exc:
-            if exc.errno not in (errno.EINVAL, errno.ENOSYS) or offset:
+            if exc.errno not in (errno.EINVAL, errno.ENOSYS) or offset != start:
                 raise
-            while chunk := src.read(CHUNK_ITEMS):
+            src.seek(start)
+            while offset < end and (chunk := src.read(min(CHUNK_ITEMS, end - offset))):
                 _store.write_all(out, np.frombuffer(chunk, dtype=np.uint8))
+                offset += len(chunk)
 
 
 class _Stager:
@@ -144,6 +203,10 @@ class _Stager:
         self.cats: dict[str, pd.Index] = {}  # running categories, by where ("column 'a'")
         self.nrows = 0
         self.first: pd.DataFrame | None = None  # first batch's empty frame (labels, attrs)
+        self.expect = stream.nrows  # rows the source announces, if it knows
+        # Per final dtype file: the preallocated file its block columns are written into,
+        # and the length of the .npy header it is planned with (see plan_direct).
+        self.direct: dict[str, tuple[Path, int]] = {}
 
     # --- one batch -------------------------------------------------------------------------
 
@@ -160,6 +223,7 @@ class _Stager:
         layout, pool = _frame.encode(df)
         arrays = _arrays(pool)
         cols = _per_column(layout)
+        planned = self.cols is not None
         if self.cols is None:
             self.first = df.iloc[:0]
             self.cols = [{} for _ in cols]
@@ -169,6 +233,41 @@ class _Stager:
         assert self.index is not None
         self.index = self._take(layout["index"], self.index or None, arrays, "the index")
         self.nrows += len(df)
+        if not planned:
+            self.plan_direct()
+
+    def _block_groups(self) -> dict[tuple[str, str], list[tuple[int, Spec]]]:
+        """The columns of each 2-D block of the entry (one per dtype and time zone), in
+        the order :meth:`finish` writes them."""
+        assert self.cols is not None
+        blocks: dict[tuple[str, str], list[tuple[int, Spec]]] = {}
+        for pos, t in enumerate(self.cols):
+            if t.get("c") == "blk":
+                dtype = self.slots[t["v"]["slot"]].final.str
+                blocks.setdefault((dtype, repr(t.get("tz"))), []).append((pos, t))
+        return blocks
+
+    def plan_direct(self) -> None:
+        """When the source announces its row count, give each block column's slot its
+        final place in a preallocated file of its dtype (blocks come first in their file,
+        see :meth:`finish`), so these (most of a frame's bytes) are written once and the
+        file is renamed into the entry instead of copied. Anything the plan did not foresee
+        (fewer or more rows, an int column promoted to float) only costs the copy."""
+        if not self.expect or self.nrows > self.expect:
+            return
+        pool = Pool()
+        places = []
+        for cols in self._block_groups().values():
+            for i, (_, t) in enumerate(cols):
+                slot = self.slots[t["v"]["slot"]]
+                places.append((slot, pool.put(slot.final, self.expect, slot, align=i == 0)))
+        for f, key in enumerate(pool.order):
+            path = self.dir / f"{(1 << 41) + f}.npy"  # a name clean knows, beyond any slot's
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+            self.direct[key] = (path, len(_store.npy_header(np.dtype(key), pool.counts[key])))
+        for slot, ref in places:
+            path, head = self.direct[pool.order[ref["f"]]]
+            slot.enter_region(path, head + ref["o"] * slot.dtype.itemsize, self.expect)
 
     def _same_categories(self, df: pd.DataFrame) -> pd.DataFrame:
         """Recode each categorical so its categories extend the running ones (earlier
@@ -303,16 +402,8 @@ class _Stager:
         or small arrays (labels, categories)."""
         assert self.cols is not None and self.index is not None and self.first is not None
         pool = Pool()
-        blocks: dict[tuple[str, Any], list[tuple[int, Spec]]] = {}
-        ext: dict[str, Spec] = {}
-        for pos, t in enumerate(self.cols):
-            if t.get("c") == "blk":
-                dtype = self.slots[t["v"]["slot"]].final.str
-                blocks.setdefault((dtype, repr(t.get("tz"))), []).append((pos, t))
-            else:
-                ext[str(pos)] = self._final(t, pool)
         out_blocks = []
-        for (dtype, _), cols in blocks.items():
+        for (dtype, _), cols in self._block_groups().items():
             first = None
             for _, t in cols:
                 ref = self._final(t["v"], pool, align=first is None)
@@ -324,6 +415,9 @@ class _Stager:
             if "tz" in cols[0][1]:
                 block["tz"] = cols[0][1]["tz"]
             out_blocks.append(block)
+        # after the blocks, which plan_direct placed first in their files
+        ext = {str(pos): self._final(t, pool) for pos, t in enumerate(self.cols)
+               if t.get("c") != "blk"}
         layout: Spec = {"kind": "frame", "nrows": self.nrows, "ncols": len(self.cols),
                         "blocks": out_blocks, "ext": ext}
         layout["columns"] = encode_index(self.first.columns, pool, "column labels", labels=True)
@@ -407,19 +501,76 @@ def _per_column(layout: Spec) -> list[Spec]:
     return cols
 
 
-def fill(pool: Pool, files: list[Spec], data_dir: Path) -> None:
-    """Write the entry's files: headers, small arrays, and the slots copied in."""
+def renamable(stager: _Stager, pool: Pool) -> dict[str, tuple[Path, int, int]]:
+    """The preallocated files that hold their final file's first items at their final
+    offsets: per dtype, (path, items held, bytes from the header to the last of them)."""
+    out = {}
+    for key, (path, head) in stager.direct.items():
+        held = {id(s) for s in stager.slots if s.at is not None and s.at[0] == path}
+        if not held or key not in pool.files or head != len(
+                _store.npy_header(np.dtype(key), pool.counts[key])):
+            continue
+        offset, n, seen = 0, 0, 0
+        for i, item in enumerate(pool.files[key]):
+            if isinstance(item, _Slot) and id(item) in held:
+                assert item.at is not None
+                if item.at[1] != head + offset:
+                    break
+                n, seen = i + 1, seen + 1
+            elif isinstance(item, _Slot) or item.any():  # only zero padding may come between
+                break
+            offset += item.final_count() * item.final.itemsize if isinstance(
+                item, _Slot) else item.nbytes
+            if seen == len(held):
+                out[key] = (path, n, offset)
+                break
+    return out
+
+
+def fill(pool: Pool, files: list[Spec], data_dir: Path,
+         direct: dict[str, tuple[Path, int, int]]) -> None:
+    """Write the entry's files: headers, small arrays, and the slots copied in; a file whose
+    first items were written in place (``direct``, see :func:`renamable`) is renamed in and
+    completed. On failure the renamed files go back, for a write to the other place."""
     os.mkdir(data_dir, 0o700)
-    for key, spec in zip(pool.order, files, strict=True):
-        fd = os.open(data_dir / spec["name"],
-                     os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        with open(fd, "wb", buffering=0, closefd=True) as f:
-            f.write(_store.npy_header(np.dtype(key), spec["count"]))
-            for item in pool.files[key]:
-                if isinstance(item, _Slot):
-                    item.copy_to(f)
+    moved: list[tuple[Path, Path]] = []
+    try:
+        for key, spec in zip(pool.order, files, strict=True):
+            target = data_dir / spec["name"]
+            items = pool.files[key]
+            header = _store.npy_header(np.dtype(key), spec["count"])
+            if key in direct:
+                path, n, nbytes = direct[key]
+                try:
+                    os.rename(path, target)
+                except OSError as exc:
+                    if exc.errno != errno.EXDEV:  # another file system: copied below
+                        raise
                 else:
-                    _store.write_all(f, item)
+                    moved.append((target, path))
+                    fd = os.open(target, os.O_WRONLY | os.O_NOFOLLOW)
+                    with open(fd, "wb", buffering=0, closefd=True) as f:
+                        os.pwrite(fd, header, 0)
+                        f.seek(len(header) + nbytes)
+                        _write_items(f, items[n:])
+                        f.truncate(spec["size"])
+                    continue
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            with open(fd, "wb", buffering=0, closefd=True) as f:
+                f.write(header)
+                _write_items(f, items)
+    except BaseException:
+        for target, path in moved:
+            os.rename(target, path)
+        raise
+
+
+def _write_items(f: io.RawIOBase, items: list[Any]) -> None:
+    for item in items:
+        if isinstance(item, _Slot):
+            item.copy_to(f)
+        else:
+            _store.write_all(f, item)
 
 
 def _progress(progress: bool | None, total: int | None, key: str) -> Any:
@@ -477,12 +628,18 @@ def _ingest(cache: Any, source: Any, key: str, columns: Sequence[str] | None,
             files = _store.plan_files(pool)
             total = sum(f["size"] for f in files)
             _save._fit_limit(cache, places, key, total)
-            biggest = max((s.path.stat().st_size for s in stager.slots), default=0)
+            direct = renamable(stager, pool)
+            renamed = {direct[k][0] for k in direct}
+            # The staged data are already counted as used; a slot copied (not renamed)
+            # is removed once copied, a region once its whole file is.
+            copied = max((s.nbytes() for s in stager.slots if s.at is None), default=0)
+            copied += sum(s.nbytes() for s in stager.slots
+                          if s.at is not None and s.at[0] not in renamed)
 
-            def room(where: Path) -> int:  # the staged data is already counted as used
-                return biggest if where == place else total
+            def room(where: Path) -> int:
+                return copied if where == place else total
 
             return _save.write(places, name, key, layout, pool, files,
-                               fill=lambda d: fill(pool, files, d), room=room)
+                               fill=lambda d: fill(pool, files, d, direct), room=room)
         finally:
             _clean.remove_data_dir(stage_dir)

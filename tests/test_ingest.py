@@ -8,7 +8,9 @@ groups of 2,000 rows so every source yields several batches and every cross-batc
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import json
 import os
 import signal
 import subprocess
@@ -81,8 +83,6 @@ def _check(key: str, expected: pd.DataFrame, cache_dir: Path) -> pd.DataFrame:
 
 def _dtypes_of_files(key: str, cache_dir: Path) -> list[str]:
     """The dtypes of the entry's .npy files (one file per dtype, as save writes)."""
-    import json
-
     raw = (cache_dir / f"{entry_name(key)}.json").read_bytes()
     return sorted(f["dtype"] for f in json.loads(raw)["files"])
 
@@ -194,6 +194,37 @@ def test_partitioned_directory_is_refused_not_read_without_its_partition_column(
     with pytest.raises(mmcache.InvalidArgumentError, match="partitioned"):
         mmcache.ingest(root, "hive", progress=False)
     assert not mmcache.exists("hive")
+
+
+@pytest.mark.parametrize("announced", [ROWS - 1_000, ROWS, ROWS + 1_000])
+def test_block_columns_are_written_in_place_when_the_row_count_is_known(
+        files, cache_dir, monkeypatch, announced):
+    """With the row count the source announces, the block columns (most of a frame's bytes)
+    are written at their final place and renamed in, never copied; a count that turns out
+    wrong (more rows, or fewer) only costs the copy, and the entry is the same."""
+    real_open = _sources.open_source
+    monkeypatch.setattr(_ingest, "open_source", lambda *a: dataclasses.replace(
+        real_open(*a), nrows=announced))
+    copied: list[Path] = []
+    real_copy = _ingest._copy_file
+
+    def copy(path, *rest):
+        copied.append(path)
+        return real_copy(path, *rest)
+
+    monkeypatch.setattr(_ingest, "_copy_file", copy)
+    renamed: list[str] = []
+    real_renamable = _ingest.renamable
+    monkeypatch.setattr(_ingest, "renamable", lambda *a: (
+        renamed.extend(out := real_renamable(*a)), out)[1])
+    mmcache.ingest(files["parquet"], "k", progress=False)
+    _check("k", _expected(files["parquet"]), cache_dir)
+    from_regions = [p for p in copied if int(p.stem) >= 1 << 41]
+    assert bool(from_regions) == (announced != ROWS)
+    meta = json.loads((cache_dir / f"{entry_name('k')}.json").read_bytes())
+    blocks = sorted({b["dtype"] for b in meta["layout"]["blocks"]})
+    assert len(blocks) >= 3  # floats, ints, timestamps
+    assert (sorted(renamed) == blocks) == (announced == ROWS)
 
 
 def test_columns_keep_the_index_and_touch_nothing_else(files, cache_dir):
