@@ -1,16 +1,18 @@
 """``ingest``: write an Arrow source into an entry batch by batch, in bounded memory.
 
-How: each batch is converted as ``pd.read_parquet`` converts a table (``_compat.
+How: the first batch is converted as ``pd.read_parquet`` converts a table (``_compat.
 arrow_to_pandas``) and encoded by the same codecs ``save`` uses (``_frame.encode``); each
-buffer of that small layout is appended to a slot. When the source announces its row count
-(parquet, ``Dataset``, ``Table``), the slots of the 2-D block columns (numbers, timestamps:
-most of a frame's bytes) are regions of preallocated files, one per dtype, laid out as the
-entry's files will be, so those bytes are written once, at their final place, and each file
-is renamed into the entry. Every other slot (text, category codes, validity, or any slot
-when the count is unknown or proves wrong) is its own *staged* file, copied into the entry's
-files in the kernel (``sendfile``) once the source is exhausted and unlinked as soon as it
-has been copied. The entry is published exactly as ``save`` publishes (``_save.write``:
-free-space check, atomic rename, sweep of old versions, the default cache's RAM/disk places).
+buffer of that small layout becomes a slot (``_slots``) that later batches append to. Later
+batches take the *fast path* where they can (see ``_Stager._plan_fast``): numbers and
+timestamps whose Arrow values are byte for byte what pandas made of the first batch, text,
+and dictionary columns are appended straight from their Arrow buffers; pandas converts only
+the rest (bools, the index, a column meeting its first nulls or a new dictionary). So the
+work per byte is one read and one write, and the entry is what converting every batch would
+give (a property test checks it). When the source announces its row count (parquet,
+``Dataset``, ``Table``), the block columns are written at their final place in preallocated
+files renamed into the entry (``_slots.renamable``); the rest are staged and copied in. The
+entry is published exactly as ``save`` publishes (``_save.write``: free-space check, atomic
+rename, sweep of old versions, the default cache's RAM/disk places).
 
 Memory: one batch in Arrow form, its pandas conversion and its encoding (a few times
 ``BATCH_ROWS`` rows), plus what the reader holds (a parquet row group); never the dataset.
@@ -30,8 +32,6 @@ integer column that holds nulls only in some batches (pandas makes it float64, a
 
 from __future__ import annotations
 
-import errno
-import io
 import os
 import sys
 from collections.abc import Sequence
@@ -48,147 +48,13 @@ from ._entry import Entry
 from ._errors import InvalidArgumentError, MmcacheError, UnsupportedTypeError
 from ._lock import locked
 from ._paths import check_key, entry_name
+from ._slots import BITS, CODES, DATA, Fds, Slot, append_ones, fill, renamable
 from ._sources import Stream, check_batch, open_source, prefetched
 from ._units import human
 
-# Items per read when converting a staged file while packing it (bits, codes, promotion):
-# bounds that step's memory to a few MB whatever the column's size.
-CHUNK_ITEMS = 1 << 21
 # The progress bar appears only once an ingest has run this long (seconds): short ones print
 # nothing.
 PROGRESS_DELAY = 2.0
-_DATA = "data"  # a slot copied as is
-_BITS = "bits"  # one byte (0/1) a row, packed to an Arrow bitmap at the end
-_CODES = "codes"  # int32 category codes, narrowed to pandas' codes dtype at the end
-
-
-class _Slot:
-    """One staged buffer: a file in the staging directory that batches append to, or a
-    *region* of a preallocated file (``at``: that file and the byte offset where the slot's
-    items start; ``cap``: how many items fit), where batches are written at their final
-    place so the data are written once (see :meth:`_Stager.plan_direct`)."""
-
-    __slots__ = ("at", "cap", "count", "dtype", "final", "kind", "path")
-
-    def __init__(self, path: Path, dtype: np.dtype, kind: str) -> None:
-        self.path = path
-        self.dtype = dtype
-        self.kind = kind
-        self.count = 0
-        self.final = np.dtype(np.uint8) if kind == _BITS else dtype
-        self.at: tuple[Path, int] | None = None
-        self.cap = 0
-
-    def append(self, arr: np.ndarray) -> None:
-        arr = np.ascontiguousarray(arr, dtype=self.dtype)
-        if self.at is not None and self.count + len(arr) > self.cap:
-            self.leave_region()  # more rows than the source announced
-        if self.at is not None:
-            path, start = self.at
-            fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
-            try:
-                _pwrite_all(fd, arr, start + self.count * self.dtype.itemsize)
-            finally:
-                os.close(fd)
-        else:
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW,
-                         0o600)
-            with open(fd, "wb", buffering=0, closefd=True) as f:
-                _store.write_all(f, arr)
-        self.count += len(arr)
-
-    def nbytes(self) -> int:
-        return self.count * self.dtype.itemsize
-
-    def chunks(self) -> Any:
-        path, start = self.at or (self.path, 0)
-        left = self.nbytes()
-        with open(path, "rb", buffering=0) as f:
-            f.seek(start)
-            while left and (chunk := f.read(min(left, CHUNK_ITEMS * self.dtype.itemsize))):
-                left -= len(chunk)
-                yield np.frombuffer(chunk, dtype=self.dtype)
-
-    def enter_region(self, path: Path, start: int, cap: int) -> None:
-        """From now on, write into ``path`` from byte ``start`` (room for ``cap`` items);
-        what is staged so far (one batch) moves there."""
-        staged = [chunk.copy() for chunk in self.chunks()] if self.path.exists() else []
-        self.path.unlink(missing_ok=True)
-        self.at, self.cap, self.count = (path, start), cap, 0
-        for chunk in staged:
-            self.append(chunk)
-
-    def leave_region(self) -> None:
-        """Move what is written in the region to the slot's own staged file."""
-        if self.at is not None:
-            with open(self.path, "wb", buffering=0) as out:
-                self.copy_region(out)
-            self.at = None
-
-    def promote(self, dtype: np.dtype) -> None:
-        """Convert what is staged to ``dtype`` (an int column that met its first null)."""
-        # A name clean knows (``<n>.npy``), beyond any slot's: a kill leaves nothing foreign.
-        tmp = self.path.with_name(f"{int(self.path.stem) + (1 << 40)}.npy")
-        with open(tmp, "wb", buffering=0) as out:
-            for chunk in self.chunks():
-                _store.write_all(out, chunk.astype(dtype))
-        os.replace(tmp, self.path)
-        self.at = None
-        self.dtype = self.final = dtype
-
-    def final_count(self) -> int:
-        return (self.count + 7) // 8 if self.kind == _BITS else self.count
-
-    def copy_region(self, out: io.RawIOBase) -> None:
-        path, start = self.at or (self.path, 0)
-        _copy_file(path, start, self.nbytes(), out)
-
-    def copy_to(self, out: io.RawIOBase) -> None:
-        """Append this slot to ``out`` in its final form, then unlink its staged file
-        (room: the data once, plus one slot)."""
-        if self.kind != _BITS and self.final == self.dtype:
-            self.copy_region(out)
-        else:
-            carry = np.empty(0, dtype=np.uint8)
-            for chunk in self.chunks():
-                if self.kind == _BITS:
-                    chunk = np.concatenate([carry, chunk])
-                    whole = len(chunk) - len(chunk) % 8
-                    carry = chunk[whole:]
-                    chunk = np.packbits(chunk[:whole], bitorder="little")
-                _store.write_all(out, chunk.astype(self.final))
-            if len(carry):
-                _store.write_all(out, np.packbits(carry, bitorder="little"))
-        if self.at is None:
-            os.unlink(self.path)
-
-
-def _pwrite_all(fd: int, arr: np.ndarray, offset: int) -> None:
-    view = memoryview(arr.view(np.uint8))  # type: ignore[arg-type]
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view, offset = view[n:], offset + n
-
-
-def _copy_file(path: Path, start: int, size: int, out: io.RawIOBase) -> None:
-    """Append ``size`` bytes of ``path`` from ``start`` to ``out`` in the kernel (no pages
-    through this process)."""
-    with open(path, "rb", buffering=0) as src:
-        offset, end = start, start + size
-        try:
-            while offset < end:
-                sent = os.sendfile(out.fileno(), src.fileno(), offset, end - offset)
-                if sent == 0:
-                    raise OSError(errno.EIO, f"{path} shrank while copying")
-                offset += sent
-        except OSError as exc:
-            if exc.errno not in (errno.EINVAL, errno.ENOSYS) or offset != start:
-                raise
-            src.seek(start)
-            while offset < end and (chunk := src.read(min(CHUNK_ITEMS, end - offset))):
-                _store.write_all(out, np.frombuffer(chunk, dtype=np.uint8))
-                offset += len(chunk)
-
 
 class _Stager:
     """Appends each batch's buffers to slots; at the end, the entry's layout and files."""
@@ -197,7 +63,8 @@ class _Stager:
         self.dir = stage_dir
         self.what = stream.what
         self.schema = stream.schema
-        self.slots: list[_Slot] = []
+        self.slots: list[Slot] = []
+        self.fds = Fds()
         self.cols: list[Spec] | None = None  # per column position: the template spec
         self.index: Spec | None = None
         self.cats: dict[str, pd.Index] = {}  # running categories, by where ("column 'a'")
@@ -207,10 +74,36 @@ class _Stager:
         # Per final dtype file: the preallocated file its block columns are written into,
         # and the length of the .npy header it is planned with (see plan_direct).
         self.direct: dict[str, tuple[Path, int]] = {}
+        # The fast path (see _plan_fast): per column position, its Arrow field and how it
+        # is appended; per dictionary column, the dictionary last seen and how its codes
+        # map to the running categories (None: as they are).
+        self.fields: list[int] = []
+        self.index_fields: list[str] = []
+        self.fast: dict[int, str] = {}
+        self.view: dict[int, np.dtype] = {}  # "num" columns: their values' numpy dtype
+        self.dicts: dict[int, tuple[pa.Array, np.ndarray | None]] = {}
+        self.moved: dict[str, np.ndarray | None] = {}
 
     # --- one batch -------------------------------------------------------------------------
 
     def add(self, batch: pa.RecordBatch) -> None:
+        if self.cols is None:  # the first batch: all through pandas, which sets the plan
+            df = self._convert(batch, None)
+            self._plan_fast(batch, df)
+            self.nrows += batch.num_rows
+            self.plan_direct()
+            return
+        slow = [pos for pos in range(len(self.cols)) if not self._add_fast(pos, batch)]
+        if slow or self.index_fields:
+            self._convert(batch, slow)
+        self.nrows += batch.num_rows
+
+    def _convert(self, batch: pa.RecordBatch, positions: list[int] | None) -> pd.DataFrame:
+        """Append the columns at ``positions`` (None: all; the index always) as pandas
+        converts them; the first call sets the templates."""
+        whole = batch
+        if positions is not None:
+            batch = batch.select([self.fields[p] for p in positions] + self.index_fields)
         table = pa.Table.from_batches([batch]).replace_schema_metadata(self.schema.metadata)
         df = self._same_categories(_compat.arrow_to_pandas(table))
         if isinstance(df.index, pd.MultiIndex):
@@ -223,18 +116,98 @@ class _Stager:
         layout, pool = _frame.encode(df)
         arrays = _arrays(pool)
         cols = _per_column(layout)
-        planned = self.cols is not None
         if self.cols is None:
             self.first = df.iloc[:0]
             self.cols = [{} for _ in cols]
             self.index = {}
-        for pos, (t, spec) in enumerate(zip(self.cols, cols, strict=True)):
-            self.cols[pos] = self._take(spec, t or None, arrays, f"column {df.columns[pos]!r}")
+        for pos, spec, label in zip(positions or range(len(cols)), cols, df.columns,
+                                    strict=True):
+            self.cols[pos] = self._take(spec, self.cols[pos] or None, arrays,
+                                        f"column {label!r}")
+            if pos in self.dicts:  # a new dictionary: how it maps to the running categories
+                self.dicts[pos] = (whole.column(self.fields[pos]).dictionary,
+                                   self.moved.get(f"column {label!r}"))
         assert self.index is not None
         self.index = self._take(layout["index"], self.index or None, arrays, "the index")
-        self.nrows += len(df)
-        if not planned:
-            self.plan_direct()
+        return df
+
+    # --- the fast path: columns whose Arrow buffers are what pandas would give --------------
+
+    def _plan_fast(self, batch: pa.RecordBatch, df: pd.DataFrame) -> None:
+        """Decide, from the first batch, which columns later batches append straight from
+        their Arrow buffers, without pandas: numbers and timestamps whose Arrow values are
+        byte for byte what pandas made of them, text (Arrow strings either way) and
+        dictionary columns (the indices are the codes). Each later batch still takes the
+        pandas path for a column it cannot take this way (nulls in numbers, a new
+        dictionary), so the entry is what converting every batch would give."""
+        assert self.cols is not None
+        meta = self.schema.pandas_metadata or {}
+        self.index_fields = [c for c in meta.get("index_columns", []) if isinstance(c, str)]
+        names = batch.schema.names
+        fields = [i for i, n in enumerate(names) if n not in self.index_fields]
+        if len(fields) != len(self.cols):
+            self.fields = []
+            return
+        self.fields = fields
+        for pos, field in enumerate(fields):
+            col, t = batch.column(field), self.cols[pos]
+            if str(df.columns[pos]) != names[field]:
+                continue
+            typ = col.type
+            if t.get("c") == "blk" and _fixed_width(typ) and not col.null_count:
+                values = df.iloc[:, pos].array
+                arr = getattr(values, "_ndarray", None)
+                if (isinstance(arr, np.ndarray) and arr.dtype == self.slots[
+                        t["v"]["slot"]].dtype and np.array_equal(
+                        arr.view(np.uint8), _values(col, arr.dtype).view(np.uint8))):
+                    self.fast[pos] = "num"
+                    self.view[pos] = arr.dtype  # the slot's dtype may change (promotion)
+            elif (t.get("c") == "cat" and pa.types.is_dictionary(typ)
+                  and not col.dictionary.null_count):
+                self.fast[pos] = "cat"
+                self.dicts[pos] = (col.dictionary, self.moved.get(f"column {df.columns[pos]!r}"))
+            elif (t.get("c") == "str" and isinstance(t.get("arrow"), dict)
+                  and _arrow_type_from_json(t["arrow"]["type"]) == pa.large_string()
+                  and typ in (pa.string(), pa.large_string())):
+                self.fast[pos] = "str"
+
+    def _add_fast(self, pos: int, batch: pa.RecordBatch) -> bool:
+        """Append column ``pos`` of ``batch`` from its Arrow buffers if it can be; False
+        if it must go through pandas."""
+        kind = self.fast.get(pos)
+        if kind is None:
+            return False
+        assert self.cols is not None
+        col, t = batch.column(self.fields[pos]), self.cols[pos]
+        where = f"column {self.first.columns[pos]!r}" if self.first is not None else ""
+        if kind == "num":
+            if col.null_count:
+                return False
+            self._append(t["v"], _values(col, self.view[pos]), where)
+        elif kind == "cat":
+            seen, moved = self.dicts[pos]
+            if col.dictionary is not seen and not col.dictionary.equals(seen):
+                return False
+            indices = col.indices
+            codes = (indices.fill_null(-1) if indices.null_count else indices).to_numpy()
+            if moved is not None:
+                codes = np.where(codes >= 0, moved[np.maximum(codes, 0)], -1)
+            self.slots[t["codes"]["slot"]].append(codes)
+        else:
+            if col.type != pa.large_string():
+                col = col.cast(pa.large_string())
+            if col.offset:
+                return False
+            bufs = col.buffers()
+            arrays = {(0, i): np.frombuffer(b, dtype=np.uint8) for i, b in enumerate(bufs)
+                      if b is not None}
+            refs = [{"f": 0, "o": i} if (0, i) in arrays else None for i in range(3)]
+            if not col.null_count:
+                refs[0] = None
+            t = t["arrow"]
+            self._take_arrow({"type": t["type"], "len": len(col), "nulls": col.null_count,
+                              "bufs": refs}, t, arrays, where)
+        return True
 
     def _block_groups(self) -> dict[tuple[str, str], list[tuple[int, Spec]]]:
         """The columns of each 2-D block of the entry (one per dtype and time zone), in
@@ -287,13 +260,14 @@ class _Stager:
             else:
                 running = cats
             self.cats[where] = running
+            self.moved[where] = None
             if not cats.equals(running):
                 # Recoded by hand: astype() keeps the codes when the categories are the same
                 # set in another order (equal dtypes when unordered), which would give the
                 # codes other labels.
                 dtype = pd.CategoricalDtype(running, ordered=values.dtype.ordered)
                 codes = np.asarray(values.array.codes)
-                moved = running.get_indexer(cats)
+                moved = self.moved[where] = running.get_indexer(cats)
                 recoded = pd.Categorical.from_codes(
                     np.where(codes >= 0, moved[np.maximum(codes, 0)], -1), dtype=dtype)
                 if pos == "index":
@@ -302,8 +276,9 @@ class _Stager:
                     df.isetitem(pos, pd.Series(recoded, index=df.index, name=values.name))
         return df
 
-    def _slot(self, dtype: np.dtype, kind: str = _DATA) -> Spec:
-        self.slots.append(_Slot(self.dir / f"{len(self.slots)}.npy", np.dtype(dtype), kind))
+    def _slot(self, dtype: np.dtype, kind: str = DATA) -> Spec:
+        self.slots.append(Slot(self.dir / f"{len(self.slots)}.npy", np.dtype(dtype), kind,
+                                self.fds))
         return {"slot": len(self.slots) - 1}
 
     def _mismatch(self, where: str, detail: str) -> UnsupportedTypeError:
@@ -326,7 +301,7 @@ class _Stager:
             return t or spec  # each batch's own 0..n: the whole table's is made at the end
         if isinstance(spec, dict) and spec.get("c") == "cat":
             t = t or {"c": "cat", "ordered": spec["ordered"], "codes": self._slot(
-                np.dtype(np.int32), _CODES), "cats": where}
+                np.dtype(np.int32), CODES), "cats": where}
             codes = arrays[spec["codes"]["f"], spec["codes"]["o"]]
             self.slots[t["codes"]["slot"]].append(codes)  # widened to int32
             return t
@@ -348,7 +323,7 @@ class _Stager:
         slot = self.slots[t["slot"]]
         if arr.dtype != slot.dtype:
             kinds = {arr.dtype.kind, slot.dtype.kind}
-            if slot.kind != _DATA or not kinds <= set("iuf") or "f" not in kinds:
+            if slot.kind != DATA or not kinds <= set("iuf") or "f" not in kinds:
                 raise self._mismatch(where, f"{slot.dtype} against {arr.dtype}")
             # pandas gives an int column float64 in the batches where it has nulls: the
             # whole column is float64, as read_parquet of the whole table makes it.
@@ -369,9 +344,9 @@ class _Stager:
         elif t["type"] != spec["type"]:
             raise self._mismatch(where, f"Arrow type {typ}")
         if bufs[0] is not None and t["bufs"][0] is None:  # the first nulls: earlier rows valid
-            valid_slot = self._slot(np.dtype(np.uint8), _BITS)
+            valid_slot = self._slot(np.dtype(np.uint8), BITS)
             t["bufs"][0] = valid_slot
-            _append_ones(self.slots[valid_slot["slot"]], t["len"])
+            append_ones(self.slots[valid_slot["slot"]], t["len"])
         if t["bufs"][0] is not None:
             valid = (np.ones(n, dtype=np.uint8) if bufs[0] is None
                      else np.unpackbits(bufs[0], count=n, bitorder="little"))
@@ -465,13 +440,18 @@ class _Stager:
         return t
 
 
+def _fixed_width(typ: pa.DataType) -> bool:
+    return (pa.types.is_integer(typ) or pa.types.is_floating(typ)
+            or pa.types.is_timestamp(typ) or pa.types.is_duration(typ))
+
+
+def _values(col: pa.Array, dtype: np.dtype) -> np.ndarray:
+    """The values buffer of fixed-width Arrow array ``col`` as ``dtype``, without a copy."""
+    return np.frombuffer(col.buffers()[1], dtype=dtype)[col.offset : col.offset + len(col)]
+
+
 def _where(df: pd.DataFrame, pos: int | str) -> str:
     return "the index" if pos == "index" else f"column {df.columns[pos]!r}"
-
-
-def _append_ones(slot: _Slot, n: int) -> None:
-    for start in range(0, n, CHUNK_ITEMS):
-        slot.append(np.ones(min(CHUNK_ITEMS, n - start), dtype=np.uint8))
 
 
 def _arrays(pool: Pool) -> dict[tuple[int, int], np.ndarray]:
@@ -499,78 +479,6 @@ def _per_column(layout: Spec) -> list[Spec]:
     for k, spec in layout["ext"].items():
         cols[int(k)] = spec
     return cols
-
-
-def renamable(stager: _Stager, pool: Pool) -> dict[str, tuple[Path, int, int]]:
-    """The preallocated files that hold their final file's first items at their final
-    offsets: per dtype, (path, items held, bytes from the header to the last of them)."""
-    out = {}
-    for key, (path, head) in stager.direct.items():
-        held = {id(s) for s in stager.slots if s.at is not None and s.at[0] == path}
-        if not held or key not in pool.files or head != len(
-                _store.npy_header(np.dtype(key), pool.counts[key])):
-            continue
-        offset, n, seen = 0, 0, 0
-        for i, item in enumerate(pool.files[key]):
-            if isinstance(item, _Slot) and id(item) in held:
-                assert item.at is not None
-                if item.at[1] != head + offset:
-                    break
-                n, seen = i + 1, seen + 1
-            elif isinstance(item, _Slot) or item.any():  # only zero padding may come between
-                break
-            offset += item.final_count() * item.final.itemsize if isinstance(
-                item, _Slot) else item.nbytes
-            if seen == len(held):
-                out[key] = (path, n, offset)
-                break
-    return out
-
-
-def fill(pool: Pool, files: list[Spec], data_dir: Path,
-         direct: dict[str, tuple[Path, int, int]]) -> None:
-    """Write the entry's files: headers, small arrays, and the slots copied in; a file whose
-    first items were written in place (``direct``, see :func:`renamable`) is renamed in and
-    completed. On failure the renamed files go back, for a write to the other place."""
-    os.mkdir(data_dir, 0o700)
-    moved: list[tuple[Path, Path]] = []
-    try:
-        for key, spec in zip(pool.order, files, strict=True):
-            target = data_dir / spec["name"]
-            items = pool.files[key]
-            header = _store.npy_header(np.dtype(key), spec["count"])
-            if key in direct:
-                path, n, nbytes = direct[key]
-                try:
-                    os.rename(path, target)
-                except OSError as exc:
-                    if exc.errno != errno.EXDEV:  # another file system: copied below
-                        raise
-                else:
-                    moved.append((target, path))
-                    fd = os.open(target, os.O_WRONLY | os.O_NOFOLLOW)
-                    with open(fd, "wb", buffering=0, closefd=True) as f:
-                        os.pwrite(fd, header, 0)
-                        f.seek(len(header) + nbytes)
-                        _write_items(f, items[n:])
-                        f.truncate(spec["size"])
-                    continue
-            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-            with open(fd, "wb", buffering=0, closefd=True) as f:
-                f.write(header)
-                _write_items(f, items)
-    except BaseException:
-        for target, path in moved:
-            os.rename(target, path)
-        raise
-
-
-def _write_items(f: io.RawIOBase, items: list[Any]) -> None:
-    for item in items:
-        if isinstance(item, _Slot):
-            item.copy_to(f)
-        else:
-            _store.write_all(f, item)
 
 
 def _progress(progress: bool | None, total: int | None, key: str) -> Any:
@@ -611,6 +519,7 @@ def _ingest(cache: Any, source: Any, key: str, columns: Sequence[str] | None,
     with locked(place, name, key, _save.LOCK_TIMEOUT):
         stage_dir = place / f"{name}.{_store.new_token()}"
         os.mkdir(stage_dir, 0o700)
+        stager: _Stager | None = None
         try:
             stager = _Stager(stage_dir, stream)
             nbytes = 0
@@ -624,11 +533,12 @@ def _ingest(cache: Any, source: Any, key: str, columns: Sequence[str] | None,
                     bar.update(batch.num_rows)
             if stager.cols is None:  # no batch at all: an empty frame of the schema
                 stager.add(pa.RecordBatch.from_pylist([], schema=stream.schema))
+            stager.fds.close()
             layout, pool = stager.finish()
             files = _store.plan_files(pool)
             total = sum(f["size"] for f in files)
             _save._fit_limit(cache, places, key, total)
-            direct = renamable(stager, pool)
+            direct = renamable(stager.slots, stager.direct, pool)
             renamed = {direct[k][0] for k in direct}
             # The staged data are already counted as used; a slot copied (not renamed)
             # is removed once copied, a region once its whole file is.
@@ -642,4 +552,6 @@ def _ingest(cache: Any, source: Any, key: str, columns: Sequence[str] | None,
             return _save.write(places, name, key, layout, pool, files,
                                fill=lambda d: fill(pool, files, d, direct), room=room)
         finally:
+            if stager is not None:
+                stager.fds.close()
             _clean.remove_data_dir(stage_dir)

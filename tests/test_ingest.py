@@ -25,9 +25,11 @@ import pyarrow.csv as pa_csv
 import pyarrow.dataset as pa_ds
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import mmcache
-from mmcache import _ingest, _sources
+from mmcache import _compat, _ingest, _slots, _sources
 from mmcache._paths import entry_name
 from tests import _pd
 from tests._zerocopy import assert_zero_copy
@@ -206,13 +208,13 @@ def test_block_columns_are_written_in_place_when_the_row_count_is_known(
     monkeypatch.setattr(_ingest, "open_source", lambda *a: dataclasses.replace(
         real_open(*a), nrows=announced))
     copied: list[Path] = []
-    real_copy = _ingest._copy_file
+    real_copy = _slots.copy_file
 
     def copy(path, *rest):
         copied.append(path)
         return real_copy(path, *rest)
 
-    monkeypatch.setattr(_ingest, "_copy_file", copy)
+    monkeypatch.setattr(_slots, "copy_file", copy)
     renamed: list[str] = []
     real_renamable = _ingest.renamable
     monkeypatch.setattr(_ingest, "renamable", lambda *a: (
@@ -454,3 +456,107 @@ def test_progress_appears_only_for_long_ingests_on_a_terminal(files, cache_dir, 
     monkeypatch.setattr(_ingest, "_progress", spy)
     mmcache.ingest(files["parquet"], "p")
     assert shown == [(False, _ingest.PROGRESS_DELAY)]  # shown only past the delay
+
+
+# --- the fast path: later batches appended from their Arrow buffers ------------------------
+
+WORDS = ["ant", "bee", "cat", "dog", "eel"]
+
+
+def _sample_schema(indexed: bool) -> pa.Schema:
+    """The schema of a pandas frame of every kind the fast path takes (and bool, which it
+    does not), with its pandas metadata; the index stored as a field when ``indexed``."""
+    sample = pd.DataFrame({
+        "i": np.array([1], np.int64), "f": [1.5],
+        "t": pd.to_datetime(["2024-01-01"], utc=True).as_unit("us"),
+        "s": pd.array(["x"], dtype="string[pyarrow]"), "c": pd.Categorical(["ant"]),
+        "b": [True], "k": np.array([7], np.int64),
+    })
+    sample = sample.set_index("k") if indexed else sample.drop(columns="k")
+    return pa.Schema.from_pandas(sample, preserve_index=indexed)
+
+
+@st.composite
+def _batches(draw):
+    indexed = draw(st.booleans())
+    schema = _sample_schema(indexed)
+    out, start = [], 0
+    for _ in range(draw(st.integers(1, 5))):
+        n = draw(st.integers(1, 40))
+        nulls = {name: draw(st.booleans()) for name in ("i", "f", "t", "s", "c")}
+
+        def mask(name, n=n, nulls=nulls):
+            return np.arange(n) % 3 == 1 if nulls[name] else None
+
+        words = draw(st.permutations(WORDS))[: draw(st.integers(1, len(WORDS)))]
+        codes = np.arange(start, start + n) % len(words)
+        cols = {
+            "i": pa.array(np.arange(start, start + n), pa.int64(), mask=mask("i")),
+            "f": pa.array(np.arange(n) / 4, pa.float64(), mask=mask("f")),
+            "t": pa.array(1_700_000_000_000_000 + np.arange(n), schema.field("t").type,
+                          mask=mask("t")),
+            "s": pa.array([f"w{start + j}" for j in range(n)], schema.field("s").type,
+                          mask=mask("s")),
+            "c": pa.DictionaryArray.from_arrays(
+                pa.array(codes, schema.field("c").type.index_type, mask=mask("c")),
+                pa.array(words)),
+            "b": pa.array(np.arange(n) % 2 == 0),
+        }
+        if indexed:
+            cols["k"] = pa.array(np.arange(start, start + n) * 10, pa.int64())
+        batch = pa.RecordBatch.from_arrays([cols[f.name] for f in schema], schema=schema)
+        cut = draw(st.integers(0, min(3, n - 1)))  # a slice: buffers with an offset
+        out.append(batch.slice(cut))
+        start += n
+    return schema, out
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+          HealthCheck.function_scoped_fixture])
+@given(_batches())
+def test_fast_path_gives_what_converting_every_batch_gives(cache_dir, drawn):
+    """Batches whose later ones differ from the first in every way the fast path must
+    notice (nulls appearing in numbers, text or codes; other dictionaries, the same words
+    in another order; an index field; sliced batches): the entry is what pandas makes of
+    the whole table."""
+    schema, batches = drawn
+    mmcache.ingest(pa.RecordBatchReader.from_batches(schema, batches), "p", progress=False)
+    expected = _compat.arrow_to_pandas(pa.Table.from_batches(batches, schema))
+    _pd.assert_frame_equal(mmcache.open("p"), expected)
+
+
+def test_fast_path_converts_only_the_first_batch_and_columns_it_cannot_take(
+        cache_dir, monkeypatch):
+    """Numbers, timestamps, text and categories without news are appended straight from
+    Arrow: pandas converts the first batch, then only the bool column (bits) and a column
+    when it meets its first nulls or a new dictionary."""
+    schema = _sample_schema(indexed=False)
+    n = 100
+    base = {
+        "i": pa.array(np.arange(n), pa.int64()), "f": pa.array(np.arange(n) / 2),
+        "t": pa.array(np.arange(n), schema.field("t").type),
+        "s": pa.array([f"w{j}" for j in range(n)], schema.field("s").type),
+        "c": pa.DictionaryArray.from_arrays(
+            pa.array(np.arange(n) % 2, schema.field("c").type.index_type), pa.array(WORDS)),
+        "b": pa.array(np.arange(n) % 2 == 0),
+    }
+    batches = [pa.RecordBatch.from_arrays([base[f.name] for f in schema], schema=schema)
+               for _ in range(4)]
+    with_nulls = dict(base, i=pa.array(np.arange(n), pa.int64(), mask=np.arange(n) == 3))
+    batches.append(pa.RecordBatch.from_arrays([with_nulls[f.name] for f in schema],
+                                              schema=schema))
+    converted: list[list[str]] = []
+    real = _compat.arrow_to_pandas
+
+    def spy(table):
+        converted.append(table.column_names)
+        return real(table)
+
+    monkeypatch.setattr(_compat, "arrow_to_pandas", spy)
+    mmcache.ingest(pa.RecordBatchReader.from_batches(schema, batches), "fast", progress=False)
+    assert converted[0] == schema.names
+    assert converted[1:] == [["b"]] * 3 + [["i", "b"]]
+    monkeypatch.setattr(_compat, "arrow_to_pandas", real)
+    expected = real(pa.Table.from_batches(batches, schema))
+    assert expected["i"].dtype == np.float64
+    _check("fast", expected, cache_dir)
