@@ -79,7 +79,8 @@ def _measure(method: str, source: Path, tiny: Path, cache_dir: Path) -> dict[str
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def ingest_point(rows: int, tmp: Path, log: Callable[[str], None]) -> dict[str, Any]:
+def ingest_point(rows: int, tmp: Path, log: Callable[[str], None],
+                 rounds: int = 1) -> dict[str, Any]:
     """Make the dataset, run each method in a fresh process, remove everything."""
     import shutil
 
@@ -90,14 +91,22 @@ def ingest_point(rows: int, tmp: Path, log: Callable[[str], None]) -> dict[str, 
                              "parquet_bytes": sum(p.stat().st_size
                                                   for p in source.iterdir()),
                              "methods": {}}
+    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in METHODS}
     try:
-        for method in METHODS:
-            cache_dir = tmp / "ingest-cache"
-            try:
-                log(f"ingest: {method}")
-                point["methods"][method] = _measure(method, source, tiny, cache_dir)
-            finally:
-                shutil.rmtree(cache_dir, ignore_errors=True)
+        for r in range(rounds):  # interleaved, so a burst of load on the machine hits all
+            for method in METHODS:
+                cache_dir = tmp / "ingest-cache"
+                try:
+                    log(f"ingest: {method} (round {r + 1} of {rounds})")
+                    runs[method].append(_measure(method, source, tiny, cache_dir))
+                finally:
+                    shutil.rmtree(cache_dir, ignore_errors=True)
+        for method, got in runs.items():
+            # the best time, the worst memory; every run is kept
+            best = dict(min(got, key=lambda r: r["wall_s"]))
+            best["peak_growth"] = max(r["peak_growth"] for r in got)
+            point["methods"][method] = best
+        point["runs"] = runs
     finally:
         shutil.rmtree(source, ignore_errors=True)
         tiny.unlink(missing_ok=True)
@@ -123,6 +132,7 @@ def targets(p: dict[str, Any]) -> list[tuple[str, str, str]]:
 
 def markdown(p: dict[str, Any]) -> list[str]:
     data = p["data_bytes"]
+    rounds = len(p.get("runs", {}).get("mmcache.ingest", [None]))
     lines = [
         f"## Ingest: {p['rows']:,} rows of parquet ({data / GB:.2f} GB in memory)",
         "",
@@ -130,7 +140,9 @@ def markdown(p: dict[str, Any]) -> list[str]:
         "defaults: snappy, row groups of 1Mi rows); 8 float64, 2 int64, a UTC timestamp, a "
         "dictionary-encoded category, a text column. Each method in a fresh process, after a "
         "warm-up on 1,000 rows; peak RSS growth is VmHWM minus the RSS before "
-        "(`/proc/self/clear_refs`). Throughput is the in-memory size over wall time.",
+        f"(`/proc/self/clear_refs`). Each method ran {rounds} time(s), interleaved: the best "
+        "wall time and the largest peak growth are shown (every run is in results.json). "
+        "Throughput is the in-memory size over wall time.",
         "",
         "| method | wall | throughput | peak RSS growth | of the data |",
         "|---|---:|---:|---:|---:|",
