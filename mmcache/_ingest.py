@@ -142,8 +142,9 @@ class _Stager:
         dictionary), so the entry is what converting every batch would give."""
         assert self.cols is not None
         meta = self.schema.pandas_metadata or {}
-        self.index_fields = [c for c in meta.get("index_columns", []) if isinstance(c, str)]
         names = batch.schema.names
+        self.index_fields = [c for c in meta.get("index_columns", [])
+                             if isinstance(c, str) and c in names]
         fields = [i for i, n in enumerate(names) if n not in self.index_fields]
         if len(fields) != len(self.cols):
             self.fields = []
@@ -163,6 +164,7 @@ class _Stager:
                     self.fast[pos] = "num"
                     self.view[pos] = arr.dtype  # the slot's dtype may change (promotion)
             elif (t.get("c") == "cat" and pa.types.is_dictionary(typ)
+                  and pa.types.is_signed_integer(typ.index_type)
                   and not col.dictionary.null_count):
                 self.fast[pos] = "cat"
                 self.dicts[pos] = (col.dictionary, self.moved.get(f"column {df.columns[pos]!r}"))
