@@ -168,6 +168,7 @@ def _status(field: str) -> int:
 
 def _child(method: str, source: str, tiny: str, cache_dir: str) -> None:
     import pandas as pd
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     import mmcache
@@ -181,12 +182,11 @@ def _child(method: str, source: str, tiny: str, cache_dir: str) -> None:
             mmcache.save(pd.read_parquet(src), key, cache_dir=cache_dir)
         elif method == FLOOR:
             os.makedirs(cache_dir, exist_ok=True)
-            with open(os.path.join(cache_dir, f"{key}.bin"), "wb", buffering=0) as f:
-                for col in pq.read_table(src).columns:
-                    for chunk in col.chunks:
-                        for buf in chunk.buffers():
-                            if buf is not None:
-                                f.write(buf)
+            table = pq.read_table(src)
+            # Arrow's IPC file format: the table's buffers as they are (no compression),
+            # each written once (a chunk's buffers() would give its whole parent buffers)
+            with pa.ipc.new_file(os.path.join(cache_dir, f"{key}.arrow"), table.schema) as w:
+                w.write_table(table)
         else:
             out["table_bytes"] = pq.read_table(src).nbytes
 
