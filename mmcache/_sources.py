@@ -8,7 +8,8 @@ ETA), and an iterator of batches. Whatever can be checked before reading data is
 such an ingest fails before anything is written.
 
 Memory: parquet is read with ``ParquetFile.iter_batches``, which holds one row group's column
-chunks plus one batch; a CSV file by ``pyarrow.csv.open_csv`` one block at a time.
+chunks plus one batch; a CSV file by ``pyarrow.csv.open_csv`` in blocks of 1 MB (it decodes
+~38 blocks ahead: ~40 MB) with the types inferred from its first 16 MB.
 """
 
 from __future__ import annotations
@@ -32,8 +33,10 @@ from ._errors import InvalidArgumentError, UnsupportedTypeError
 # Rows per batch: big enough that per-batch Python work is noise, small enough that a batch
 # of wide string rows stays a few tens of MB (the memory bound is one row group + one batch).
 BATCH_ROWS = 65_536
-# A CSV block: Arrow infers the column types from the first one.
+# CSV: Arrow infers the column types from the first CSV_BLOCK bytes; the file is then read
+# in blocks of CSV_READ_BLOCK (pyarrow's reader holds ~38 blocks ahead: ~40 MB).
 CSV_BLOCK = 16 << 20
+CSV_READ_BLOCK = 1 << 20
 # Parquet column chunks are read through a buffer of this size (pyarrow's default, 0, reads
 # each whole chunk: a 1Mi-row group of 8-byte values holds 8 MB per column at once).
 READ_BUFFER = 1 << 20
@@ -146,36 +149,99 @@ def _dataset_stream(dataset: pa_ds.Dataset, columns: list[str] | None) -> Stream
 
 
 def _csv_stream(path: Path, columns: list[str] | None) -> Stream:
-    convert = pa_csv.ConvertOptions(include_columns=columns) if columns else None
-    reader = pa_csv.open_csv(path, read_options=pa_csv.ReadOptions(block_size=CSV_BLOCK),
-                             convert_options=convert)
     what = f"CSV file {str(path)!r}"
-    schema = _select(reader.schema, None, what)
-    return Stream(schema, _csv_batches(reader, schema, what), None, what)
+    # The column types are inferred from the first CSV_BLOCK bytes, read here alone (the
+    # first block of a reader of that block size: the same rows, the same types); the file
+    # is then streamed in blocks of CSV_READ_BLOCK with those types given. pyarrow's
+    # streaming reader decodes about 38 blocks ahead of its consumer, without a knob, and
+    # keeps doing so after close(): with 16 MB blocks that is the whole of a 200 MB file
+    # (measured: 604 MB of Arrow memory for a 950 MB file), with 1 MB blocks ~38 MB.
+    with pa.input_stream(path) as f:  # decompresses .gz / .bz2 as open_csv does
+        head = f.read(CSV_BLOCK)
+    if len(head) == CSV_BLOCK:  # cut after the last whole row, as Arrow cuts its blocks
+        head = head[: max(head.rfind(b"\n"), head.rfind(b"\r")) + 1]
+    header = pa_csv.open_csv(pa.BufferReader(head),
+                             read_options=pa_csv.ReadOptions(block_size=CSV_BLOCK))
+    inferred = header.schema
+    del header, head
+    names = inferred.names  # the file's columns, in its order (errors give a position)
+    if columns is not None:
+        missing = [c for c in columns if c not in names]
+        if missing:
+            raise InvalidArgumentError(
+                f"columns= names {missing!r}, which the source does not have; it has "
+                f"{names!r}"
+            )
+        inferred = pa.schema([inferred.field(c) for c in dict.fromkeys(columns)])
+    schema = _select(inferred, None, what)
+    convert = pa_csv.ConvertOptions(
+        column_types=schema, include_columns=schema.names if columns is not None else None)
+    try:  # this reads and converts the first block
+        reader = pa_csv.open_csv(
+            path, read_options=pa_csv.ReadOptions(block_size=CSV_READ_BLOCK),
+            convert_options=convert)
+    except pa.ArrowInvalid as exc:
+        if (err := _csv_error(exc, names, schema, what)) is None:
+            raise
+        raise err from exc
+    return Stream(schema, _csv_batches(reader, names, schema, what), None, what)
 
 
 _CSV_COLUMN = re.compile(r"In CSV column #(\d+)")
 
 
-def _csv_batches(reader: Any, schema: pa.Schema, what: str) -> Iterator[pa.RecordBatch]:
-    """A CSV reader's batches; a value that does not fit the type Arrow inferred from the
-    first block becomes an error naming the column."""
+def _csv_batches(reader: Any, names: list[str], schema: pa.Schema,
+                 what: str) -> Iterator[pa.RecordBatch]:
+    """A CSV reader's batches, gathered to about ``BATCH_ROWS`` rows (a 1 MB block is a few
+    thousand rows: fewer, larger batches cost less per row downstream); a value that does not
+    fit the type inferred from the first block becomes an error naming the column
+    (``names``: the file's columns, as the error counts them)."""
+    pending: list[pa.RecordBatch] = []
+    rows = size = 0
     while True:
         try:
             batch = reader.read_next_batch()
         except StopIteration:
-            return
+            break
         except pa.ArrowInvalid as exc:
-            m = _CSV_COLUMN.search(str(exc))
-            name = schema.field(int(m.group(1))).name if m else "?"
-            typ = schema.field(name).type if m else "?"
-            raise UnsupportedTypeError(
-                f"{what}: column {name!r} changes type after the first block (Arrow read it "
-                f"as {typ}): {exc}; nothing was written. Fix the data, or read it yourself "
-                "with explicit column types (pyarrow.csv.open_csv(..., convert_options="
-                "ConvertOptions(column_types=...))) and ingest that reader"
-            ) from exc
-        yield batch
+            if (err := _csv_error(exc, names, schema, what)) is None:
+                raise
+            raise err from exc
+        pending.append(batch)
+        rows += batch.num_rows
+        size += batch.nbytes
+        if rows >= BATCH_ROWS or size >= CSV_READ_BLOCK * 8:
+            yield _concat(pending)
+            pending, rows, size = [], 0, 0
+    if pending:
+        yield _concat(pending)
+
+
+def _csv_error(exc: pa.ArrowInvalid, names: list[str], schema: pa.Schema,
+               what: str) -> UnsupportedTypeError | None:
+    """A value that does not fit its column's inferred type, as an error naming the column
+    (None for any other error)."""
+    m = _CSV_COLUMN.search(str(exc))
+    pos = int(m.group(1)) if m else -1
+    if not 0 <= pos < len(names):
+        return None
+    name = names[pos]
+    i = schema.get_field_index(name)
+    typ = schema.field(i).type if i >= 0 else "?"
+    return UnsupportedTypeError(
+        f"{what}: column {name!r} changes type after the first {CSV_BLOCK:,} bytes (Arrow "
+        f"inferred {typ} from them): {exc}; nothing was "
+        "written. Fix the data, or read it yourself with explicit column types (pyarrow.csv."
+        "open_csv(..., convert_options=ConvertOptions(column_types=...))) and ingest that "
+        "reader"
+    )
+
+
+def _concat(batches: list[pa.RecordBatch]) -> pa.RecordBatch:
+    """One batch of ``batches`` (a copy of them: a few MB)."""
+    if len(batches) == 1:
+        return batches[0]
+    return pa.Table.from_batches(batches).combine_chunks().to_batches()[0]
 
 
 def _with_index_columns(schema: pa.Schema, columns: list[str] | None) -> pa.Schema:
