@@ -9,7 +9,9 @@ such an ingest fails before anything is written.
 
 Memory: parquet is read with ``ParquetFile.iter_batches``, which holds one row group's column
 chunks plus one batch; a CSV file by ``pyarrow.csv.open_csv`` in blocks of 1 MB (it decodes
-~38 blocks ahead: ~40 MB) with the types inferred from its first 16 MB.
+~38 blocks ahead: ~40 MB) with the types inferred from its first 16 MB. A reader's batches
+are sliced to at most ``BATCH_ROWS`` rows (a ``Table``'s by ``to_batches``; the parquet and
+dataset readers make batches of that size).
 """
 
 from __future__ import annotations
@@ -75,11 +77,23 @@ def open_source(source: Any, columns: Sequence[str] | None) -> Stream:
     if isinstance(source, pa.RecordBatchReader):
         schema = _select(source.schema, columns, "record batch reader")
         batches = (b.select(schema.names) if columns is not None else b for b in source)
-        return Stream(schema, batches, None, "record batch reader")
+        return Stream(schema, sliced(batches), None, "record batch reader")
     raise InvalidArgumentError(
         f"ingest() takes a parquet file or directory, a CSV file, a pyarrow Dataset, "
         f"ParquetFile, Table or RecordBatchReader; got {type(source).__name__}"
     )
+
+
+def sliced(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    """``batches``, each cut into slices of at most ``BATCH_ROWS`` rows (zero-copy views):
+    a reader of a few huge batches is converted a slice at a time, so the conversion holds a
+    few slices' worth, not several times the caller's batch."""
+    for batch in batches:
+        if batch.num_rows <= BATCH_ROWS:
+            yield batch
+            continue
+        for start in range(0, batch.num_rows, BATCH_ROWS):
+            yield batch.slice(start, BATCH_ROWS)
 
 
 def _path_stream(path: Path, columns: list[str] | None) -> Stream:
@@ -145,7 +159,7 @@ def _dataset_stream(dataset: pa_ds.Dataset, columns: list[str] | None) -> Stream
             pre_buffer=False, buffer_size=READ_BUFFER, use_buffered_stream=True)
     batches = dataset.to_batches(columns=schema.names, batch_size=BATCH_ROWS,
                                  batch_readahead=1, fragment_readahead=1, **options)
-    return Stream(schema, iter(batches), dataset.count_rows(), what)
+    return Stream(schema, sliced(batches), dataset.count_rows(), what)
 
 
 def _csv_stream(path: Path, columns: list[str] | None) -> Stream:
