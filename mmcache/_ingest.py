@@ -515,6 +515,8 @@ def _ingest(cache: Any, source: Any, key: str, columns: Sequence[str] | None,
             progress: bool | None) -> Entry:
     check_key(key)
     stream = open_source(source, columns)  # checks what it can before writing anything
+    if not stream.schema.names:
+        return _rows_only(cache, stream, key, progress)
     places = cache._places(create=True)
     place = places[0]
     name = entry_name(key)
@@ -557,3 +559,22 @@ def _ingest(cache: Any, source: Any, key: str, columns: Sequence[str] | None,
             if stager is not None:
                 stager.fds.close()
             _clean.remove_data_dir(stage_dir)
+
+
+def _rows_only(cache: Any, stream: Stream, key: str, progress: bool | None) -> Entry:
+    """A source of no columns (``columns=[]``, or a table of rows without columns): the
+    frame of its row count, as ``pd.read_parquet(source, columns=[])`` gives, saved.
+    (Batch by batch, the rows would be lost: pyarrow's ``Table.replace_schema_metadata``
+    makes a table without columns 0 rows long.)"""
+    nrows = 0
+    with _progress(progress, stream.nrows, key) as bar:
+        for batch in stream.batches:
+            check_batch(stream.schema, batch, stream.what)
+            nrows += batch.num_rows
+            bar.update(batch.num_rows)
+    rows = pa.record_batch([pa.nulls(nrows)], names=["_"]).select([])  # no data buffers
+    table = pa.Table.from_batches([rows.replace_schema_metadata(stream.schema.metadata)])
+    frame = _compat.arrow_to_pandas(table)
+    if len(frame) != nrows:  # pyarrow's row count of a table without columns, checked
+        frame = pd.DataFrame(index=pd.RangeIndex(nrows))
+    return cache.save(frame, key)

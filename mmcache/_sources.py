@@ -188,8 +188,14 @@ def _csv_stream(path: Path, columns: list[str] | None) -> Stream:
             )
         inferred = pa.schema([inferred.field(c) for c in dict.fromkeys(columns)])
     schema = _select(inferred, None, what)
-    convert = pa_csv.ConvertOptions(
-        column_types=schema, include_columns=schema.names if columns is not None else None)
+    # columns=[]: the rows alone (pyarrow reads every column for an empty include_columns);
+    # one column is read to count them.
+    if columns == []:
+        convert = pa_csv.ConvertOptions(column_types={names[0]: pa.string()},
+                                        include_columns=names[:1])
+    else:
+        convert = pa_csv.ConvertOptions(
+            column_types=schema, include_columns=None if columns is None else schema.names)
     try:  # this reads and converts the first block
         reader = pa_csv.open_csv(
             path, read_options=pa_csv.ReadOptions(block_size=CSV_READ_BLOCK),
@@ -221,6 +227,9 @@ def _csv_batches(reader: Any, names: list[str], schema: pa.Schema,
             if (err := _csv_error(exc, names, schema, what)) is None:
                 raise
             raise err from exc
+        if not schema.names:  # columns=[]: the rows alone
+            yield batch.select([])
+            continue
         pending.append(batch)
         rows += batch.num_rows
         size += batch.nbytes

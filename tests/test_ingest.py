@@ -252,6 +252,47 @@ def test_empty_source_gives_an_empty_frame_of_the_schema(files, cache_dir):
         assert got[name].dtype == (_pd.STR if dtype == np.dtype(object) else dtype), name
 
 
+@pytest.mark.parametrize("kind", ["parquet", "ParquetFile", "directory", "Dataset", "Table",
+                                  "RecordBatchReader", "CSV"])
+def test_no_columns_keeps_the_rows(kind, files, cache_dir):
+    """columns=[] (or a table without columns) keeps the row count and the index, as
+    pd.read_parquet(source, columns=[]) does: rows without columns, not an empty frame."""
+    path = {"directory": files["dir"], "Dataset": files["dir"], "CSV": files["csv"]}.get(
+        kind, files["parquet"])
+    if kind == "CSV":  # Arrow's rows without columns (pd.read_csv(usecols=[]) gives 0 rows)
+        expected = pa_csv.read_csv(path).select([]).to_pandas()
+    else:
+        expected = pd.read_parquet(path, columns=[])
+        assert expected.index.name == "flight"
+    assert expected.shape == (ROWS, 0)
+    source = {"ParquetFile": lambda: pq.ParquetFile(path), "Dataset": lambda: pa_ds.dataset(path),
+              "Table": lambda: pq.read_table(path),
+              "RecordBatchReader": lambda: pq.ParquetFile(path).iter_batches(batch_size=GROUP),
+              }.get(kind, lambda: path)()
+    if kind == "RecordBatchReader":
+        source = pa.RecordBatchReader.from_batches(pq.read_schema(path), source)
+    entry = mmcache.ingest(source, "rows", columns=[], progress=False)
+    assert (entry.nrows, entry.ncols) == (ROWS, 0)
+    pd.testing.assert_frame_equal(mmcache.open("rows"), expected)
+
+
+def test_a_table_without_columns_keeps_its_rows(cache_dir, tmp_path):
+    table = pa.table({"a": np.arange(10)}).select([])
+    assert table.num_rows == 10
+    mmcache.ingest(table, "t", progress=False)
+    pd.testing.assert_frame_equal(mmcache.open("t"), table.to_pandas())
+    indexed = pd.DataFrame({"a": np.arange(10)}, index=pd.RangeIndex(5, 35, 3, name="r"))
+    indexed.to_parquet(tmp_path / "r.parquet", row_group_size=3)
+    mmcache.ingest(tmp_path / "r.parquet", "r", columns=[], progress=False)
+    got = mmcache.open("r")
+    pd.testing.assert_frame_equal(
+        got, pq.read_table(tmp_path / "r.parquet", columns=[]).to_pandas())
+    assert got.index.equals(indexed.index) and got.index.name == "r"
+    by_pandas = pd.read_parquet(tmp_path / "r.parquet", columns=[])
+    if len(by_pandas):  # pandas 2.2's read_parquet (pyarrow 15) gives 0 rows here
+        pd.testing.assert_frame_equal(got, by_pandas)
+
+
 # --- failures: an error naming the column, and nothing written -------------------------
 
 
