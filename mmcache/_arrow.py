@@ -34,7 +34,7 @@ def table(frame: pd.DataFrame | pd.Series) -> pa.Table:
               for i in range(frame.shape[1])]
     # Names, index placement and pandas metadata exactly as from_pandas makes them, from an
     # empty slice (it converts no data).
-    meta = pa.Schema.from_pandas(frame.iloc[:0], preserve_index=not ranged)
+    meta = pa.Schema.from_pandas(frame.iloc[:0], preserve_index=None if ranged else True)
     if not ranged:
         for level in range(index.nlevels):
             arrays.append(_array(index.get_level_values(level)._values, "the index"))

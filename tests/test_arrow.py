@@ -119,6 +119,30 @@ def test_open_arrow_refuses_what_arrow_cannot_hold(cache_dir):
         mmcache.open_arrow("cplx")
 
 
+@pytest.mark.parametrize("frame", [
+    pd.DataFrame({0: [1, 2], 1: [3.0, 4.0]}),
+    pd.DataFrame(np.ones((2, 3)), columns=pd.RangeIndex(10, 16, 2)),
+    pd.DataFrame({1.5: [1, 2], 2.5: [3, 4]}),
+    pd.DataFrame({pd.Timestamp("2024-01-01"): [3, 4]}),
+    pd.DataFrame({("a", 1): [1, 2], ("b", 2): [3, 4]}),
+    pd.DataFrame({0: [1, 2, 3]}, index=pd.RangeIndex(5, 11, 2, name="r")),
+    pd.DataFrame({0: [1, 2]}, index=pd.Index([3, 4], name="i")).rename_axis("cols", axis=1),
+    pd.Series([1, 2]),
+], ids=["int", "range", "float", "timestamp", "tuples", "range-index", "named-axes",
+        "series"])
+def test_to_pandas_gives_the_labels_from_pandas_gives(frame, cache_dir):
+    """Column labels that are not str come back as pa.Table.from_pandas(df).to_pandas() gives
+    them (its pandas metadata says their type), not as their str field names."""
+    mmcache.save(frame, "k")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # pyarrow: non-str names become str
+        df = frame.to_frame() if isinstance(frame, pd.Series) else frame
+        expected = pa.Table.from_pandas(df).to_pandas()
+    got = mmcache.open_arrow("k").to_pandas()
+    pd.testing.assert_frame_equal(got, expected)
+    assert list(got.columns) == list(df.columns)
+
+
 # --- the README's recipes -----------------------------------------------------------------
 
 
