@@ -143,6 +143,42 @@ def test_to_pandas_gives_the_labels_from_pandas_gives(frame, cache_dir):
     assert list(got.columns) == list(df.columns)
 
 
+def test_open_arrow_of_a_categorical_of_periods_works_as_from_pandas(cache_dir):
+    df = pd.DataFrame({"p": pd.Categorical(pd.period_range("2024-01", periods=3, freq="M")),
+                       "n": [1, 2, 3]},
+                      index=pd.CategoricalIndex(pd.period_range("2020", periods=3, freq="Y")))
+    mmcache.save(df, "per")
+    try:
+        expected = pa.Table.from_pandas(df)
+    except pa.ArrowInvalid:  # pyarrow 15 (with pandas 2.2) refuses them: so does open_arrow
+        with pytest.raises(mmcache.UnsupportedTypeError,
+                           match=r"key 'per': column 'p' .*mmcache.open\('per'\)"):
+            mmcache.open_arrow("per")
+        return
+    table = mmcache.open_arrow("per")
+    assert table.schema.types == expected.schema.types
+    assert table.column("p").equals(expected.column("p"))
+    pd.testing.assert_frame_equal(table.to_pandas(), expected.to_pandas())
+
+
+@pytest.mark.parametrize("frame, column", [
+    (pd.DataFrame({"iv": pd.Categorical(pd.interval_range(0, 3))}), "'iv'"),
+    (pd.DataFrame({"z": pd.Categorical([1j, 2j, 1j])}), "'z'"),
+    (pd.DataFrame(np.arange(6).reshape(3, 2), columns=["a", "a"]), "'a'"),
+    (pd.DataFrame({"a": [1, 2, 3]}, index=pd.CategoricalIndex(pd.interval_range(0, 3))),
+     "the index"),
+], ids=["interval-categories", "complex-categories", "duplicate-labels", "index"])
+def test_open_arrow_says_what_arrow_cannot_hold_and_what_to_do(frame, column, cache_dir):
+    mmcache.save(frame, "odd")
+    with pytest.raises(mmcache.UnsupportedTypeError) as info:
+        mmcache.open_arrow("odd")
+    message = str(info.value)
+    assert "'odd'" in message and column in message, message
+    assert "mmcache.open('odd')" in message, message
+    assert info.value.key == "odd"
+    pd.testing.assert_frame_equal(mmcache.open("odd"), frame)  # the pandas way still works
+
+
 # --- the README's recipes -----------------------------------------------------------------
 
 
