@@ -146,10 +146,20 @@ def _parquet_stream(files: list[pq.ParquetFile], columns: list[str] | None, what
 def _dataset_stream(dataset: pa_ds.Dataset, columns: list[str] | None) -> Stream:
     what = "dataset"
     schema = _select(dataset.schema, columns, what)
+    # Files that disagree with the first on a column's type are refused (the scan would cast
+    # them to the first's type unasked), unless the dataset's schema gives that column
+    # another type than the first file has: a cast asked for (dataset(path, schema=...)).
+    first: pa.Schema | None = None
     for fragment in dataset.get_fragments():
         physical = getattr(fragment, "physical_schema", None)
-        if physical is not None:
-            _same_types(schema, physical, f"{what} file {getattr(fragment, 'path', '?')!r}")
+        if physical is None:
+            continue
+        if first is None:
+            first = physical
+            asked = [f.name for f in schema if (i := first.get_field_index(f.name)) >= 0
+                     and not first.field(i).type.equals(f.type)]
+            unasked = pa.schema([f for f in schema if f.name not in asked])
+        _same_types(unasked, physical, f"{what} file {getattr(fragment, 'path', '?')!r}")
     # One fragment and a batch or two ahead at a time: the scanner's defaults (4 files,
     # 16 batches) would hold many row groups at once.
     options = {}
@@ -284,6 +294,23 @@ def _with_index_columns(schema: pa.Schema, columns: list[str] | None) -> pa.Sche
     return pa.schema([schema.field(c) for c in keep], metadata=schema.metadata)
 
 
+def _is_binary(t: pa.DataType) -> bool:
+    return (pa.types.is_binary(t) or pa.types.is_large_binary(t)
+            or pa.types.is_fixed_size_binary(t)
+            or getattr(pa.types, "is_binary_view", lambda _: False)(t))
+
+
+# Arrow types pandas converts to object columns of Python values, which save() refuses
+# (mmcache stores no Python objects): what pandas makes of them, and the cast to use.
+_OBJECT_TYPES = [
+    (pa.types.is_date, "datetime.date", "pa.timestamp('s') (pandas makes it datetime64)"),
+    (pa.types.is_decimal, "decimal.Decimal", "pa.float64(), or pa.string() to keep every digit"),
+    (_is_binary, "bytes", "pa.string() if it holds UTF-8 text"),
+    (pa.types.is_time, "datetime.time", "pa.int64() (units since midnight) or pa.string()"),
+    (pa.types.is_interval, "pandas.DateOffset", None),  # Arrow casts it to nothing
+]
+
+
 def _select(schema: pa.Schema, columns: list[str] | None, what: str) -> pa.Schema:
     """``schema`` (or its ``columns``), refusing what mmcache cannot store."""
     if columns is not None:
@@ -292,6 +319,20 @@ def _select(schema: pa.Schema, columns: list[str] | None, what: str) -> pa.Schem
         t = field.type
         if pa.types.is_dictionary(t):
             t = t.value_type
+        for test, python, cast in _OBJECT_TYPES:
+            if test(t):
+                name = field.name
+                how = "" if cast is None else (
+                    f"Cast it while reading, to {cast}: e.g. s = pyarrow.parquet."
+                    f"read_schema(path); mmcache.ingest(pyarrow.dataset.dataset(path, schema="
+                    f"s.set(s.get_field_index({name!r}), pa.field({name!r}, <type>))), key) "
+                    "(a Table: table.cast(...)); or leave")
+                raise UnsupportedTypeError(
+                    f"{what}: column {name!r} has the Arrow type {field.type}, which pandas "
+                    f"(pd.read_parquet) makes an object column of Python {python} values; "
+                    "mmcache stores no such column (save() refuses it too), so nothing was "
+                    f"written. {how or 'Leave'} it out with columns=[...]"
+                )
         if pa.types.is_nested(t) or isinstance(t, pa.ExtensionType):
             raise UnsupportedTypeError(
                 f"{what}: column {field.name!r} has the nested Arrow type {field.type}, which "

@@ -323,6 +323,79 @@ def test_schema_change_between_files_is_refused_before_writing(tmp_path, cache_d
     assert [e.key for e in mmcache.entries()] == ["old-entry"]
 
 
+def _object_columns() -> pa.Table:
+    """Arrow types pd.read_parquet makes object columns of Python values."""
+    import datetime
+    import decimal
+
+    return pa.table({
+        "n": pa.array([1, 2, 3]),
+        "day": pa.array([datetime.date(2024, 1, d) for d in (1, 2, 3)]),
+        "price": pa.array([decimal.Decimal("1.10"), None, decimal.Decimal("3.30")],
+                          pa.decimal128(5, 2)),
+        "raw": pa.array([b"x", b"yy", None]),
+        "at": pa.array([1, 2, 3], pa.time64("us")),
+        "coded": pa.array([datetime.date(2024, 1, 1)] * 3).dictionary_encode(),
+    })
+
+
+@pytest.mark.parametrize("column, arrow_type", [
+    ("day", "date32[day]"), ("price", "decimal128(5, 2)"), ("raw", "binary"),
+    ("at", "time64[us]"), ("coded", "dictionary<values=date32[day]")])
+def test_object_making_types_are_refused_as_save_refuses_them(column, arrow_type, tmp_path,
+                                                              cache_dir):
+    """Dates, decimals, binary and times become object columns of Python values in
+    pd.read_parquet, which save() refuses: ingest refuses them before writing, naming the
+    column and its Arrow type, with the cast to use or columns=[...]."""
+    path = tmp_path / "objects.parquet"
+    pq.write_table(_object_columns(), path)
+    source: object = path
+    frame = pd.read_parquet(path, columns=[column])
+    if column == "coded":  # parquet files keep no dictionary of dates: a Table does
+        source = _object_columns()
+        frame = _object_columns().select([column]).to_pandas()
+    assert frame[column].dtype == object or isinstance(frame[column].dtype, pd.CategoricalDtype)
+    with pytest.raises(mmcache.UnsupportedTypeError):
+        mmcache.save(frame, "by-save")
+    with pytest.raises(mmcache.UnsupportedTypeError) as info:
+        mmcache.ingest(source, "bad", columns=["n", column], progress=False)
+    message = str(info.value)
+    assert f"column {column!r}" in message and arrow_type in message, message
+    assert "columns=[...]" in message and "Cast it while reading" in message, message
+    _nothing_written(cache_dir)
+    entry = mmcache.ingest(source, "ok", columns=["n"], progress=False)  # left out: works
+    assert entry.ncols == 1
+
+
+def test_the_cast_the_error_suggests_works(tmp_path, cache_dir):
+    """The recipe in the error: a Dataset whose schema casts the columns (dates to
+    timestamps, decimals to floats, binary to text, times to ints)."""
+    path = tmp_path / "objects.parquet"
+    pq.write_table(_object_columns().drop_columns(["coded"]), path)
+    s = pq.read_schema(path)
+    for name, typ in [("day", pa.timestamp("s")), ("price", pa.float64()),
+                      ("raw", pa.string()), ("at", pa.int64())]:
+        s = s.set(s.get_field_index(name), pa.field(name, typ))
+    mmcache.ingest(pa_ds.dataset(path, schema=s), "cast", progress=False)
+    got = mmcache.open("cast")
+    assert list(got["day"]) == list(pd.to_datetime(["2024-01-01", "2024-01-02", "2024-01-03"]))
+    assert got["price"].tolist()[::2] == pytest.approx([1.1, 3.3])
+    assert np.isnan(got["price"][1])
+    assert got["raw"].tolist()[:2] == ["x", "yy"] and got["at"].tolist() == [1, 2, 3]
+
+
+def test_a_dataset_schema_that_casts_files_of_other_types_is_taken(tmp_path, cache_dir):
+    """Files that disagree are refused (test_schema_change_between_files_...), but a
+    Dataset given a schema= that casts them, as that error suggests, is read."""
+    d = tmp_path / "parts"
+    d.mkdir()
+    pq.write_table(pa.table({"a": [1, 2], "b": ["x", "y"]}), d / "0.parquet")
+    pq.write_table(pa.table({"a": [1.5, 2.5], "b": ["x", "y"]}), d / "1.parquet")
+    schema = pa.schema([("a", pa.float64()), ("b", pa.string())])
+    mmcache.ingest(pa_ds.dataset(d, schema=schema), "cast", progress=False)
+    assert mmcache.open("cast")["a"].tolist() == [1.0, 2.0, 1.5, 2.5]
+
+
 def _reader(batches: list[pa.RecordBatch], schema: pa.Schema) -> pa.RecordBatchReader:
     return pa.RecordBatchReader.from_batches(schema, iter(batches))
 
