@@ -311,6 +311,19 @@ _OBJECT_TYPES = [
 ]
 
 
+def _cast_recipe(what: str, name: str) -> str:
+    """How to read column ``name`` of the source ``what`` names with another type."""
+    if what.startswith("CSV file"):
+        return ("mmcache.ingest(pyarrow.csv.open_csv(path, read_options=pyarrow.csv."
+                "ReadOptions(block_size=1 << 20), convert_options=pyarrow.csv.ConvertOptions("
+                f"column_types={{{name!r}: <type>}})), key)")
+    if what.startswith(("parquet", "dataset")):
+        return ("s = pyarrow.parquet.read_schema(path); mmcache.ingest(pyarrow.dataset."
+                f"dataset(path, schema=s.set(s.get_field_index({name!r}), pa.field({name!r}, "
+                "<type>))), key)")
+    return "table.cast(schema) (a reader: each batch)"
+
+
 def _select(schema: pa.Schema, columns: list[str] | None, what: str) -> pa.Schema:
     """``schema`` (or its ``columns``), refusing what mmcache cannot store."""
     if columns is not None:
@@ -323,10 +336,8 @@ def _select(schema: pa.Schema, columns: list[str] | None, what: str) -> pa.Schem
             if test(t):
                 name = field.name
                 how = "" if cast is None else (
-                    f"Cast it while reading, to {cast}: e.g. s = pyarrow.parquet."
-                    f"read_schema(path); mmcache.ingest(pyarrow.dataset.dataset(path, schema="
-                    f"s.set(s.get_field_index({name!r}), pa.field({name!r}, <type>))), key) "
-                    "(a Table: table.cast(...)); or leave")
+                    f"Cast it while reading, to {cast}: {_cast_recipe(what, name)}; "
+                    "or leave")
                 raise UnsupportedTypeError(
                     f"{what}: column {name!r} has the Arrow type {field.type}, which pandas "
                     f"(pd.read_parquet) makes an object column of Python {python} values; "

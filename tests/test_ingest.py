@@ -384,6 +384,23 @@ def test_the_cast_the_error_suggests_works(tmp_path, cache_dir):
     assert got["raw"].tolist()[:2] == ["x", "yy"] and got["at"].tolist() == [1, 2, 3]
 
 
+def test_a_csv_date_column_is_refused_with_a_csv_recipe_that_works(tmp_path, cache_dir):
+    """Arrow infers date32 for 2024-01-01 in a CSV (pandas: datetime.date objects): the
+    error gives the CSV way to read it as a timestamp, which works."""
+    path = tmp_path / "days.csv"
+    path.write_text("day,n\n2024-01-01,1\n2024-01-02,2\n")
+    with pytest.raises(mmcache.UnsupportedTypeError,
+                       match=r"column 'day' has the Arrow type date32.*pyarrow\.csv\.open_csv"):
+        mmcache.ingest(path, "bad", progress=False)
+    _nothing_written(cache_dir)
+    reader = pa_csv.open_csv(path, read_options=pa_csv.ReadOptions(block_size=1 << 20),
+                             convert_options=pa_csv.ConvertOptions(
+                                 column_types={"day": pa.timestamp("s")}))
+    mmcache.ingest(reader, "days", progress=False)
+    assert list(mmcache.open("days")["day"]) == list(pd.to_datetime(["2024-01-01",
+                                                                      "2024-01-02"]))
+
+
 def test_a_dataset_schema_that_casts_files_of_other_types_is_taken(tmp_path, cache_dir):
     """Files that disagree are refused (test_schema_change_between_files_...), but a
     Dataset given a schema= that casts them, as that error suggests, is read."""
