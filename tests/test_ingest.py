@@ -30,7 +30,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import mmcache
-from mmcache import _compat, _ingest, _slots, _sources
+from mmcache import _cache, _compat, _ingest, _slots, _sources
 from mmcache._paths import entry_name
 from tests import _pd
 from tests._zerocopy import assert_zero_copy
@@ -666,7 +666,7 @@ _MEASURE_HUGE = textwrap.dedent("""
     cache_dir, kind, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
     nulls = np.zeros(n, bool)
     nulls[::9] = True
-    batch = pa.record_batch({
+    batch = pa.RecordBatch.from_pydict({
         "i": pa.array(np.arange(n), mask=nulls),
         "s": pa.array(np.arange(n) % 1000).cast(pa.string()),
         "c": pa.DictionaryArray.from_arrays(pa.array(np.arange(n, dtype=np.int32) % 3),
@@ -689,26 +689,40 @@ _MEASURE_HUGE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["reader", "table"])
 def test_a_huge_batch_is_converted_a_slice_at_a_time(kind, shm_dir):
-    """A reader (or a Table) holding one 5M-row batch (91 MB: ints with nulls, text, a
-    dictionary; the caller's memory): ingest converts slices of BATCH_ROWS rows, so its peak
-    RSS growth is a small part of the batch (measured: ~1 MB; a reader's batch converted
-    whole added 123 MB, 1.35x the batch)."""
-    n = 5_000_000
-    cache = shm_dir / f"c-{kind}"
-    out = _run(_MEASURE_HUGE, str(cache), kind, str(n))
-    grown, size = map(int, out.split())
-    assert grown <= 0.25 * size, (grown, size)
-    got = mmcache.open("k", cache_dir=cache)
-    assert len(got) == n and got["i"].iloc[-1] == n - 1
-    assert got["i"].isna().sum() == len(range(0, n, 9)) and got["s"].iloc[-1] == "999"
-    assert list(got["c"].cat.categories) == ["a", "b", "c"]
-    del got
+    """A reader (or a Table) holding one batch of all its rows (the caller's memory: ints
+    with nulls, text, a dictionary): ingest converts slices of BATCH_ROWS rows, so going
+    from a 1M-row batch to a 5M-row one (18 -> 91 MB) adds under 30% of the extra batch to
+    the peak RSS growth (measured: pandas 3 ~0 MB, growth ~1 MB; pandas 2.2 and pyarrow 15
+    11 MB over a working set of 28 MB). A reader's batch converted whole added ~100 MB, 1.3x
+    the extra batch, on both."""
+    def grown(n: int) -> tuple[int, int]:
+        cache = shm_dir / f"c-{kind}-{n}"
+        try:
+            out = _run(_MEASURE_HUGE, str(cache), kind, str(n))
+            if n == 5_000_000:
+                got = mmcache.open("k", cache_dir=cache)
+                assert len(got) == n and got["i"].iloc[-1] == n - 1
+                assert got["i"].isna().sum() == len(range(0, n, 9))
+                assert got["s"].iloc[-1] == "999"
+                assert list(got["c"].cat.categories) == ["a", "b", "c"]
+                del got
+                _cache._MEMO.clear()
+            growth, size = map(int, out.split())
+            return growth, size
+        finally:
+            shutil.rmtree(cache, ignore_errors=True)
+
+    # Noise (a busy machine, allocator arenas) only ever adds: the smallest of two tries.
+    small = min(grown(1_000_000) for _ in range(2))
+    big = min(grown(5_000_000) for _ in range(2))
+    assert big[0] - small[0] <= 0.3 * (big[1] - small[1]), (small, big)
 
 
 def test_reader_batches_are_sliced_to_batch_rows():
-    batch = pa.record_batch({"a": np.arange(200_000)})
+    batch = pa.RecordBatch.from_pydict({"a": np.arange(200_000)})
     reader = pa.RecordBatchReader.from_batches(batch.schema, [batch, batch.slice(0, 10)])
     stream = _sources.open_source(reader, None)
     sizes = [b.num_rows for b in stream.batches]
