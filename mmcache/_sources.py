@@ -42,7 +42,8 @@ CSV_READ_BLOCK = 1 << 20
 # Parquet column chunks are read through a buffer of this size (pyarrow's default, 0, reads
 # each whole chunk: a 1Mi-row group of 8-byte values holds 8 MB per column at once).
 READ_BUFFER = 1 << 20
-_CSV_SUFFIXES = (".csv", ".csv.gz", ".csv.bz2", ".tsv")
+_TSV_SUFFIXES = (".tsv", ".tsv.gz", ".tsv.bz2")
+_CSV_SUFFIXES = (".csv", ".csv.gz", ".csv.bz2", *_TSV_SUFFIXES)
 
 
 @dataclass
@@ -184,8 +185,11 @@ def _csv_stream(path: Path, columns: list[str] | None) -> Stream:
         head = f.read(CSV_BLOCK)
     if len(head) == CSV_BLOCK:  # cut after the last whole row, as Arrow cuts its blocks
         head = head[: max(head.rfind(b"\n"), head.rfind(b"\r")) + 1]
+    parse = pa_csv.ParseOptions(
+        delimiter="\t" if path.name.lower().endswith(_TSV_SUFFIXES) else ",")
     header = pa_csv.open_csv(pa.BufferReader(head),
-                             read_options=pa_csv.ReadOptions(block_size=CSV_BLOCK))
+                             read_options=pa_csv.ReadOptions(block_size=CSV_BLOCK),
+                             parse_options=parse)
     inferred = header.schema
     del header, head
     names = inferred.names  # the file's columns, in its order (errors give a position)
@@ -209,7 +213,7 @@ def _csv_stream(path: Path, columns: list[str] | None) -> Stream:
     try:  # this reads and converts the first block
         reader = pa_csv.open_csv(
             path, read_options=pa_csv.ReadOptions(block_size=CSV_READ_BLOCK),
-            convert_options=convert)
+            parse_options=parse, convert_options=convert)
     except pa.ArrowInvalid as exc:
         if (err := _csv_error(exc, names, schema, what)) is None:
             raise

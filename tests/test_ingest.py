@@ -464,6 +464,18 @@ def test_csv_types_come_from_the_first_csv_block_not_the_first_read_block(
     assert list(mmcache.open("codes")["code"][[0, 2_000]]) == ["0", "A7"]
 
 
+def test_tsv_is_split_on_tabs(tmp_path, cache_dir):
+    import gzip
+
+    text = "a\tb\n1\tx,y\n3\tz\n"
+    (tmp_path / "t.tsv").write_text(text)
+    (tmp_path / "t.tsv.gz").write_bytes(gzip.compress(text.encode()))
+    for name in ("t.tsv", "t.tsv.gz"):
+        mmcache.ingest(tmp_path / name, "t", progress=False)
+        got = mmcache.open("t")
+        assert list(got.columns) == ["a", "b"] and got["b"].tolist() == ["x,y", "z"], name
+
+
 def test_csv_type_change_in_a_chosen_column_names_that_column(tmp_path, cache_dir,
                                                               monkeypatch):
     """Arrow's error counts the file's columns; with columns= the error still names the
