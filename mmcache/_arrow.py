@@ -37,8 +37,9 @@ def table(frame: pd.DataFrame | pd.Series, key: str) -> pa.Table:
         raise UnsupportedTypeError(
             f"key {key!r}: column {twice[0]!r} appears more than once (labels {twice!r}), "
             "which an Arrow table with pandas metadata cannot hold (pa.Table.from_pandas "
-            f"refuses it too); open it with mmcache.open({key!r}), or save it with unique "
-            "labels", key=key)
+            f"refuses it too); open it with mmcache.open({key!r}), leave it out with "
+            f"mmcache.open_arrow({key!r}, columns=[...]), or save it with unique labels",
+            key=key)
     index = frame.index
     ranged = isinstance(index, pd.RangeIndex)
     arrays = [_array(frame.iloc[:, i]._values, f"column {frame.columns[i]!r}", key)
@@ -98,10 +99,11 @@ def _culprit(empty: pd.DataFrame) -> str:
 
 
 def _unsupported(where: str, values: Any, key: str, exc: Exception) -> UnsupportedTypeError:
+    leave = "" if where == "the index" else (
+        f", or leave it out with mmcache.open_arrow({key!r}, columns=[...])")
     return UnsupportedTypeError(
         f"key {key!r}: {where} has dtype {values.dtype}, which Arrow cannot hold ({exc}); "
-        f"open it with mmcache.open({key!r}) for the pandas frame, or leave it out with "
-        f"mmcache.open_arrow({key!r}, columns=[...])", key=key)
+        f"open it with mmcache.open({key!r}) for the pandas frame{leave}", key=key)
 
 
 def _dictionary(categories: pd.Index) -> pa.Array:

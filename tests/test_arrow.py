@@ -175,6 +175,7 @@ def test_open_arrow_says_what_arrow_cannot_hold_and_what_to_do(frame, column, ca
     message = str(info.value)
     assert "'odd'" in message and column in message, message
     assert "mmcache.open('odd')" in message, message
+    assert ("columns=[...]" in message) == (column != "the index"), message
     assert info.value.key == "odd"
     pd.testing.assert_frame_equal(mmcache.open("odd"), frame)  # the pandas way still works
 
