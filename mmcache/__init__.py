@@ -146,7 +146,7 @@ def ingest(
     from the pandas metadata), zero-copy, like one written by :func:`save`; but the data never
     sit in this process whole: memory stays about one batch (65,536 rows) plus what the
     reader holds (a parquet row group; a CSV's 1 MB blocks, ~38 of them decoded ahead: a
-    235 MB CSV adds 76 MB of peak RSS). Atomic like ``save``: a failure or a kill leaves no
+    235 MB CSV adds 76-90 MB of peak RSS). Atomic like ``save``: a failure or a kill leaves no
     visible entry (a kill leaves leftovers ``clean`` removes). Nested Arrow types, types pandas
     makes Python objects of (dates, decimals, binary: ``save`` refuses them too) and a schema
     that changes between files or batches raise an error naming the column; nothing is
