@@ -67,7 +67,7 @@ class _Stager:
         self.fds = Fds()
         self.cols: list[Spec] | None = None  # per column position: the template spec
         self.index: Spec | None = None
-        self.cats: dict[str, pd.Index] = {}  # running categories, by where ("column 'a'")
+        self.cats: dict[int | str, pd.Index] = {}  # running categories, by position/"index"
         self.nrows = 0
         self.first: pd.DataFrame | None = None  # first batch's empty frame (labels, attrs)
         self.expect = stream.nrows  # rows the source announces, if it knows
@@ -82,7 +82,7 @@ class _Stager:
         self.fast: dict[int, str] = {}
         self.view: dict[int, np.dtype] = {}  # "num" columns: their values' numpy dtype
         self.dicts: dict[int, tuple[pa.Array, np.ndarray | None]] = {}
-        self.moved: dict[str, np.ndarray | None] = {}
+        self.moved: dict[int | str, np.ndarray | None] = {}
 
     # --- one batch -------------------------------------------------------------------------
 
@@ -105,7 +105,15 @@ class _Stager:
         if positions is not None:
             batch = batch.select([self.fields[p] for p in positions] + self.index_fields)
         table = pa.Table.from_batches([batch]).replace_schema_metadata(self.schema.metadata)
-        df = self._same_categories(_compat.arrow_to_pandas(table))
+        try:
+            converted = _compat.arrow_to_pandas(table)
+        except (ValueError, TypeError, NotImplementedError, pa.ArrowException) as exc:
+            raise UnsupportedTypeError(
+                f"{self.what}: pandas cannot make a frame of it ({type(exc).__name__}: "
+                f"{exc}), as pd.read_parquet could not either; nothing was written. Leave "
+                "the column out with columns=[...] or fix it in the source"
+            ) from exc
+        df = self._same_categories(converted, positions)
         if isinstance(df.index, pd.MultiIndex):
             raise UnsupportedTypeError(
                 f"{self.what}: its pandas metadata makes a MultiIndex "
@@ -123,12 +131,13 @@ class _Stager:
         for pos, spec, label in zip(positions or range(len(cols)), cols, df.columns,
                                     strict=True):
             self.cols[pos] = self._take(spec, self.cols[pos] or None, arrays,
-                                        f"column {label!r}")
+                                        f"column {label!r}", pos)
             if pos in self.dicts:  # a new dictionary: how it maps to the running categories
                 self.dicts[pos] = (whole.column(self.fields[pos]).dictionary,
-                                   self.moved.get(f"column {label!r}"))
+                                   self.moved.get(pos))
         assert self.index is not None
-        self.index = self._take(layout["index"], self.index or None, arrays, "the index")
+        self.index = self._take(layout["index"], self.index or None, arrays, "the index",
+                                "index")
         return df
 
     # --- the fast path: columns whose Arrow buffers are what pandas would give --------------
@@ -167,7 +176,7 @@ class _Stager:
                   and pa.types.is_signed_integer(typ.index_type)
                   and not col.dictionary.null_count):
                 self.fast[pos] = "cat"
-                self.dicts[pos] = (col.dictionary, self.moved.get(f"column {df.columns[pos]!r}"))
+                self.dicts[pos] = (col.dictionary, self.moved.get(pos))
             elif (t.get("c") == "str" and isinstance(t.get("arrow"), dict)
                   and _arrow_type_from_json(t["arrow"]["type"]) == pa.large_string()
                   and typ in (pa.string(), pa.large_string())):
@@ -181,6 +190,8 @@ class _Stager:
             return False
         assert self.cols is not None
         col, t = batch.column(self.fields[pos]), self.cols[pos]
+        if not len(col) and kind != "cat":  # an empty batch adds nothing but dictionaries
+            return True
         where = f"column {self.first.columns[pos]!r}" if self.first is not None else ""
         if kind == "num":
             if col.null_count:
@@ -201,9 +212,10 @@ class _Stager:
             if col.offset:
                 return False
             bufs = col.buffers()
-            arrays = {(0, i): np.frombuffer(b, dtype=np.uint8) for i, b in enumerate(bufs)
-                      if b is not None}
-            refs = [{"f": 0, "o": i} if (0, i) in arrays else None for i in range(3)]
+            views = [None if b is None else np.frombuffer(b, dtype=np.uint8) for b in bufs]
+            refs: list[Any] = [None if v is None else {"f": 0, "o": i, "n": v.size}
+                               for i, v in enumerate(views)]
+            arrays = {(0, i, v.size): v for i, v in enumerate(views) if v is not None}
             if not col.null_count:
                 refs[0] = None
             t = t["arrow"]
@@ -244,9 +256,11 @@ class _Stager:
             path, head = self.direct[pool.order[ref["f"]]]
             slot.enter_region(path, head + ref["o"] * slot.dtype.itemsize, self.expect)
 
-    def _same_categories(self, df: pd.DataFrame) -> pd.DataFrame:
+    def _same_categories(self, df: pd.DataFrame, positions: list[int] | None) -> pd.DataFrame:
         """Recode each categorical so its categories extend the running ones (earlier
-        batches' codes stay valid), as Arrow unifies dictionaries across chunks."""
+        batches' codes stay valid), as Arrow unifies dictionaries across chunks. Running
+        categories are kept by the column's position in the entry (``positions``: of each
+        of ``df``'s columns; None: the same), as labels may repeat."""
         cat: list[int | str] = [i for i, t in enumerate(df.dtypes)
                                 if isinstance(t, pd.CategoricalDtype)]
         for pos in [*cat, "index"]:
@@ -254,7 +268,7 @@ class _Stager:
             if not isinstance(values.dtype, pd.CategoricalDtype):
                 continue
             cats = values.dtype.categories
-            where = _where(df, pos)
+            where = pos if isinstance(pos, str) or positions is None else positions[pos]
             running = self.cats.get(where)
             if running is not None:
                 extra = cats[~cats.isin(running)]
@@ -289,11 +303,13 @@ class _Stager:
             f"({detail}); nothing was written. Give the column one type in every file"
         )
 
-    def _take(self, spec: Any, t: Any, arrays: dict[Any, np.ndarray], where: str) -> Any:
+    def _take(self, spec: Any, t: Any, arrays: dict[Any, np.ndarray], where: str,
+              key: int | str) -> Any:
         """Append ``spec``'s buffers to the slots of template ``t`` (None: make them);
-        return the template."""
+        return the template. ``where`` names the column in errors; ``key`` is its position
+        (or "index"), which keys its running categories."""
         if isinstance(spec, dict) and set(spec) == {"f", "o", "n"}:
-            arr = arrays[spec["f"], spec["o"]]
+            arr = _ref(arrays, spec)
             t = t or self._slot(arr.dtype)
             self._append(t, arr, where)
             return t
@@ -303,19 +319,19 @@ class _Stager:
             return t or spec  # each batch's own 0..n: the whole table's is made at the end
         if isinstance(spec, dict) and spec.get("c") == "cat":
             t = t or {"c": "cat", "ordered": spec["ordered"], "codes": self._slot(
-                np.dtype(np.int32), CODES), "cats": where}
-            codes = arrays[spec["codes"]["f"], spec["codes"]["o"]]
+                np.dtype(np.int32), CODES), "cats": key, "where": where}
+            codes = _ref(arrays, spec["codes"])
             self.slots[t["codes"]["slot"]].append(codes)  # widened to int32
             return t
         if isinstance(spec, dict):
             if t is not None and set(t) != set(spec):
                 raise self._mismatch(where, f"{sorted(t)} against {sorted(spec)}")
-            return {k: self._take(v, None if t is None else t[k], arrays, where)
+            return {k: self._take(v, None if t is None else t[k], arrays, where, key)
                     for k, v in spec.items()}
         if isinstance(spec, list):
             if t is not None and len(t) != len(spec):
                 raise self._mismatch(where, "buffer count")
-            return [self._take(v, None if t is None else t[i], arrays, where)
+            return [self._take(v, None if t is None else t[i], arrays, where, key)
                     for i, v in enumerate(spec)]
         if t is not None and t != spec:
             raise self._mismatch(where, f"{t!r} against {spec!r}")
@@ -337,7 +353,7 @@ class _Stager:
                     where: str) -> Spec:
         typ = _arrow_type_from_json(spec["type"])
         n = int(spec["len"])
-        bufs: list[Any] = [None if b is None else arrays[b["f"], b["o"]] for b in spec["bufs"]]
+        bufs: list[Any] = [None if b is None else _ref(arrays, b) for b in spec["bufs"]]
         if t is None:
             slots: list[Any] = [None] * len(bufs)
             t = {"type": spec["type"], "len": 0, "nulls": 0, "bufs": slots, "base": 0}
@@ -428,13 +444,8 @@ class _Stager:
             dtype = pd.CategoricalDtype(self.cats[t["cats"]], ordered=t["ordered"])
             codes = self.slots[t["codes"]["slot"]]
             codes.final = pd.Categorical([], dtype=dtype).codes.dtype
-            cats = pool.shared.get(dtype)
-            if cats is None:
-                pool.shared_specs.append(encode_index(dtype.categories, pool,
-                                                      f"{t['cats']} categories", labels=True))
-                cats = pool.shared[dtype] = len(pool.shared_specs) - 1
             return {"c": "cat", "ordered": t["ordered"], "codes": self._final(t["codes"], pool),
-                    "cats": cats}
+                    "cats": pool.categories(dtype, t["where"])}
         if isinstance(t, dict):
             return {k: self._final(v, pool) for k, v in t.items()}
         if isinstance(t, list):
@@ -449,22 +460,25 @@ def _fixed_width(typ: pa.DataType) -> bool:
 
 def _values(col: pa.Array, dtype: np.dtype) -> np.ndarray:
     """The values buffer of fixed-width Arrow array ``col`` as ``dtype``, without a copy."""
+    if not len(col):  # an empty array may have no buffer
+        return np.empty(0, dtype=dtype)
     return np.frombuffer(col.buffers()[1], dtype=dtype)[col.offset : col.offset + len(col)]
 
 
-def _where(df: pd.DataFrame, pos: int | str) -> str:
-    return "the index" if pos == "index" else f"column {df.columns[pos]!r}"
-
-
-def _arrays(pool: Pool) -> dict[tuple[int, int], np.ndarray]:
-    """Each array the pool holds, by (file, offset): what a ref of one buffer names."""
+def _arrays(pool: Pool) -> dict[tuple[int, int, int], np.ndarray]:
+    """Each array the pool holds, by (file, offset, size): what a ref of one buffer names.
+    (The size too: an empty array and the next one start at the same offset.)"""
     out = {}
     for f, key in enumerate(pool.order):
         offset = 0
         for arr in pool.files[key]:
-            out[f, offset] = arr
+            out[f, offset, arr.size] = arr
             offset += arr.size
     return out
+
+
+def _ref(arrays: dict[tuple[int, int, int], np.ndarray], ref: Spec) -> np.ndarray:
+    return arrays[ref["f"], ref["o"], ref["n"]]
 
 
 def _per_column(layout: Spec) -> list[Spec]:
@@ -530,8 +544,7 @@ def _ingest(cache: Any, source: Any, key: str, columns: Sequence[str] | None,
             with _progress(progress, stream.nrows, key) as bar:
                 for batch in prefetched(stream.batches):
                     check_batch(stream.schema, batch, stream.what)
-                    if batch.num_rows or stager.cols is None:
-                        stager.add(batch)
+                    stager.add(batch)  # even empty: its dictionaries count, as in pandas
                     nbytes += batch.nbytes
                     bar.set_postfix_str(human(nbytes), refresh=False)
                     bar.update(batch.num_rows)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import io
 import os
+import resource
 from pathlib import Path
 from typing import Any
 
@@ -35,15 +36,17 @@ class Fds:
     each of a batch's buffers cost as much as writing them), a bounded number at a time:
     a wide source has thousands of slots."""
 
-    MAX = 128
-
     def __init__(self) -> None:
         self.open: dict[Path, int] = {}  # least recently used first
+        # at most 128, and an eighth of the process's limit (`ulimit -n`): the reader,
+        # the interpreter and the caller need theirs
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self.max = 128 if soft == resource.RLIM_INFINITY else max(4, min(128, soft // 8))
 
     def get(self, path: Path, flags: int) -> int:
         fd = self.open.pop(path, None)
         if fd is None:
-            if len(self.open) >= self.MAX:
+            if len(self.open) >= self.max:
                 os.close(self.open.pop(next(iter(self.open))))
             fd = os.open(path, flags | os.O_NOFOLLOW, 0o600)
         self.open[path] = fd
