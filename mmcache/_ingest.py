@@ -567,7 +567,7 @@ def _ingest(cache: Any, source: Any, key: str, columns: Sequence[str] | None,
                 return copied if where == place else total
 
             return _save.write(places, name, key, layout, pool, files,
-                               fill=lambda d: fill(pool, files, d, direct), room=room)
+                               fill=lambda d: fill(pool, files, d, direct, key), room=room)
         finally:
             if stager is not None:
                 stager.fds.close()

@@ -22,6 +22,7 @@ import numpy as np
 
 from . import _store
 from ._codecs import Pool, Spec
+from ._errors import CacheIOError
 
 # Items per read when converting a staged file while packing it (bits, codes, promotion):
 # bounds that step's memory to a few MB whatever the column's size.
@@ -225,10 +226,25 @@ def renamable(slots: list[Slot], direct: dict[str, tuple[Path, int]],
 
 
 def fill(pool: Pool, files: list[Spec], data_dir: Path,
-         direct: dict[str, tuple[Path, int, int]]) -> None:
+         direct: dict[str, tuple[Path, int, int]], key: str) -> None:
     """Write the entry's files: headers, small arrays, and the slots copied in; a file whose
     first items were written in place (``direct``, see :func:`renamable`) is renamed in and
-    completed. On failure the renamed files go back, for a write to the other place."""
+    completed. On failure the renamed files go back, for a write to the other place; but
+    staged slots are unlinked as they are copied (room: the data once), so a write that
+    failed after copying some cannot be tried again elsewhere: that raises
+    ``CacheIOError`` saying so (the first place ran out of room after its free-space check,
+    e.g. another process filled it)."""
+    gone = [item.path for items in pool.files.values() for item in items
+            if isinstance(item, Slot) and item.at is None and not item.path.exists()]
+    if gone:
+        raise CacheIOError(
+            f"cannot ingest key {key!r}: the RAM cache ran out of room while the entry was "
+            "packed (after its free-space check: something else took the room), and the "
+            "data ingest had staged there were already moved into that failed copy, so it "
+            f"cannot be written to {str(data_dir.parent)!r} instead; nothing was written. "
+            "Free room (`mmcache clean`) and ingest again, or ingest with cache_dir= on a "
+            "bigger file system", key=key, path=gone[0],
+        )
     os.mkdir(data_dir, 0o700)
     moved: list[tuple[Path, Path]] = []
     try:

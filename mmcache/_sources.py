@@ -72,7 +72,7 @@ def open_source(source: Any, columns: Sequence[str] | None) -> Stream:
         return _dataset_stream(source, columns)
     if isinstance(source, pa.Table):
         schema = _select(source.schema, columns, "table")
-        table = source.select(schema.names)
+        table = source if columns is None else source.select(schema.names)
         return Stream(schema, iter(table.to_batches(max_chunksize=BATCH_ROWS)), table.num_rows,
                       "table")
     if isinstance(source, pa.RecordBatchReader):

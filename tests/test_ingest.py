@@ -9,6 +9,7 @@ groups of 2,000 rows so every source yields several batches and every cross-batc
 from __future__ import annotations
 
 import dataclasses
+import errno
 import importlib.util
 import json
 import os
@@ -16,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -983,3 +985,49 @@ def test_a_wide_source_ingests_under_a_low_descriptor_limit(tmp_path):
          _WIDE_LOW_LIMIT, str(tmp_path / "cache")],
         capture_output=True, text=True, timeout=TIMEOUT)
     assert out.returncode == 0 and out.stdout.strip() == "OK", out.stderr[-2000:]
+
+
+def test_ram_running_out_while_packing_says_why_it_cannot_move_to_disk(
+        tmp_path, monkeypatch):
+    """The default cache's RAM place fills up after ingest's free-space check, in the middle
+    of packing: its staged data are already consumed, so it cannot go to the disk place as
+    save does. A CacheIOError says so and what to do; nothing is visible or left."""
+    monkeypatch.delenv("MMCACHE_DIR", raising=False)
+    for place in ("shm", "disk"):
+        (tmp_path / place).mkdir()
+    monkeypatch.setenv("MMCACHE_SHM", str(tmp_path / "shm"))
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "disk"))
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    df = pd.DataFrame({"i": np.arange(1000), "s": [f"w{j}" for j in range(1000)],
+                       "c": pd.Categorical(["a", "b"] * 500)})
+    src = tmp_path / "src.parquet"
+    df.to_parquet(src, row_group_size=100)
+    real, calls = _slots.copy_file, []
+
+    def full_at_the_second_copy(path, start, size, out):
+        if str(tmp_path / "shm") in os.readlink(f"/proc/self/fd/{out.fileno()}"):
+            calls.append(path)
+            if len(calls) == 2:
+                raise OSError(errno.ENOSPC, "No space left on device (simulated)")
+        return real(path, start, size, out)
+
+    monkeypatch.setattr(_slots, "copy_file", full_at_the_second_copy)
+    with pytest.raises(mmcache.CacheIOError, match=r"ran out of room.*ingest again") as err:
+        mmcache.ingest(src, "k", progress=False)
+    assert err.value.key == "k" and "'k'" in str(err.value)
+    assert not mmcache.exists("k")
+    leftovers = [p for place in ("shm", "disk") for p in (tmp_path / place).rglob("*")
+                 if p.is_file() and not p.name.endswith(".lock")]
+    assert leftovers == [], leftovers
+
+
+def test_a_table_with_a_repeated_column_name_ingests_as_pandas_makes_it(cache_dir):
+    table = pa.table([pa.array([1, 2]), pa.array([1.5, 2.5])], names=["x", "x"])
+    try:
+        expected = _compat.arrow_to_pandas(table)
+    except ValueError:  # pyarrow 15: "Found non-unique column index"; ingest says so
+        with pytest.raises(mmcache.UnsupportedTypeError, match="non-unique"):
+            mmcache.ingest(table, "x", progress=False)
+        return
+    mmcache.ingest(table, "x", progress=False)
+    _pd.assert_frame_equal(mmcache.open("x"), expected)
