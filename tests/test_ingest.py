@@ -1031,3 +1031,19 @@ def test_a_table_with_a_repeated_column_name_ingests_as_pandas_makes_it(cache_di
         return
     mmcache.ingest(table, "x", progress=False)
     _pd.assert_frame_equal(mmcache.open("x"), expected)
+
+
+def test_a_column_pandas_wrote_as_string_dtype_keeps_na_for_missing(tmp_path, cache_dir):
+    """pandas 2.2's read_parquet gives such a column StringDtype (pd.NA for missing), which
+    save opens as string[pyarrow]: ingest gives the same, not NaN semantics."""
+    df = pd.DataFrame({"s": pd.array(["a", None, "c"] * 3, dtype="string[pyarrow]"),
+                       "o": ["x", None, "z"] * 3})
+    path = tmp_path / "s.parquet"
+    df.to_parquet(path, row_group_size=4)
+    mmcache.ingest(path, "k", progress=False)
+    expected = pd.read_parquet(path)
+    mmcache.save(expected, "saved")
+    got = mmcache.open("k")
+    pd.testing.assert_frame_equal(got, mmcache.open("saved"))
+    assert got["s"].isna().tolist() == [False, True, False] * 3
+    assert got["s"][1] is pd.NA
