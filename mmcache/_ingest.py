@@ -93,6 +93,14 @@ class _Stager:
             self.nrows += batch.num_rows
             self.plan_direct()
             return
+        if not batch.num_rows:
+            # Only its dictionaries count (pandas unifies every chunk's); its other columns
+            # may convert to other dtypes than rows would (an empty bool column is bool).
+            new = [pos for pos, t in enumerate(self.cols)
+                   if t.get("c") == "cat" and not self._add_fast(pos, batch)]
+            if new and self.fields:
+                self._convert(batch, new)
+            return
         slow = [pos for pos in range(len(self.cols)) if not self._add_fast(pos, batch)]
         if slow or self.index_fields:
             self._convert(batch, slow)

@@ -73,8 +73,7 @@ def open_source(source: Any, columns: Sequence[str] | None) -> Stream:
     if isinstance(source, pa.Table):
         schema = _select(source.schema, columns, "table")
         table = source if columns is None else source.select(schema.names)
-        return Stream(schema, iter(table.to_batches(max_chunksize=BATCH_ROWS)), table.num_rows,
-                      "table")
+        return Stream(schema, iter(_table_batches(table)), table.num_rows, "table")
     if isinstance(source, pa.RecordBatchReader):
         schema = _select(source.schema, columns, "record batch reader")
         batches = (b.select(schema.names) if columns is not None else b for b in source)
@@ -326,6 +325,22 @@ def _cast_recipe(what: str, name: str) -> str:
                 f"dataset(path, schema=s.set(s.get_field_index({name!r}), pa.field({name!r}, "
                 "<type>))), key)")
     return "table.cast(schema) (a reader: each batch)"
+
+
+def _table_batches(table: pa.Table) -> list[pa.RecordBatch]:
+    """``table``'s batches of at most BATCH_ROWS rows (zero-copy slices), its empty chunks'
+    dictionaries kept: ``to_batches`` drops empty chunks, whose dictionaries pandas still
+    unifies into the categories, so such columns are unified first (a copy of their
+    indices, only then); a table of no rows gives one empty batch with its dictionaries."""
+    if any(pa.types.is_dictionary(col.type) and any(len(c) == 0 for c in col.chunks)
+           for col in table.columns):
+        table = table.unify_dictionaries()
+    batches = table.to_batches(max_chunksize=BATCH_ROWS)
+    if not batches and table.num_columns:
+        batches = [pa.RecordBatch.from_arrays(
+            [pa.concat_arrays(c.chunks) if c.num_chunks else pa.array([], c.type)
+             for c in table.columns], schema=table.schema)]
+    return batches
 
 
 def _select(schema: pa.Schema, columns: list[str] | None, what: str) -> pa.Schema:

@@ -1047,3 +1047,23 @@ def test_a_column_pandas_wrote_as_string_dtype_keeps_na_for_missing(tmp_path, ca
     pd.testing.assert_frame_equal(got, mmcache.open("saved"))
     assert got["s"].isna().tolist() == [False, True, False] * 3
     assert got["s"][1] is pd.NA
+
+
+def test_a_tables_empty_chunks_bring_their_dictionaries_and_other_columns_nothing(cache_dir):
+    """A Table's empty chunks (which to_batches drops) and empty reader batches: their
+    dictionaries count, as pandas unifies them; their other columns add nothing (an empty
+    bool column converts to bool, where rows with nulls make an object column)."""
+    schema = pa.schema([("c", pa.dictionary(pa.int8(), pa.string())), ("n", pa.int64())])
+    batches = [pa.RecordBatch.from_arrays([_dict(codes, words), pa.array(n, pa.int64())],
+                                          schema=schema)
+               for codes, words, n in [([], ["z"], []), ([0], ["y"], [1]), ([], ["x"], [])]]
+    table = pa.Table.from_batches(batches, schema)
+    mmcache.ingest(table, "t", progress=False)
+    _pd.assert_frame_equal(mmcache.open("t"), _compat.arrow_to_pandas(table))
+    assert list(mmcache.open("t")["c"].cat.categories) == ["z", "y", "x"]
+    empty = pa.Table.from_batches(batches[:1], schema)
+    mmcache.ingest(empty, "e", progress=False)
+    _pd.assert_frame_equal(mmcache.open("e"), _compat.arrow_to_pandas(empty))
+    bools = pa.schema([("b", pa.bool_())])
+    _ingests_as_pandas([pa.RecordBatch.from_arrays([pa.array(v, pa.bool_())], schema=bools)
+                        for v in ([None], [])], bools, "b")
