@@ -70,6 +70,7 @@ class _Stager:
         self.cats: dict[int | str, pd.Index] = {}  # running categories, by position/"index"
         self.nrows = 0
         self.first: pd.DataFrame | None = None  # first batch's empty frame (labels, attrs)
+        self.where: list[str] = []  # per column position, how errors name it
         self.expect = stream.nrows  # rows the source announces, if it knows
         # Per final dtype file: the preallocated file its block columns are written into,
         # and the length of the .npy header it is planned with (see plan_direct).
@@ -134,12 +135,12 @@ class _Stager:
         cols = _per_column(layout)
         if self.cols is None:
             self.first = df.iloc[:0]
+            self.where = [f"column {label!r}" for label in df.columns]
             self.cols = [{} for _ in cols]
             self.index = {}
-        for pos, spec, label in zip(positions or range(len(cols)), cols, df.columns,
-                                    strict=True):
-            self.cols[pos] = self._take(spec, self.cols[pos] or None, arrays,
-                                        f"column {label!r}", pos)
+        for pos, spec in zip(positions or range(len(cols)), cols, strict=True):
+            self.cols[pos] = self._take(spec, self.cols[pos] or None, arrays, self.where[pos],
+                                        pos)
             if pos in self.dicts:  # a new dictionary: how it maps to the running categories
                 self.dicts[pos] = (whole.column(self.fields[pos]).dictionary,
                                    self.moved.get(pos))
@@ -200,7 +201,7 @@ class _Stager:
         col, t = batch.column(self.fields[pos]), self.cols[pos]
         if not len(col) and kind != "cat":  # an empty batch adds nothing but dictionaries
             return True
-        where = f"column {self.first.columns[pos]!r}" if self.first is not None else ""
+        where = self.where[pos]
         if kind == "num":
             if col.null_count:
                 return False
@@ -212,7 +213,7 @@ class _Stager:
             indices = col.indices
             codes = (indices.fill_null(-1) if indices.null_count else indices).to_numpy()
             if moved is not None:
-                codes = np.where(codes >= 0, moved[np.maximum(codes, 0)], -1)
+                codes = _recode(codes, moved)
             self.slots[t["codes"]["slot"]].append(codes)
         else:
             if col.type != pa.large_string():
@@ -293,7 +294,7 @@ class _Stager:
                 codes = np.asarray(values.array.codes)
                 moved = self.moved[where] = running.get_indexer(cats)
                 recoded = pd.Categorical.from_codes(
-                    np.where(codes >= 0, moved[np.maximum(codes, 0)], -1), dtype=dtype)
+                    _recode(codes, moved), dtype=dtype)
                 if pos == "index":
                     df.index = pd.CategoricalIndex(recoded, name=df.index.name)
                 else:
@@ -459,6 +460,11 @@ class _Stager:
         if isinstance(t, list):
             return [self._final(v, pool) for v in t]
         return t
+
+
+def _recode(codes: np.ndarray, moved: np.ndarray) -> np.ndarray:
+    """Category codes of a batch's categories as codes of the running ones (-1 stays)."""
+    return np.where(codes >= 0, moved[np.maximum(codes, 0)], -1)
 
 
 def _fixed_width(typ: pa.DataType) -> bool:
