@@ -26,7 +26,10 @@ GB = 10**9
 # 8 float64, 2 int64, a timestamp with zone, a dictionary-encoded category, a ~12-byte text.
 ROW_BYTES = 8 * 8 + 2 * 8 + 8 + 4 + 8 + 12
 FILES = 4
-METHODS = ("mmcache.ingest", "pd.read_parquet + mmcache.save", "pq.read_table")
+# The last is the floor of any ingest on this machine: the reading plus one write of the
+# table's bytes, with no conversion and no entry.
+FLOOR = "pq.read_table + write its buffers"
+METHODS = ("mmcache.ingest", "pd.read_parquet + mmcache.save", "pq.read_table", FLOOR)
 TIMEOUT = 3600
 # DESIGN.md "Arrow in and out": peak RSS growth <= 10% of the data, throughput >= 80% of
 # pq.read_table's.
@@ -79,7 +82,8 @@ def _measure(method: str, source: Path, tiny: Path, cache_dir: Path) -> dict[str
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def ingest_point(rows: int, tmp: Path, log: Callable[[str], None]) -> dict[str, Any]:
+def ingest_point(rows: int, tmp: Path, log: Callable[[str], None],
+                 rounds: int = 1) -> dict[str, Any]:
     """Make the dataset, run each method in a fresh process, remove everything."""
     import shutil
 
@@ -90,14 +94,22 @@ def ingest_point(rows: int, tmp: Path, log: Callable[[str], None]) -> dict[str, 
                              "parquet_bytes": sum(p.stat().st_size
                                                   for p in source.iterdir()),
                              "methods": {}}
+    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in METHODS}
     try:
-        for method in METHODS:
-            cache_dir = tmp / "ingest-cache"
-            try:
-                log(f"ingest: {method}")
-                point["methods"][method] = _measure(method, source, tiny, cache_dir)
-            finally:
-                shutil.rmtree(cache_dir, ignore_errors=True)
+        for r in range(rounds):  # interleaved, so a burst of load on the machine hits all
+            for method in METHODS:
+                cache_dir = tmp / "ingest-cache"
+                try:
+                    log(f"ingest: {method} (round {r + 1} of {rounds})")
+                    runs[method].append(_measure(method, source, tiny, cache_dir))
+                finally:
+                    shutil.rmtree(cache_dir, ignore_errors=True)
+        for method, got in runs.items():
+            # the best time, the worst memory; every run is kept
+            best = dict(min(got, key=lambda r: r["wall_s"]))
+            best["peak_growth"] = max(r["peak_growth"] for r in got)
+            point["methods"][method] = best
+        point["runs"] = runs
     finally:
         shutil.rmtree(source, ignore_errors=True)
         tiny.unlink(missing_ok=True)
@@ -110,19 +122,23 @@ def targets(p: dict[str, Any]) -> list[tuple[str, str, str]]:
     ing, read = m["mmcache.ingest"], m["pq.read_table"]
     grow = ing["peak_growth"] / data
     speed = read["wall_s"] / ing["wall_s"]
+    floor = read["wall_s"] / m[FLOOR]["wall_s"] if FLOOR in m else None
     return [
         (f"ingest peak RSS growth ≤ {MEMORY_TARGET:.0%} of the data ({data / GB:.2f} GB)",
          f"{ing['peak_growth'] / 1e6:,.0f} MB ({grow:.1%}); read_parquet + save: "
          f"{m['pd.read_parquet + mmcache.save']['peak_growth'] / data:.0%}",
          "met" if grow <= MEMORY_TARGET else "MISSED"),
         (f"ingest throughput ≥ {SPEED_TARGET:.0%} of pq.read_table's",
-         f"{ing['wall_s']:.1f} s vs {read['wall_s']:.1f} s: {speed:.0%}",
+         f"{ing['wall_s']:.1f} s vs {read['wall_s']:.1f} s: {speed:.0%}"
+         + (f" (reading + one write of the bytes, no conversion: {floor:.0%})"
+            if floor else ""),
          "met" if speed >= SPEED_TARGET else "MISSED"),
     ]
 
 
 def markdown(p: dict[str, Any]) -> list[str]:
     data = p["data_bytes"]
+    rounds = len(p.get("runs", {}).get("mmcache.ingest", [None]))
     lines = [
         f"## Ingest: {p['rows']:,} rows of parquet ({data / GB:.2f} GB in memory)",
         "",
@@ -130,13 +146,19 @@ def markdown(p: dict[str, Any]) -> list[str]:
         "defaults: snappy, row groups of 1Mi rows); 8 float64, 2 int64, a UTC timestamp, a "
         "dictionary-encoded category, a text column. Each method in a fresh process, after a "
         "warm-up on 1,000 rows; peak RSS growth is VmHWM minus the RSS before "
-        "(`/proc/self/clear_refs`). Throughput is the in-memory size over wall time.",
+        f"(`/proc/self/clear_refs`). Each method ran {rounds} time(s), interleaved: the best "
+        "wall time and the largest peak growth are shown (every run is in results.json). "
+        "Throughput is the in-memory size over wall time. The last row is the floor of "
+        "any ingest here: `pq.read_table` plus one write of the table's buffers to the "
+        "same file system, with no conversion and no entry.",
         "",
-        "| method | wall | throughput | peak RSS growth | of the data |",
-        "|---|---:|---:|---:|---:|",
+        "| method | wall | CPU (all threads) | throughput | peak RSS growth | of the data |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for name, r in p["methods"].items():
-        lines.append(f"| {name} | {r['wall_s']:.1f} s | {data / r['wall_s'] / GB:.2f} GB/s | "
+        cpu = f"{r['cpu_s']:.1f} s" if "cpu_s" in r else "n/a"
+        lines.append(f"| {name} | {r['wall_s']:.1f} s | {cpu} | "
+                     f"{data / r['wall_s'] / GB:.2f} GB/s | "
                      f"{r['peak_growth'] / 1e6:,.0f} MB | {r['peak_growth'] / data:.1%} |")
     return [*lines, ""]
 
@@ -148,6 +170,7 @@ def _status(field: str) -> int:
 
 def _child(method: str, source: str, tiny: str, cache_dir: str) -> None:
     import pandas as pd
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     import mmcache
@@ -159,6 +182,13 @@ def _child(method: str, source: str, tiny: str, cache_dir: str) -> None:
             mmcache.ingest(src, key, cache_dir=cache_dir, progress=False)
         elif method == "pd.read_parquet + mmcache.save":
             mmcache.save(pd.read_parquet(src), key, cache_dir=cache_dir)
+        elif method == FLOOR:
+            os.makedirs(cache_dir, exist_ok=True)
+            table = pq.read_table(src)
+            # Arrow's IPC file format: the table's buffers as they are (no compression),
+            # each written once (a chunk's buffers() would give its whole parent buffers)
+            with pa.ipc.new_file(os.path.join(cache_dir, f"{key}.arrow"), table.schema) as w:
+                w.write_table(table)
         else:
             out["table_bytes"] = pq.read_table(src).nbytes
 
@@ -166,9 +196,12 @@ def _child(method: str, source: str, tiny: str, cache_dir: str) -> None:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # the peak (VmHWM) starts again from the current RSS
     before = _status("VmRSS:")
+    cpu0 = os.times()
     t0 = time.perf_counter()
     run(source, "data")
     out["wall_s"] = time.perf_counter() - t0
+    cpu1 = os.times()
+    out["cpu_s"] = cpu1.user + cpu1.system - cpu0.user - cpu0.system
     out["peak_growth"] = _status("VmHWM:") - before
     out["rss_before"] = before
     out["pid"] = os.getpid()

@@ -298,7 +298,7 @@ class Cache:
                     except EntryNotFoundError:
                         break  # not there (or moved meanwhile): look in the other place
                     if arrow:  # immutable: over the shared mapping on every pandas
-                        return _arrow.table(self._base(version, columns))
+                        return _arrow.table(self._base(version, columns), key)
                     try:
                         return self._hand_out(cache_dir, version, columns)
                     except FileNotFoundError:

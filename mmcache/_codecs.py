@@ -51,10 +51,26 @@ class Pool:
         self.files: dict[str, list[Any]] = {}
         self.counts: dict[str, int] = {}
         self.order: list[str] = []
-        # Specs shared by equal dtypes (the categories of 10,000 category columns of one
-        # CategoricalDtype are written once and decoded once); columns name them by index.
-        self.shared: dict[Any, int] = {}
+        # Specs shared by equal categories (the categories of 10,000 category columns of
+        # one CategoricalDtype are written once and decoded once); columns name them by
+        # index. See categories().
+        self.shared: dict[Any, list[tuple[pd.Index, int]]] = {}
         self.shared_specs: list[Spec] = []
+
+    def categories(self, dtype: pd.CategoricalDtype, where: str) -> int:
+        """The index of ``dtype``'s categories among the shared specs, each distinct list
+        written once. Distinct means in order too: pandas takes unordered dtypes holding the
+        same words in another order as equal (and hashes them alike), but the codes of each
+        mean their own order's labels."""
+        seen = self.shared.setdefault(dtype, [])
+        for cats, i in seen:
+            if cats.dtype == dtype.categories.dtype and cats.equals(dtype.categories):
+                return i
+        # labels=True: object categories stay object (JSON); categories are small.
+        self.shared_specs.append(
+            encode_index(dtype.categories, self, f"{where} categories", labels=True))
+        seen.append((dtype.categories, len(self.shared_specs) - 1))
+        return len(self.shared_specs) - 1
 
     def add(self, arr: np.ndarray, *, align: bool = True) -> Spec:
         arr = np.asarray(arr)
@@ -325,18 +341,11 @@ def _encode_array(values: Any, pool: Pool, where: str, code: str | None) -> Spec
         return {"c": "masked", "dtype": dtype.name, "v": pool.add(values._data),
                 "m": pool.add(values._mask)}
     if isinstance(dtype, pd.CategoricalDtype):
-        cats = pool.shared.get(dtype)
-        if cats is None:
-            # labels=True: object categories stay object (JSON); categories are small.
-            pool.shared_specs.append(
-                encode_index(dtype.categories, pool, f"{where} categories", labels=True)
-            )
-            cats = pool.shared[dtype] = len(pool.shared_specs) - 1
         return {
             "c": "cat",
             "ordered": bool(dtype.ordered),
             "codes": pool.add(values.codes),
-            "cats": cats,
+            "cats": pool.categories(dtype, where),
         }
     if _is_object(dtype) and len(values) == 0:
         return {"c": "obj0"}  # an empty object column stays object: there is nothing to map

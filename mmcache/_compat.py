@@ -132,7 +132,21 @@ def arrow_to_pandas(table: Any) -> pd.DataFrame:
 
     dtype = string_array(pa.array([], pa.large_string()), np.nan).dtype
     strings = {pa.string(): dtype, pa.large_string(): dtype}
-    return table.to_pandas(types_mapper=strings.get, split_blocks=True)
+    df = table.to_pandas(types_mapper=strings.get, split_blocks=True)
+    # The mapper wins over the pandas metadata: a column pandas wrote as StringDtype (NA
+    # for missing) would come back with NaN. Give it NA semantics, as save() opens it.
+    meta = (table.schema.pandas_metadata or {}).get("columns", [])
+    wrote_na = {c.get("field_name") for c in meta if c.get("numpy_type") == "string"}
+    if wrote_na:
+        index = {c for c in (table.schema.pandas_metadata or {}).get("index_columns", [])
+                 if isinstance(c, str)}
+        fields = [n for n in table.column_names if n not in index]
+        for pos, name in enumerate(fields if len(fields) == df.shape[1] else []):
+            col = df.iloc[:, pos]
+            if name in wrote_na and col.dtype == dtype:
+                df.isetitem(pos, pd.Series(string_array(col.array._pa_array, pd.NA),
+                                           index=df.index, name=col.name))
+    return df
 
 
 def set_freq(index: pd.Index, freq: Any) -> None:

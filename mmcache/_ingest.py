@@ -1,16 +1,22 @@
 """``ingest``: write an Arrow source into an entry batch by batch, in bounded memory.
 
-How: each batch is converted as ``pd.read_parquet`` converts a table (``_compat.
+How: the first batch is converted as ``pd.read_parquet`` converts a table (``_compat.
 arrow_to_pandas``) and encoded by the same codecs ``save`` uses (``_frame.encode``); each
-buffer of that small layout is appended to its own *staged* file (a slot). Once the source is
-exhausted, the slots are packed into the entry's usual ``.npy`` files, one per numpy dtype,
-by kernel copies (``sendfile``), each slot unlinked as soon as it has been copied, and the
+buffer of that small layout becomes a slot (``_slots``) that later batches append to. Later
+batches take the *fast path* where they can (see ``_Stager._plan_fast``): numbers and
+timestamps whose Arrow values are byte for byte what pandas made of the first batch, text,
+and dictionary columns are appended straight from their Arrow buffers; pandas converts only
+the rest (bools, the index, a column meeting its first nulls or a new dictionary). So the
+work per byte is one read and one write, and the entry is what converting every batch would
+give (a property test checks it). When the source announces its row count (parquet,
+``Dataset``, ``Table``), the block columns are written at their final place in preallocated
+files renamed into the entry (``_slots.renamable``); the rest are staged and copied in. The
 entry is published exactly as ``save`` publishes (``_save.write``: free-space check, atomic
 rename, sweep of old versions, the default cache's RAM/disk places).
 
 Memory: one batch in Arrow form, its pandas conversion and its encoding (a few times
 ``BATCH_ROWS`` rows), plus what the reader holds (a parquet row group); never the dataset.
-File-system room: the data once, plus the largest slot while packing.
+File-system room: the data once, plus the largest staged slot while packing.
 
 Atomicity: the whole ingest holds the key's lock, and everything is written under names a
 killed save also leaves (``NAME.TOKEN/<n>.npy``), so a failure removes them and a kill leaves
@@ -26,8 +32,6 @@ integer column that holds nulls only in some batches (pandas makes it float64, a
 
 from __future__ import annotations
 
-import errno
-import io
 import os
 import sys
 from collections.abc import Sequence
@@ -44,92 +48,13 @@ from ._entry import Entry
 from ._errors import InvalidArgumentError, MmcacheError, UnsupportedTypeError
 from ._lock import locked
 from ._paths import check_key, entry_name
+from ._slots import BITS, CODES, DATA, Fds, Slot, append_ones, fill, renamable
 from ._sources import Stream, check_batch, open_source, prefetched
 from ._units import human
 
-# Items per read when converting a staged file while packing it (bits, codes, promotion):
-# bounds that step's memory to a few MB whatever the column's size.
-CHUNK_ITEMS = 1 << 21
 # The progress bar appears only once an ingest has run this long (seconds): short ones print
 # nothing.
 PROGRESS_DELAY = 2.0
-_DATA = "data"  # a slot copied as is
-_BITS = "bits"  # one byte (0/1) a row, packed to an Arrow bitmap at the end
-_CODES = "codes"  # int32 category codes, narrowed to pandas' codes dtype at the end
-
-
-class _Slot:
-    """One staged buffer: a file in the staging directory that batches append to."""
-
-    __slots__ = ("count", "dtype", "final", "kind", "path")
-
-    def __init__(self, path: Path, dtype: np.dtype, kind: str) -> None:
-        self.path = path
-        self.dtype = dtype
-        self.kind = kind
-        self.count = 0
-        self.final = np.dtype(np.uint8) if kind == _BITS else dtype
-
-    def append(self, arr: np.ndarray) -> None:
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
-        with open(fd, "wb", buffering=0, closefd=True) as f:
-            _store.write_all(f, np.ascontiguousarray(arr, dtype=self.dtype))
-        self.count += len(arr)
-
-    def chunks(self) -> Any:
-        with open(self.path, "rb", buffering=0) as f:
-            while chunk := f.read(CHUNK_ITEMS * self.dtype.itemsize):
-                yield np.frombuffer(chunk, dtype=self.dtype)
-
-    def promote(self, dtype: np.dtype) -> None:
-        """Convert what is staged to ``dtype`` (an int column that met its first null)."""
-        # A name clean knows (``<n>.npy``), beyond any slot's: a kill leaves nothing foreign.
-        tmp = self.path.with_name(f"{int(self.path.stem) + (1 << 40)}.npy")
-        with open(tmp, "wb", buffering=0) as out:
-            for chunk in self.chunks():
-                _store.write_all(out, chunk.astype(dtype))
-        os.replace(tmp, self.path)
-        self.dtype = self.final = dtype
-
-    def final_count(self) -> int:
-        return (self.count + 7) // 8 if self.kind == _BITS else self.count
-
-    def copy_to(self, out: io.RawIOBase) -> None:
-        """Append this slot to ``out`` in its final form, then unlink it (room: the data
-        once, plus one slot)."""
-        if self.kind != _BITS and self.final == self.dtype:
-            _copy_file(self.path, out)
-        else:
-            carry = np.empty(0, dtype=np.uint8)
-            for chunk in self.chunks():
-                if self.kind == _BITS:
-                    chunk = np.concatenate([carry, chunk])
-                    whole = len(chunk) - len(chunk) % 8
-                    carry = chunk[whole:]
-                    chunk = np.packbits(chunk[:whole], bitorder="little")
-                _store.write_all(out, chunk.astype(self.final))
-            if len(carry):
-                _store.write_all(out, np.packbits(carry, bitorder="little"))
-        os.unlink(self.path)
-
-
-def _copy_file(path: Path, out: io.RawIOBase) -> None:
-    """Append ``path`` to ``out`` in the kernel (no pages through this process)."""
-    with open(path, "rb", buffering=0) as src:
-        size = os.fstat(src.fileno()).st_size
-        offset = 0
-        try:
-            while offset < size:
-                sent = os.sendfile(out.fileno(), src.fileno(), offset, size - offset)
-                if sent == 0:
-                    raise OSError(errno.EIO, f"{path} shrank while copying")
-                offset += sent
-        except OSError as exc:
-            if exc.errno not in (errno.EINVAL, errno.ENOSYS) or offset:
-                raise
-            while chunk := src.read(CHUNK_ITEMS):
-                _store.write_all(out, np.frombuffer(chunk, dtype=np.uint8))
-
 
 class _Stager:
     """Appends each batch's buffers to slots; at the end, the entry's layout and files."""
@@ -138,18 +63,66 @@ class _Stager:
         self.dir = stage_dir
         self.what = stream.what
         self.schema = stream.schema
-        self.slots: list[_Slot] = []
+        self.slots: list[Slot] = []
+        self.fds = Fds()
         self.cols: list[Spec] | None = None  # per column position: the template spec
         self.index: Spec | None = None
-        self.cats: dict[str, pd.Index] = {}  # running categories, by where ("column 'a'")
+        self.cats: dict[int | str, pd.Index] = {}  # running categories, by position/"index"
         self.nrows = 0
         self.first: pd.DataFrame | None = None  # first batch's empty frame (labels, attrs)
+        self.where: list[str] = []  # per column position, how errors name it
+        self.expect = stream.nrows  # rows the source announces, if it knows
+        # Per final dtype file: the preallocated file its block columns are written into,
+        # and the length of the .npy header it is planned with (see plan_direct).
+        self.direct: dict[str, tuple[Path, int]] = {}
+        # The fast path (see _plan_fast): per column position, its Arrow field and how it
+        # is appended; per dictionary column, the dictionary last seen and how its codes
+        # map to the running categories (None: as they are).
+        self.fields: list[int] = []
+        self.index_fields: list[str] = []
+        self.fast: dict[int, str] = {}
+        self.view: dict[int, np.dtype] = {}  # "num" columns: their values' numpy dtype
+        self.dicts: dict[int, tuple[pa.Array, np.ndarray | None]] = {}
+        self.moved: dict[int | str, np.ndarray | None] = {}
 
     # --- one batch -------------------------------------------------------------------------
 
     def add(self, batch: pa.RecordBatch) -> None:
+        if self.cols is None:  # the first batch: all through pandas, which sets the plan
+            df = self._convert(batch, None)
+            self._plan_fast(batch, df)
+            self.nrows += batch.num_rows
+            self.plan_direct()
+            return
+        if not batch.num_rows:
+            # Only its dictionaries count (pandas unifies every chunk's); its other columns
+            # may convert to other dtypes than rows would (an empty bool column is bool).
+            new = [pos for pos, t in enumerate(self.cols)
+                   if t.get("c") == "cat" and not self._add_fast(pos, batch)]
+            if new and self.fields:
+                self._convert(batch, new)
+            return
+        slow = [pos for pos in range(len(self.cols)) if not self._add_fast(pos, batch)]
+        if slow or self.index_fields:
+            self._convert(batch, slow)
+        self.nrows += batch.num_rows
+
+    def _convert(self, batch: pa.RecordBatch, positions: list[int] | None) -> pd.DataFrame:
+        """Append the columns at ``positions`` (None: all; the index always) as pandas
+        converts them; the first call sets the templates."""
+        whole = batch
+        if positions is not None:
+            batch = batch.select([self.fields[p] for p in positions] + self.index_fields)
         table = pa.Table.from_batches([batch]).replace_schema_metadata(self.schema.metadata)
-        df = self._same_categories(_compat.arrow_to_pandas(table))
+        try:
+            converted = _compat.arrow_to_pandas(table)
+        except (ValueError, TypeError, NotImplementedError, pa.ArrowException) as exc:
+            raise UnsupportedTypeError(
+                f"{self.what}: pandas cannot make a frame of it ({type(exc).__name__}: "
+                f"{exc}), as pd.read_parquet could not either; nothing was written. Leave "
+                "the column out with columns=[...] or fix it in the source"
+            ) from exc
+        df = self._same_categories(converted, positions)
         if isinstance(df.index, pd.MultiIndex):
             raise UnsupportedTypeError(
                 f"{self.what}: its pandas metadata makes a MultiIndex "
@@ -162,17 +135,141 @@ class _Stager:
         cols = _per_column(layout)
         if self.cols is None:
             self.first = df.iloc[:0]
+            self.where = [f"column {label!r}" for label in df.columns]
             self.cols = [{} for _ in cols]
             self.index = {}
-        for pos, (t, spec) in enumerate(zip(self.cols, cols, strict=True)):
-            self.cols[pos] = self._take(spec, t or None, arrays, f"column {df.columns[pos]!r}")
+        for pos, spec in zip(positions or range(len(cols)), cols, strict=True):
+            self.cols[pos] = self._take(spec, self.cols[pos] or None, arrays, self.where[pos],
+                                        pos)
+            if pos in self.dicts:  # a new dictionary: how it maps to the running categories
+                self.dicts[pos] = (whole.column(self.fields[pos]).dictionary,
+                                   self.moved.get(pos))
         assert self.index is not None
-        self.index = self._take(layout["index"], self.index or None, arrays, "the index")
-        self.nrows += len(df)
+        self.index = self._take(layout["index"], self.index or None, arrays, "the index",
+                                "index")
+        return df
 
-    def _same_categories(self, df: pd.DataFrame) -> pd.DataFrame:
+    # --- the fast path: columns whose Arrow buffers are what pandas would give --------------
+
+    def _plan_fast(self, batch: pa.RecordBatch, df: pd.DataFrame) -> None:
+        """Decide, from the first batch, which columns later batches append straight from
+        their Arrow buffers, without pandas: numbers and timestamps whose Arrow values are
+        byte for byte what pandas made of them, text (Arrow strings either way) and
+        dictionary columns (the indices are the codes). Each later batch still takes the
+        pandas path for a column it cannot take this way (nulls in numbers, a new
+        dictionary), so the entry is what converting every batch would give."""
+        assert self.cols is not None
+        meta = self.schema.pandas_metadata or {}
+        names = batch.schema.names
+        self.index_fields = [c for c in meta.get("index_columns", [])
+                             if isinstance(c, str) and c in names]
+        fields = [i for i, n in enumerate(names) if n not in self.index_fields]
+        if len(fields) != len(self.cols):
+            self.fields = []
+            return
+        self.fields = fields
+        for pos, field in enumerate(fields):
+            col, t = batch.column(field), self.cols[pos]
+            if str(df.columns[pos]) != names[field]:
+                continue
+            typ = col.type
+            if t.get("c") == "blk" and _fixed_width(typ) and not col.null_count:
+                values = df.iloc[:, pos].array
+                arr = getattr(values, "_ndarray", None)
+                if (isinstance(arr, np.ndarray) and arr.dtype == self.slots[
+                        t["v"]["slot"]].dtype and np.array_equal(
+                        arr.view(np.uint8), _values(col, arr.dtype).view(np.uint8))):
+                    self.fast[pos] = "num"
+                    self.view[pos] = arr.dtype  # the slot's dtype may change (promotion)
+            elif (t.get("c") == "cat" and pa.types.is_dictionary(typ)
+                  and pa.types.is_signed_integer(typ.index_type)
+                  and not col.dictionary.null_count):
+                self.fast[pos] = "cat"
+                self.dicts[pos] = (col.dictionary, self.moved.get(pos))
+            elif (t.get("c") == "str" and isinstance(t.get("arrow"), dict)
+                  and _arrow_type_from_json(t["arrow"]["type"]) == pa.large_string()
+                  and typ in (pa.string(), pa.large_string())):
+                self.fast[pos] = "str"
+
+    def _add_fast(self, pos: int, batch: pa.RecordBatch) -> bool:
+        """Append column ``pos`` of ``batch`` from its Arrow buffers if it can be; False
+        if it must go through pandas."""
+        kind = self.fast.get(pos)
+        if kind is None:
+            return False
+        assert self.cols is not None
+        col, t = batch.column(self.fields[pos]), self.cols[pos]
+        if not len(col) and kind != "cat":  # an empty batch adds nothing but dictionaries
+            return True
+        where = self.where[pos]
+        if kind == "num":
+            if col.null_count:
+                return False
+            self._append(t["v"], _values(col, self.view[pos]), where)
+        elif kind == "cat":
+            seen, moved = self.dicts[pos]
+            if col.dictionary is not seen and not col.dictionary.equals(seen):
+                return False
+            indices = col.indices
+            codes = (indices.fill_null(-1) if indices.null_count else indices).to_numpy()
+            if moved is not None:
+                codes = _recode(codes, moved)
+            self.slots[t["codes"]["slot"]].append(codes)
+        else:
+            if col.type != pa.large_string():
+                col = col.cast(pa.large_string())
+            if col.offset:
+                return False
+            bufs = col.buffers()
+            views = [None if b is None else np.frombuffer(b, dtype=np.uint8) for b in bufs]
+            refs: list[Any] = [None if v is None else {"f": 0, "o": i, "n": v.size}
+                               for i, v in enumerate(views)]
+            arrays = {(0, i, v.size): v for i, v in enumerate(views) if v is not None}
+            if not col.null_count:
+                refs[0] = None
+            t = t["arrow"]
+            self._take_arrow({"type": t["type"], "len": len(col), "nulls": col.null_count,
+                              "bufs": refs}, t, arrays, where)
+        return True
+
+    def _block_groups(self) -> dict[tuple[str, str], list[tuple[int, Spec]]]:
+        """The columns of each 2-D block of the entry (one per dtype and time zone), in
+        the order :meth:`finish` writes them."""
+        assert self.cols is not None
+        blocks: dict[tuple[str, str], list[tuple[int, Spec]]] = {}
+        for pos, t in enumerate(self.cols):
+            if t.get("c") == "blk":
+                dtype = self.slots[t["v"]["slot"]].final.str
+                blocks.setdefault((dtype, repr(t.get("tz"))), []).append((pos, t))
+        return blocks
+
+    def plan_direct(self) -> None:
+        """When the source announces its row count, give each block column's slot its
+        final place in a preallocated file of its dtype (blocks come first in their file,
+        see :meth:`finish`), so these (most of a frame's bytes) are written once and the
+        file is renamed into the entry instead of copied. Anything the plan did not foresee
+        (fewer or more rows, an int column promoted to float) only costs the copy."""
+        if not self.expect or self.nrows > self.expect:
+            return
+        pool = Pool()
+        places = []
+        for cols in self._block_groups().values():
+            for i, (_, t) in enumerate(cols):
+                slot = self.slots[t["v"]["slot"]]
+                places.append((slot, pool.put(slot.final, self.expect, slot, align=i == 0)))
+        for f, key in enumerate(pool.order):
+            path = self.dir / f"{(1 << 41) + f}.npy"  # a name clean knows, beyond any slot's
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+            self.direct[key] = (path, len(_store.npy_header(np.dtype(key), pool.counts[key])))
+        for slot, ref in places:
+            path, head = self.direct[pool.order[ref["f"]]]
+            slot.enter_region(path, head + ref["o"] * slot.dtype.itemsize, self.expect)
+
+    def _same_categories(self, df: pd.DataFrame, positions: list[int] | None) -> pd.DataFrame:
         """Recode each categorical so its categories extend the running ones (earlier
-        batches' codes stay valid), as Arrow unifies dictionaries across chunks."""
+        batches' codes stay valid), as Arrow unifies dictionaries across chunks. Running
+        categories are kept by the column's position in the entry (``positions``: of each
+        of ``df``'s columns; None: the same), as labels may repeat."""
         cat: list[int | str] = [i for i, t in enumerate(df.dtypes)
                                 if isinstance(t, pd.CategoricalDtype)]
         for pos in [*cat, "index"]:
@@ -180,7 +277,7 @@ class _Stager:
             if not isinstance(values.dtype, pd.CategoricalDtype):
                 continue
             cats = values.dtype.categories
-            where = _where(df, pos)
+            where = pos if isinstance(pos, str) or positions is None else positions[pos]
             running = self.cats.get(where)
             if running is not None:
                 extra = cats[~cats.isin(running)]
@@ -188,23 +285,25 @@ class _Stager:
             else:
                 running = cats
             self.cats[where] = running
+            self.moved[where] = None
             if not cats.equals(running):
                 # Recoded by hand: astype() keeps the codes when the categories are the same
                 # set in another order (equal dtypes when unordered), which would give the
                 # codes other labels.
                 dtype = pd.CategoricalDtype(running, ordered=values.dtype.ordered)
                 codes = np.asarray(values.array.codes)
-                moved = running.get_indexer(cats)
+                moved = self.moved[where] = running.get_indexer(cats)
                 recoded = pd.Categorical.from_codes(
-                    np.where(codes >= 0, moved[np.maximum(codes, 0)], -1), dtype=dtype)
+                    _recode(codes, moved), dtype=dtype)
                 if pos == "index":
                     df.index = pd.CategoricalIndex(recoded, name=df.index.name)
                 else:
                     df.isetitem(pos, pd.Series(recoded, index=df.index, name=values.name))
         return df
 
-    def _slot(self, dtype: np.dtype, kind: str = _DATA) -> Spec:
-        self.slots.append(_Slot(self.dir / f"{len(self.slots)}.npy", np.dtype(dtype), kind))
+    def _slot(self, dtype: np.dtype, kind: str = DATA) -> Spec:
+        self.slots.append(Slot(self.dir / f"{len(self.slots)}.npy", np.dtype(dtype), kind,
+                                self.fds))
         return {"slot": len(self.slots) - 1}
 
     def _mismatch(self, where: str, detail: str) -> UnsupportedTypeError:
@@ -213,11 +312,13 @@ class _Stager:
             f"({detail}); nothing was written. Give the column one type in every file"
         )
 
-    def _take(self, spec: Any, t: Any, arrays: dict[Any, np.ndarray], where: str) -> Any:
+    def _take(self, spec: Any, t: Any, arrays: dict[Any, np.ndarray], where: str,
+              key: int | str) -> Any:
         """Append ``spec``'s buffers to the slots of template ``t`` (None: make them);
-        return the template."""
+        return the template. ``where`` names the column in errors; ``key`` is its position
+        (or "index"), which keys its running categories."""
         if isinstance(spec, dict) and set(spec) == {"f", "o", "n"}:
-            arr = arrays[spec["f"], spec["o"]]
+            arr = _ref(arrays, spec)
             t = t or self._slot(arr.dtype)
             self._append(t, arr, where)
             return t
@@ -227,19 +328,19 @@ class _Stager:
             return t or spec  # each batch's own 0..n: the whole table's is made at the end
         if isinstance(spec, dict) and spec.get("c") == "cat":
             t = t or {"c": "cat", "ordered": spec["ordered"], "codes": self._slot(
-                np.dtype(np.int32), _CODES), "cats": where}
-            codes = arrays[spec["codes"]["f"], spec["codes"]["o"]]
+                np.dtype(np.int32), CODES), "cats": key, "where": where}
+            codes = _ref(arrays, spec["codes"])
             self.slots[t["codes"]["slot"]].append(codes)  # widened to int32
             return t
         if isinstance(spec, dict):
             if t is not None and set(t) != set(spec):
                 raise self._mismatch(where, f"{sorted(t)} against {sorted(spec)}")
-            return {k: self._take(v, None if t is None else t[k], arrays, where)
+            return {k: self._take(v, None if t is None else t[k], arrays, where, key)
                     for k, v in spec.items()}
         if isinstance(spec, list):
             if t is not None and len(t) != len(spec):
                 raise self._mismatch(where, "buffer count")
-            return [self._take(v, None if t is None else t[i], arrays, where)
+            return [self._take(v, None if t is None else t[i], arrays, where, key)
                     for i, v in enumerate(spec)]
         if t is not None and t != spec:
             raise self._mismatch(where, f"{t!r} against {spec!r}")
@@ -249,7 +350,7 @@ class _Stager:
         slot = self.slots[t["slot"]]
         if arr.dtype != slot.dtype:
             kinds = {arr.dtype.kind, slot.dtype.kind}
-            if slot.kind != _DATA or not kinds <= set("iuf") or "f" not in kinds:
+            if slot.kind != DATA or not kinds <= set("iuf") or "f" not in kinds:
                 raise self._mismatch(where, f"{slot.dtype} against {arr.dtype}")
             # pandas gives an int column float64 in the batches where it has nulls: the
             # whole column is float64, as read_parquet of the whole table makes it.
@@ -261,7 +362,7 @@ class _Stager:
                     where: str) -> Spec:
         typ = _arrow_type_from_json(spec["type"])
         n = int(spec["len"])
-        bufs: list[Any] = [None if b is None else arrays[b["f"], b["o"]] for b in spec["bufs"]]
+        bufs: list[Any] = [None if b is None else _ref(arrays, b) for b in spec["bufs"]]
         if t is None:
             slots: list[Any] = [None] * len(bufs)
             t = {"type": spec["type"], "len": 0, "nulls": 0, "bufs": slots, "base": 0}
@@ -270,9 +371,9 @@ class _Stager:
         elif t["type"] != spec["type"]:
             raise self._mismatch(where, f"Arrow type {typ}")
         if bufs[0] is not None and t["bufs"][0] is None:  # the first nulls: earlier rows valid
-            valid_slot = self._slot(np.dtype(np.uint8), _BITS)
+            valid_slot = self._slot(np.dtype(np.uint8), BITS)
             t["bufs"][0] = valid_slot
-            _append_ones(self.slots[valid_slot["slot"]], t["len"])
+            append_ones(self.slots[valid_slot["slot"]], t["len"])
         if t["bufs"][0] is not None:
             valid = (np.ones(n, dtype=np.uint8) if bufs[0] is None
                      else np.unpackbits(bufs[0], count=n, bitorder="little"))
@@ -303,16 +404,8 @@ class _Stager:
         or small arrays (labels, categories)."""
         assert self.cols is not None and self.index is not None and self.first is not None
         pool = Pool()
-        blocks: dict[tuple[str, Any], list[tuple[int, Spec]]] = {}
-        ext: dict[str, Spec] = {}
-        for pos, t in enumerate(self.cols):
-            if t.get("c") == "blk":
-                dtype = self.slots[t["v"]["slot"]].final.str
-                blocks.setdefault((dtype, repr(t.get("tz"))), []).append((pos, t))
-            else:
-                ext[str(pos)] = self._final(t, pool)
         out_blocks = []
-        for (dtype, _), cols in blocks.items():
+        for (dtype, _), cols in self._block_groups().items():
             first = None
             for _, t in cols:
                 ref = self._final(t["v"], pool, align=first is None)
@@ -324,6 +417,9 @@ class _Stager:
             if "tz" in cols[0][1]:
                 block["tz"] = cols[0][1]["tz"]
             out_blocks.append(block)
+        # after the blocks, which plan_direct placed first in their files
+        ext = {str(pos): self._final(t, pool) for pos, t in enumerate(self.cols)
+               if t.get("c") != "blk"}
         layout: Spec = {"kind": "frame", "nrows": self.nrows, "ncols": len(self.cols),
                         "blocks": out_blocks, "ext": ext}
         layout["columns"] = encode_index(self.first.columns, pool, "column labels", labels=True)
@@ -357,13 +453,8 @@ class _Stager:
             dtype = pd.CategoricalDtype(self.cats[t["cats"]], ordered=t["ordered"])
             codes = self.slots[t["codes"]["slot"]]
             codes.final = pd.Categorical([], dtype=dtype).codes.dtype
-            cats = pool.shared.get(dtype)
-            if cats is None:
-                pool.shared_specs.append(encode_index(dtype.categories, pool,
-                                                      f"{t['cats']} categories", labels=True))
-                cats = pool.shared[dtype] = len(pool.shared_specs) - 1
             return {"c": "cat", "ordered": t["ordered"], "codes": self._final(t["codes"], pool),
-                    "cats": cats}
+                    "cats": pool.categories(dtype, t["where"])}
         if isinstance(t, dict):
             return {k: self._final(v, pool) for k, v in t.items()}
         if isinstance(t, list):
@@ -371,24 +462,37 @@ class _Stager:
         return t
 
 
-def _where(df: pd.DataFrame, pos: int | str) -> str:
-    return "the index" if pos == "index" else f"column {df.columns[pos]!r}"
+def _recode(codes: np.ndarray, moved: np.ndarray) -> np.ndarray:
+    """Category codes of a batch's categories as codes of the running ones (-1 stays)."""
+    return np.where(codes >= 0, moved[np.maximum(codes, 0)], -1)
 
 
-def _append_ones(slot: _Slot, n: int) -> None:
-    for start in range(0, n, CHUNK_ITEMS):
-        slot.append(np.ones(min(CHUNK_ITEMS, n - start), dtype=np.uint8))
+def _fixed_width(typ: pa.DataType) -> bool:
+    return (pa.types.is_integer(typ) or pa.types.is_floating(typ)
+            or pa.types.is_timestamp(typ) or pa.types.is_duration(typ))
 
 
-def _arrays(pool: Pool) -> dict[tuple[int, int], np.ndarray]:
-    """Each array the pool holds, by (file, offset): what a ref of one buffer names."""
+def _values(col: pa.Array, dtype: np.dtype) -> np.ndarray:
+    """The values buffer of fixed-width Arrow array ``col`` as ``dtype``, without a copy."""
+    if not len(col):  # an empty array may have no buffer
+        return np.empty(0, dtype=dtype)
+    return np.frombuffer(col.buffers()[1], dtype=dtype)[col.offset : col.offset + len(col)]
+
+
+def _arrays(pool: Pool) -> dict[tuple[int, int, int], np.ndarray]:
+    """Each array the pool holds, by (file, offset, size): what a ref of one buffer names.
+    (The size too: an empty array and the next one start at the same offset.)"""
     out = {}
     for f, key in enumerate(pool.order):
         offset = 0
         for arr in pool.files[key]:
-            out[f, offset] = arr
+            out[f, offset, arr.size] = arr
             offset += arr.size
     return out
+
+
+def _ref(arrays: dict[tuple[int, int, int], np.ndarray], ref: Spec) -> np.ndarray:
+    return arrays[ref["f"], ref["o"], ref["n"]]
 
 
 def _per_column(layout: Spec) -> list[Spec]:
@@ -405,21 +509,6 @@ def _per_column(layout: Spec) -> list[Spec]:
     for k, spec in layout["ext"].items():
         cols[int(k)] = spec
     return cols
-
-
-def fill(pool: Pool, files: list[Spec], data_dir: Path) -> None:
-    """Write the entry's files: headers, small arrays, and the slots copied in."""
-    os.mkdir(data_dir, 0o700)
-    for key, spec in zip(pool.order, files, strict=True):
-        fd = os.open(data_dir / spec["name"],
-                     os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        with open(fd, "wb", buffering=0, closefd=True) as f:
-            f.write(_store.npy_header(np.dtype(key), spec["count"]))
-            for item in pool.files[key]:
-                if isinstance(item, _Slot):
-                    item.copy_to(f)
-                else:
-                    _store.write_all(f, item)
 
 
 def _progress(progress: bool | None, total: int | None, key: str) -> Any:
@@ -454,35 +543,65 @@ def _ingest(cache: Any, source: Any, key: str, columns: Sequence[str] | None,
             progress: bool | None) -> Entry:
     check_key(key)
     stream = open_source(source, columns)  # checks what it can before writing anything
+    if not stream.schema.names:
+        return _rows_only(cache, stream, key, progress)
     places = cache._places(create=True)
     place = places[0]
     name = entry_name(key)
     with locked(place, name, key, _save.LOCK_TIMEOUT):
         stage_dir = place / f"{name}.{_store.new_token()}"
         os.mkdir(stage_dir, 0o700)
+        stager: _Stager | None = None
         try:
             stager = _Stager(stage_dir, stream)
             nbytes = 0
             with _progress(progress, stream.nrows, key) as bar:
                 for batch in prefetched(stream.batches):
                     check_batch(stream.schema, batch, stream.what)
-                    if batch.num_rows or stager.cols is None:
-                        stager.add(batch)
+                    stager.add(batch)  # even empty: its dictionaries count, as in pandas
                     nbytes += batch.nbytes
                     bar.set_postfix_str(human(nbytes), refresh=False)
                     bar.update(batch.num_rows)
             if stager.cols is None:  # no batch at all: an empty frame of the schema
                 stager.add(pa.RecordBatch.from_pylist([], schema=stream.schema))
+            stager.fds.close()
             layout, pool = stager.finish()
             files = _store.plan_files(pool)
             total = sum(f["size"] for f in files)
             _save._fit_limit(cache, places, key, total)
-            biggest = max((s.path.stat().st_size for s in stager.slots), default=0)
+            direct = renamable(stager.slots, stager.direct, pool)
+            renamed = {direct[k][0] for k in direct}
+            # The staged data are already counted as used; a slot copied (not renamed)
+            # is removed once copied, a region once its whole file is.
+            copied = max((s.nbytes() for s in stager.slots if s.at is None), default=0)
+            copied += sum(s.nbytes() for s in stager.slots
+                          if s.at is not None and s.at[0] not in renamed)
 
-            def room(where: Path) -> int:  # the staged data is already counted as used
-                return biggest if where == place else total
+            def room(where: Path) -> int:
+                return copied if where == place else total
 
             return _save.write(places, name, key, layout, pool, files,
-                               fill=lambda d: fill(pool, files, d), room=room)
+                               fill=lambda d: fill(pool, files, d, direct, key), room=room)
         finally:
+            if stager is not None:
+                stager.fds.close()
             _clean.remove_data_dir(stage_dir)
+
+
+def _rows_only(cache: Any, stream: Stream, key: str, progress: bool | None) -> Entry:
+    """A source of no columns (``columns=[]``, or a table of rows without columns): the
+    frame of its row count, as ``pd.read_parquet(source, columns=[])`` gives, saved.
+    (Batch by batch, the rows would be lost: pyarrow's ``Table.replace_schema_metadata``
+    makes a table without columns 0 rows long.)"""
+    nrows = 0
+    with _progress(progress, stream.nrows, key) as bar:
+        for batch in stream.batches:
+            check_batch(stream.schema, batch, stream.what)
+            nrows += batch.num_rows
+            bar.update(batch.num_rows)
+    rows = pa.record_batch([pa.nulls(nrows)], names=["_"]).select([])  # no data buffers
+    table = pa.Table.from_batches([rows.replace_schema_metadata(stream.schema.metadata)])
+    frame = _compat.arrow_to_pandas(table)
+    if len(frame) != nrows:  # pyarrow's row count of a table without columns, checked
+        frame = pd.DataFrame(index=pd.RangeIndex(nrows))
+    return cache.save(frame, key)

@@ -8,7 +8,10 @@ ETA), and an iterator of batches. Whatever can be checked before reading data is
 such an ingest fails before anything is written.
 
 Memory: parquet is read with ``ParquetFile.iter_batches``, which holds one row group's column
-chunks plus one batch; a CSV file by ``pyarrow.csv.open_csv`` one block at a time.
+chunks plus one batch; a CSV file by ``pyarrow.csv.open_csv`` in blocks of 1 MB (it decodes
+~38 blocks ahead: ~40 MB) with the types inferred from its first 16 MB. A reader's batches
+are sliced to at most ``BATCH_ROWS`` rows (a ``Table``'s by ``to_batches``; the parquet and
+dataset readers make batches of that size).
 """
 
 from __future__ import annotations
@@ -32,12 +35,15 @@ from ._errors import InvalidArgumentError, UnsupportedTypeError
 # Rows per batch: big enough that per-batch Python work is noise, small enough that a batch
 # of wide string rows stays a few tens of MB (the memory bound is one row group + one batch).
 BATCH_ROWS = 65_536
-# A CSV block: Arrow infers the column types from the first one.
+# CSV: Arrow infers the column types from the first CSV_BLOCK bytes; the file is then read
+# in blocks of CSV_READ_BLOCK (pyarrow's reader holds ~38 blocks ahead: ~40 MB).
 CSV_BLOCK = 16 << 20
+CSV_READ_BLOCK = 1 << 20
 # Parquet column chunks are read through a buffer of this size (pyarrow's default, 0, reads
 # each whole chunk: a 1Mi-row group of 8-byte values holds 8 MB per column at once).
 READ_BUFFER = 1 << 20
-_CSV_SUFFIXES = (".csv", ".csv.gz", ".csv.bz2", ".tsv")
+_TSV_SUFFIXES = (".tsv", ".tsv.gz", ".tsv.bz2")
+_CSV_SUFFIXES = (".csv", ".csv.gz", ".csv.bz2", *_TSV_SUFFIXES)
 
 
 @dataclass
@@ -66,17 +72,28 @@ def open_source(source: Any, columns: Sequence[str] | None) -> Stream:
         return _dataset_stream(source, columns)
     if isinstance(source, pa.Table):
         schema = _select(source.schema, columns, "table")
-        table = source.select(schema.names)
-        return Stream(schema, iter(table.to_batches(max_chunksize=BATCH_ROWS)), table.num_rows,
-                      "table")
+        table = source if columns is None else source.select(schema.names)
+        return Stream(schema, iter(_table_batches(table)), table.num_rows, "table")
     if isinstance(source, pa.RecordBatchReader):
         schema = _select(source.schema, columns, "record batch reader")
         batches = (b.select(schema.names) if columns is not None else b for b in source)
-        return Stream(schema, batches, None, "record batch reader")
+        return Stream(schema, sliced(batches), None, "record batch reader")
     raise InvalidArgumentError(
         f"ingest() takes a parquet file or directory, a CSV file, a pyarrow Dataset, "
         f"ParquetFile, Table or RecordBatchReader; got {type(source).__name__}"
     )
+
+
+def sliced(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    """``batches``, each cut into slices of at most ``BATCH_ROWS`` rows (zero-copy views):
+    a reader of a few huge batches is converted a slice at a time, so the conversion holds a
+    few slices' worth, not several times the caller's batch."""
+    for batch in batches:
+        if batch.num_rows <= BATCH_ROWS:
+            yield batch
+            continue
+        for start in range(0, batch.num_rows, BATCH_ROWS):
+            yield batch.slice(start, BATCH_ROWS)
 
 
 def _path_stream(path: Path, columns: list[str] | None) -> Stream:
@@ -129,10 +146,20 @@ def _parquet_stream(files: list[pq.ParquetFile], columns: list[str] | None, what
 def _dataset_stream(dataset: pa_ds.Dataset, columns: list[str] | None) -> Stream:
     what = "dataset"
     schema = _select(dataset.schema, columns, what)
+    # Files that disagree with the first on a column's type are refused (the scan would cast
+    # them to the first's type unasked), unless the dataset's schema gives that column
+    # another type than the first file has: a cast asked for (dataset(path, schema=...)).
+    first: pa.Schema | None = None
     for fragment in dataset.get_fragments():
         physical = getattr(fragment, "physical_schema", None)
-        if physical is not None:
-            _same_types(schema, physical, f"{what} file {getattr(fragment, 'path', '?')!r}")
+        if physical is None:
+            continue
+        if first is None:
+            first = physical
+            asked = [f.name for f in schema if (i := first.get_field_index(f.name)) >= 0
+                     and not first.field(i).type.equals(f.type)]
+            unasked = pa.schema([f for f in schema if f.name not in asked])
+        _same_types(unasked, physical, f"{what} file {getattr(fragment, 'path', '?')!r}")
     # One fragment and a batch or two ahead at a time: the scanner's defaults (4 files,
     # 16 batches) would hold many row groups at once.
     options = {}
@@ -142,40 +169,115 @@ def _dataset_stream(dataset: pa_ds.Dataset, columns: list[str] | None) -> Stream
             pre_buffer=False, buffer_size=READ_BUFFER, use_buffered_stream=True)
     batches = dataset.to_batches(columns=schema.names, batch_size=BATCH_ROWS,
                                  batch_readahead=1, fragment_readahead=1, **options)
-    return Stream(schema, iter(batches), dataset.count_rows(), what)
+    return Stream(schema, sliced(batches), dataset.count_rows(), what)
 
 
 def _csv_stream(path: Path, columns: list[str] | None) -> Stream:
-    convert = pa_csv.ConvertOptions(include_columns=columns) if columns else None
-    reader = pa_csv.open_csv(path, read_options=pa_csv.ReadOptions(block_size=CSV_BLOCK),
-                             convert_options=convert)
     what = f"CSV file {str(path)!r}"
-    schema = _select(reader.schema, None, what)
-    return Stream(schema, _csv_batches(reader, schema, what), None, what)
+    # The column types are inferred from the first CSV_BLOCK bytes, read here alone (the
+    # first block of a reader of that block size: the same rows, the same types); the file
+    # is then streamed in blocks of CSV_READ_BLOCK with those types given. pyarrow's
+    # streaming reader decodes about 38 blocks ahead of its consumer, without a knob, and
+    # keeps doing so after close(): with 16 MB blocks that is the whole of a 200 MB file
+    # (measured: 604 MB of Arrow memory for a 950 MB file), with 1 MB blocks ~38 MB.
+    with pa.input_stream(path) as f:  # decompresses .gz / .bz2 as open_csv does
+        head = f.read(CSV_BLOCK)
+    if len(head) == CSV_BLOCK:  # cut after the last whole row, as Arrow cuts its blocks
+        head = head[: max(head.rfind(b"\n"), head.rfind(b"\r")) + 1]
+    parse = pa_csv.ParseOptions(
+        delimiter="\t" if path.name.lower().endswith(_TSV_SUFFIXES) else ",")
+    header = pa_csv.open_csv(pa.BufferReader(head),
+                             read_options=pa_csv.ReadOptions(block_size=CSV_BLOCK),
+                             parse_options=parse)
+    inferred = header.schema
+    del header, head
+    names = inferred.names  # the file's columns, in its order (errors give a position)
+    if columns is not None:
+        missing = [c for c in columns if c not in names]
+        if missing:
+            raise InvalidArgumentError(
+                f"columns= names {missing!r}, which the source does not have; it has "
+                f"{names!r}"
+            )
+        inferred = pa.schema([inferred.field(c) for c in dict.fromkeys(columns)])
+    schema = _select(inferred, None, what)
+    # columns=[]: the rows alone (pyarrow reads every column for an empty include_columns);
+    # one column is read to count them.
+    if columns == []:
+        convert = pa_csv.ConvertOptions(column_types={names[0]: pa.string()},
+                                        include_columns=names[:1])
+    else:
+        convert = pa_csv.ConvertOptions(
+            column_types=schema, include_columns=None if columns is None else schema.names)
+    try:  # this reads and converts the first block
+        reader = pa_csv.open_csv(
+            path, read_options=pa_csv.ReadOptions(block_size=CSV_READ_BLOCK),
+            parse_options=parse, convert_options=convert)
+    except pa.ArrowInvalid as exc:
+        if (err := _csv_error(exc, names, schema, what)) is None:
+            raise
+        raise err from exc
+    return Stream(schema, _csv_batches(reader, names, schema, what), None, what)
 
 
 _CSV_COLUMN = re.compile(r"In CSV column #(\d+)")
 
 
-def _csv_batches(reader: Any, schema: pa.Schema, what: str) -> Iterator[pa.RecordBatch]:
-    """A CSV reader's batches; a value that does not fit the type Arrow inferred from the
-    first block becomes an error naming the column."""
+def _csv_batches(reader: Any, names: list[str], schema: pa.Schema,
+                 what: str) -> Iterator[pa.RecordBatch]:
+    """A CSV reader's batches, gathered to about ``BATCH_ROWS`` rows (a 1 MB block is a few
+    thousand rows: fewer, larger batches cost less per row downstream); a value that does not
+    fit the type inferred from the first block becomes an error naming the column
+    (``names``: the file's columns, as the error counts them)."""
+    pending: list[pa.RecordBatch] = []
+    rows = size = 0
     while True:
         try:
             batch = reader.read_next_batch()
         except StopIteration:
-            return
+            break
         except pa.ArrowInvalid as exc:
-            m = _CSV_COLUMN.search(str(exc))
-            name = schema.field(int(m.group(1))).name if m else "?"
-            typ = schema.field(name).type if m else "?"
-            raise UnsupportedTypeError(
-                f"{what}: column {name!r} changes type after the first block (Arrow read it "
-                f"as {typ}): {exc}; nothing was written. Fix the data, or read it yourself "
-                "with explicit column types (pyarrow.csv.open_csv(..., convert_options="
-                "ConvertOptions(column_types=...))) and ingest that reader"
-            ) from exc
-        yield batch
+            if (err := _csv_error(exc, names, schema, what)) is None:
+                raise
+            raise err from exc
+        if not schema.names:  # columns=[]: the rows alone
+            yield batch.select([])
+            continue
+        pending.append(batch)
+        rows += batch.num_rows
+        size += batch.nbytes
+        if rows >= BATCH_ROWS or size >= CSV_READ_BLOCK * 8:
+            yield _concat(pending)
+            pending, rows, size = [], 0, 0
+    if pending:
+        yield _concat(pending)
+
+
+def _csv_error(exc: pa.ArrowInvalid, names: list[str], schema: pa.Schema,
+               what: str) -> UnsupportedTypeError | None:
+    """A value that does not fit its column's inferred type, as an error naming the column
+    (None for any other error)."""
+    m = _CSV_COLUMN.search(str(exc))
+    pos = int(m.group(1)) if m else -1
+    if not 0 <= pos < len(names):
+        return None
+    name = names[pos]
+    i = schema.get_field_index(name)
+    typ = schema.field(i).type if i >= 0 else "?"
+    return UnsupportedTypeError(
+        f"{what}: column {name!r} changes type after the first {CSV_BLOCK:,} bytes (Arrow "
+        f"inferred {typ} from them): {exc}; nothing was "
+        "written. Fix the data, or read it yourself with explicit column types (pyarrow.csv."
+        "open_csv(..., convert_options=ConvertOptions(column_types=...))) and ingest that "
+        "reader"
+    )
+
+
+def _concat(batches: list[pa.RecordBatch]) -> pa.RecordBatch:
+    """One batch of ``batches`` (a copy of them: a few MB)."""
+    if len(batches) == 1:
+        return batches[0]
+    return pa.Table.from_batches(batches).combine_chunks().to_batches()[0]
 
 
 def _with_index_columns(schema: pa.Schema, columns: list[str] | None) -> pa.Schema:
@@ -195,6 +297,52 @@ def _with_index_columns(schema: pa.Schema, columns: list[str] | None) -> pa.Sche
     return pa.schema([schema.field(c) for c in keep], metadata=schema.metadata)
 
 
+def _is_binary(t: pa.DataType) -> bool:
+    return (pa.types.is_binary(t) or pa.types.is_large_binary(t)
+            or pa.types.is_fixed_size_binary(t)
+            or getattr(pa.types, "is_binary_view", lambda _: False)(t))
+
+
+# Arrow types pandas converts to object columns of Python values, which save() refuses
+# (mmcache stores no Python objects): what pandas makes of them, and the cast to use.
+_OBJECT_TYPES = [
+    (pa.types.is_date, "datetime.date", "pa.timestamp('s') (pandas makes it datetime64)"),
+    (pa.types.is_decimal, "decimal.Decimal", "pa.float64(), or pa.string() to keep every digit"),
+    (_is_binary, "bytes", "pa.string() if it holds UTF-8 text"),
+    (pa.types.is_time, "datetime.time", "pa.int64() (units since midnight) or pa.string()"),
+    (pa.types.is_interval, "pandas.DateOffset", None),  # Arrow casts it to nothing
+]
+
+
+def _cast_recipe(what: str, name: str) -> str:
+    """How to read column ``name`` of the source ``what`` names with another type."""
+    if what.startswith("CSV file"):
+        return ("mmcache.ingest(pyarrow.csv.open_csv(path, read_options=pyarrow.csv."
+                "ReadOptions(block_size=1 << 20), convert_options=pyarrow.csv.ConvertOptions("
+                f"column_types={{{name!r}: <type>}})), key)")
+    if what.startswith(("parquet", "dataset")):
+        return ("s = pyarrow.parquet.read_schema(path); mmcache.ingest(pyarrow.dataset."
+                f"dataset(path, schema=s.set(s.get_field_index({name!r}), pa.field({name!r}, "
+                "<type>))), key)")
+    return "table.cast(schema) (a reader: each batch)"
+
+
+def _table_batches(table: pa.Table) -> list[pa.RecordBatch]:
+    """``table``'s batches of at most BATCH_ROWS rows (zero-copy slices), its empty chunks'
+    dictionaries kept: ``to_batches`` drops empty chunks, whose dictionaries pandas still
+    unifies into the categories, so such columns are unified first (a copy of their
+    indices, only then); a table of no rows gives one empty batch with its dictionaries."""
+    if any(pa.types.is_dictionary(col.type) and any(len(c) == 0 for c in col.chunks)
+           for col in table.columns):
+        table = table.unify_dictionaries()
+    batches = table.to_batches(max_chunksize=BATCH_ROWS)
+    if not batches and table.num_columns:
+        batches = [pa.RecordBatch.from_arrays(
+            [pa.concat_arrays(c.chunks) if c.num_chunks else pa.array([], c.type)
+             for c in table.columns], schema=table.schema)]
+    return batches
+
+
 def _select(schema: pa.Schema, columns: list[str] | None, what: str) -> pa.Schema:
     """``schema`` (or its ``columns``), refusing what mmcache cannot store."""
     if columns is not None:
@@ -203,6 +351,18 @@ def _select(schema: pa.Schema, columns: list[str] | None, what: str) -> pa.Schem
         t = field.type
         if pa.types.is_dictionary(t):
             t = t.value_type
+        for test, python, cast in _OBJECT_TYPES:
+            if test(t):
+                name = field.name
+                how = "" if cast is None else (
+                    f"Cast it while reading, to {cast}: {_cast_recipe(what, name)}; "
+                    "or leave")
+                raise UnsupportedTypeError(
+                    f"{what}: column {name!r} has the Arrow type {field.type}, which pandas "
+                    f"(pd.read_parquet) makes an object column of Python {python} values; "
+                    "mmcache stores no such column (save() refuses it too), so nothing was "
+                    f"written. {how or 'Leave'} it out with columns=[...]"
+                )
         if pa.types.is_nested(t) or isinstance(t, pa.ExtensionType):
             raise UnsupportedTypeError(
                 f"{what}: column {field.name!r} has the nested Arrow type {field.type}, which "

@@ -273,6 +273,7 @@ def reader(a: dict[str, Any]) -> None:
             continue
         stats["verified"] += 1
         versions.add(int(df.attrs["ver"]))
+        log.line(f"V {df.attrs['ver']}")  # progress, for the parent's minimum counts
         held.append((df, cols))
         del df
         if stats["opens"] % 8 == 0:
@@ -327,6 +328,7 @@ def cleaner(a: dict[str, Any]) -> None:
             continue
         stats[op] += 1
         stats["removed"] += len(removed)
+        log.line(f"C {op}")  # progress, for the parent's minimum counts
     log.report(dict(stats))
 
 

@@ -45,12 +45,18 @@ def which_version(df: pd.DataFrame) -> int | None:
 # --- item 2: the lock, instrumented -----------------------------------------------------------
 
 
-def instrument_lock(marker_dir: Path, violations: list[str]) -> None:
+def instrument_lock(marker_dir: Path, violations: list[str],
+                    seen: dict[str, int] | None = None) -> None:
     """Make every KeyLock hold also create ``marker_dir/NAME.lock`` with O_EXCL: two
-    holders of one key at once show up as a FileExistsError."""
+    holders of one key at once show up as a FileExistsError. ``seen["busy"]`` counts the
+    acquires that began while another process held the key (its marker was there): the
+    contention the test needs to mean something."""
     orig_acquire, orig_release = _lock.KeyLock.acquire, _lock.KeyLock.release
+    seen = {} if seen is None else seen
 
     def acquire(self: _lock.KeyLock, timeout: float) -> bool:
+        if os.path.lexists(marker_dir / self.path.name):
+            seen["busy"] = seen.get("busy", 0) + 1
         got = orig_acquire(self, timeout)
         if got:
             try:
@@ -69,17 +75,39 @@ def instrument_lock(marker_dir: Path, violations: list[str]) -> None:
     _lock.KeyLock.release = release  # type: ignore[method-assign]
 
 
+def _wait_for_all(d: Path, prefix: str, n: int, deadline: float) -> bool:
+    while len(list(d.glob(prefix + "*"))) < n:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
 def lock_churn(a: dict[str, Any]) -> None:
-    """save / delete / open(build=) / clean on one key until the deadline; report."""
+    """save / delete / open(build=) / clean on one key, ``a["ops"]`` operations; report.
+
+    Load-proof: the processes start together (each waits until all are ready, so no one
+    churns alone while the others still import pandas), and each keeps going after its own
+    ``ops`` until every process has done its ``ops`` too, so every counted operation ran
+    while all the others were still contending. ``max_seconds`` only bounds a hang."""
     violations: list[str] = []
-    instrument_lock(Path(a["markers"]), violations)
+    seen: dict[str, int] = {}
+    instrument_lock(Path(a["markers"]), violations, seen)
     d, key = a["cache_dir"], a["key"]
-    rng = random.Random(a["seed"])
-    frame = version_frame(a["seed"], 200)
+    sync, me, n = Path(a["sync"]), a["seed"], a["procs"]
+    rng = random.Random(me)
+    frame = version_frame(me, 200)
     ops: dict[str, int] = {}
     errors: list[str] = []
-    deadline = time.monotonic() + a["seconds"]
-    while time.monotonic() < deadline:
+    deadline = time.monotonic() + a["max_seconds"]
+    (sync / f"ready-{me}").touch()
+    started = _wait_for_all(sync, "ready-", n, deadline)
+    done = 0
+    while started and time.monotonic() < deadline:
+        if done == a["ops"]:
+            (sync / f"done-{me}").touch()
+        if done >= a["ops"] and len(list(sync.glob("done-*"))) >= n:
+            break
         op = rng.choice(["save", "save", "delete", "build", "clean_key", "clean_all"])
         try:
             if op == "save":
@@ -99,22 +127,31 @@ def lock_churn(a: dict[str, Any]) -> None:
         except Exception as exc:
             errors.append(f"{op}: {type(exc).__name__}: {exc}")
         ops[op] = ops.get(op, 0) + 1
-    Path(a["out"]).write_text(json.dumps({"ops": ops, "violations": violations,
-                                          "errors": errors[:20]}))
+        done += 1
+    Path(a["out"]).write_text(json.dumps({
+        "started": started, "done": done, "ops": ops, "busy": seen.get("busy", 0),
+        "violations": violations, "errors": errors[:20],
+    }))
 
 
 # --- item 3: references unpickled while another process re-saves ----------------------------
 
 
 def resave_loop(a: dict[str, Any]) -> None:
-    """Re-save ``key`` with versions 1, 2, 1, 2, ... until the stop file appears."""
+    """Re-save ``key`` with versions 1, 2, 1, 2, ... until the stop file appears; the count
+    so far in ``a["saves"]`` (a shared value), so the test can wait for enough of them."""
     frames = [version_frame(1), version_frame(2)]
     stop = Path(a["stop"])
     i = 0
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 240
     while not stop.exists() and time.monotonic() < deadline:
         mmcache.save(frames[i % 2], a["key"], cache_dir=a["cache_dir"])
         i += 1
+        a["saves"].value = i
+        # A breath between saves: a writer re-taking the key's lock at once starves the
+        # checker's release of old versions (the lock is polled), which only made the test
+        # slow (100 ms per unpickled reference), not harder.
+        time.sleep(0.005)
     Path(a["out"]).write_text(json.dumps({"saves": i}))
 
 

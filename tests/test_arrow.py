@@ -119,6 +119,67 @@ def test_open_arrow_refuses_what_arrow_cannot_hold(cache_dir):
         mmcache.open_arrow("cplx")
 
 
+@pytest.mark.parametrize("frame", [
+    pd.DataFrame({0: [1, 2], 1: [3.0, 4.0]}),
+    pd.DataFrame(np.ones((2, 3)), columns=pd.RangeIndex(10, 16, 2)),
+    pd.DataFrame({1.5: [1, 2], 2.5: [3, 4]}),
+    pd.DataFrame({pd.Timestamp("2024-01-01"): [3, 4]}),
+    pd.DataFrame({("a", 1): [1, 2], ("b", 2): [3, 4]}),
+    pd.DataFrame({0: [1, 2, 3]}, index=pd.RangeIndex(5, 11, 2, name="r")),
+    pd.DataFrame({0: [1, 2]}, index=pd.Index([3, 4], name="i")).rename_axis("cols", axis=1),
+    pd.Series([1, 2]),
+], ids=["int", "range", "float", "timestamp", "tuples", "range-index", "named-axes",
+        "series"])
+def test_to_pandas_gives_the_labels_from_pandas_gives(frame, cache_dir):
+    """Column labels that are not str come back as pa.Table.from_pandas(df).to_pandas() gives
+    them (its pandas metadata says their type), not as their str field names."""
+    mmcache.save(frame, "k")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # pyarrow: non-str names become str
+        df = frame.to_frame() if isinstance(frame, pd.Series) else frame
+        expected = pa.Table.from_pandas(df).to_pandas()
+    got = mmcache.open_arrow("k").to_pandas()
+    pd.testing.assert_frame_equal(got, expected)
+    assert list(got.columns) == list(df.columns)
+
+
+def test_open_arrow_of_a_categorical_of_periods_works_as_from_pandas(cache_dir):
+    df = pd.DataFrame({"p": pd.Categorical(pd.period_range("2024-01", periods=3, freq="M")),
+                       "n": [1, 2, 3]},
+                      index=pd.CategoricalIndex(pd.period_range("2020", periods=3, freq="Y")))
+    mmcache.save(df, "per")
+    try:
+        expected = pa.Table.from_pandas(df)
+    except pa.ArrowInvalid:  # pyarrow 15 (with pandas 2.2) refuses them: so does open_arrow
+        with pytest.raises(mmcache.UnsupportedTypeError,
+                           match=r"key 'per': column 'p' .*mmcache.open\('per'\)"):
+            mmcache.open_arrow("per")
+        return
+    table = mmcache.open_arrow("per")
+    assert table.schema.types == expected.schema.types
+    assert table.column("p").equals(expected.column("p"))
+    pd.testing.assert_frame_equal(table.to_pandas(), expected.to_pandas())
+
+
+@pytest.mark.parametrize("frame, column", [
+    (pd.DataFrame({"iv": pd.Categorical(pd.interval_range(0, 3))}), "'iv'"),
+    (pd.DataFrame({"z": pd.Categorical([1j, 2j, 1j])}), "'z'"),
+    (pd.DataFrame(np.arange(6).reshape(3, 2), columns=["a", "a"]), "'a'"),
+    (pd.DataFrame({"a": [1, 2, 3]}, index=pd.CategoricalIndex(pd.interval_range(0, 3))),
+     "the index"),
+], ids=["interval-categories", "complex-categories", "duplicate-labels", "index"])
+def test_open_arrow_says_what_arrow_cannot_hold_and_what_to_do(frame, column, cache_dir):
+    mmcache.save(frame, "odd")
+    with pytest.raises(mmcache.UnsupportedTypeError) as info:
+        mmcache.open_arrow("odd")
+    message = str(info.value)
+    assert "'odd'" in message and column in message, message
+    assert "mmcache.open('odd')" in message, message
+    assert ("columns=[...]" in message) == (column != "the index"), message
+    assert info.value.key == "odd"
+    pd.testing.assert_frame_equal(mmcache.open("odd"), frame)  # the pandas way still works
+
+
 # --- the README's recipes -----------------------------------------------------------------
 
 

@@ -178,17 +178,20 @@ def _hold_trial(method: str, cache_dir: str) -> dict[str, Any]:
 
 
 @fork_ok
+@pytest.mark.system_memory
 @pytest.mark.parametrize("method", METHODS)
 def test_workers_share_one_physical_copy(method, big_entry):
     cache_dir, entry, expected = big_entry
     frame = entry.nbytes
     assert frame > 250 * MiB
     # MemAvailable is system-wide: another job allocating or freeing a few hundred MB in these
-    # few seconds moves it too (seen on a shared 2-core machine). So the system-wide bounds
-    # get up to 3 attempts: a copy per worker costs N x frame (> 1 GB here) in every attempt,
-    # while a neighbour's noise does not repeat. The per-process bounds hold in every attempt.
+    # few seconds moves it too (seen on a shared 2-core machine). Other tests of this run
+    # are kept out (the system_memory marker, tests/conftest.py), other jobs on the machine
+    # cannot be; so the system-wide bounds get up to 5 attempts: a copy per worker costs
+    # N x frame (> 1 GB here) in every attempt, while a neighbour's noise does not repeat.
+    # The per-process bounds (USS, PSS) hold in every attempt.
     attempts = []
-    for _ in range(3):
+    for _ in range(5):
         trial = _hold_trial(method, cache_dir)
         results = trial["workers"]
         base_uss = sum(r["base_uss"] for r in results)
