@@ -420,10 +420,13 @@ def _reopen(cache_dir: str, key: str, token: str, columns: Any, view: Any = None
     the rows and columns of it a derived frame was (see _views.cut)."""
     from ._cache import Cache, _os_error
 
+    # The reference as it came (a view's spec included): what a stand-in pickles back to.
+    args = (cache_dir, key, token, columns) if view is None else (
+        cache_dir, key, token, columns, view)
     if _in_dask_scheduler():
         # The scheduler only passes task arguments on to workers: never map there (it may
         # be on a host without the entry), hand the reference on as it came.
-        return _Forward(cache_dir, key, token, columns)
+        return _Forward(*args)
     error: MmcacheError
     try:
         if view is None:
@@ -458,7 +461,7 @@ def _reopen(cache_dir: str, key: str, token: str, columns: Any, view: Any = None
         # Raising here would kill a Pool worker while it reads its task: Pool.map would wait
         # forever, ProcessPoolExecutor would break. The task gets a stand-in that raises
         # this error on first use, so it reaches the caller as the task's own error.
-        return Unavailable(error, (cache_dir, key, token, columns))
+        return Unavailable(error, args)
     raise error
 
 
@@ -488,7 +491,8 @@ class _Forward:
         return (_reopen, self.args)
 
     def __repr__(self) -> str:
-        return f"<mmcache reference to key {self.args[1]!r}, version {self.args[2]}>"
+        what = "reference" if len(self.args) < 5 else "view reference"
+        return f"<mmcache {what} to key {self.args[1]!r}, version {self.args[2]}>"
 
 
 def _in_dask_scheduler() -> bool:

@@ -10,6 +10,7 @@ message, so the parent fails with the child's traceback instead of waiting for a
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import os
@@ -246,3 +247,27 @@ def view_task(arg: tuple[pd.DataFrame | pd.Series, str]) -> dict[str, Any]:
 def chunk_task(chunk: pd.DataFrame) -> tuple[Any, ...]:
     """What a chunked Pool.map computes per row chunk: a checksum and column sums."""
     return checksum(chunk), tuple(float(chunk[c].sum()) for c in ("a", "b", "i"))
+
+
+_HELD: list[int] = []
+
+
+def exhaust_descriptors() -> None:
+    """A Pool initializer: this worker can open no more files (EMFILE), as under a tight
+    ``ulimit -n``, so no reference can be opened here."""
+    import resource
+
+    import mmcache._cache
+    import mmcache._views  # noqa: F401  (imported while files can still be opened)
+
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    top = max(int(fd) for fd in os.listdir("/proc/self/fd")) + 1
+    resource.setrlimit(resource.RLIMIT_NOFILE, (top + 1, hard))
+    with contextlib.suppress(OSError):
+        while True:
+            _HELD.append(os.open(os.devnull, os.O_RDONLY))
+
+
+def echo(obj: Any) -> Any:
+    """A task that hands its argument back in its result."""
+    return obj

@@ -257,6 +257,28 @@ def test_a_gone_view_fails_its_pool_task_not_the_pool(spawned, cache_dir):
     assert spawned.map(tw.sum_column, [view]) == [float(np.arange(10.0, 20.0).sum())]
 
 
+def test_a_view_a_worker_cannot_open_goes_on_as_that_view(cache_dir):
+    """Found by an attack: in a worker that cannot open a view's version (here: out of
+    descriptors), the stand-in it unpickles to pickled again as a reference to the whole
+    frame, so a task handing it back gave the parent the whole frame. It is the view's own
+    reference: the parent, which can open the version, gets the view back."""
+    mmcache.save(pd.DataFrame({"a": np.arange(8.0), "b": np.arange(8) * 10}), "k",
+                 cache_dir=cache_dir)
+    df = mmcache.open("k", cache_dir=cache_dir)
+    views = [df.iloc[2:5], df["b"].iloc[1:4]]
+    if not writes_in_place():  # (pandas 2 without copy-on-write copies column subsets)
+        views.append(df.iloc[2:5][["b"]])
+    pool = mp.get_context("spawn").Pool(1, initializer=_workers.exhaust_descriptors)
+    try:
+        for view in views:
+            assert REF in pickle.dumps(view)
+            back = pool.apply_async(_workers.echo, (view,)).get(WAIT)
+            assert_same(back, view)
+    finally:
+        pool.terminate()
+        pool.join()
+
+
 def test_chunked_pool_map_over_an_opened_frame_matches_the_plain_frame(spawned, cache_dir):
     plain = _workers.make_mixed_frame(20_000, seed=9)
     mmcache.save(plain, "k", cache_dir=cache_dir)
