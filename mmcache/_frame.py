@@ -682,14 +682,14 @@ def own(obj: Any) -> Any:
     its own, over the same data: nothing a user can change in place on it (an axis's or a
     categorical's categories' name, an index's freq, the Arrow data an ``.array[i] = x``
     swaps) is shared with the process's decoded base, the next ``open`` or another frame.
-    Numpy label arrays need no copy: :func:`freeze` made them read-only. O(blocks)."""
-    index = _own_index(own_freq(obj.index))
-    if index is not obj.index:
-        obj.index = index
+    Numpy label arrays need no copy: :func:`freeze` made them read-only. O(blocks).
+
+    Always new axis objects: pandas 2 with copy-on-write keeps a row range's columns Index
+    (``df.iloc[a:b].columns is df.columns``), so a view cut from the decoded base would
+    share its labels' names with every later open."""
+    obj.index = _own_index(own_freq(obj.index), always=True)
     if isinstance(obj, pd.DataFrame):
-        columns = _own_index(obj.columns)
-        if columns is not obj.columns:
-            obj.columns = columns
+        obj.columns = _own_index(obj.columns, always=True)
     for blk in obj._mgr.blocks:
         values = blk.values
         if isinstance(values, pd.arrays.ArrowExtensionArray):

@@ -407,6 +407,62 @@ def test_labels_changed_in_place_reach_no_other_frame_and_pickle_as_they_are(edi
     assert (REF in pickle.dumps(df)) != changed, edit
 
 
+def _columns_set_names(df: pd.DataFrame) -> None:
+    df.columns.set_names(["renamed"], inplace=True)
+
+
+@pytest.mark.parametrize("edit", [*IN_PLACE, "columns set_names"])
+def test_labels_changed_in_place_on_a_received_view_reach_no_other_frame(edit, cache_dir):
+    """Found by an attack: on pandas 2 with copy-on-write, a row range keeps its frame's
+    columns Index (``df.iloc[a:b].columns is df.columns``), so a chunk unpickled in a process
+    shared its column labels with that process's decoded version: renaming them reached
+    every later open, whose references then arrived with the old name. Each unpickled view
+    owns its label objects."""
+    change = _columns_set_names if edit == "columns set_names" else IN_PLACE[edit]
+    original = _labelled()
+    mmcache.save(original, "k", cache_dir=cache_dir)
+    df = mmcache.open("k", cache_dir=cache_dir)
+    views = [df.iloc[0:5], df[2:], df.iloc[:, :]]
+    if not writes_in_place():  # (pandas 2 without copy-on-write copies column subsets)
+        views += [df[["cat", "x"]]]
+    for view in views:
+        payload = pickle.dumps(view)
+        assert REF in payload
+        received = pickle.loads(payload)
+        with contextlib.suppress(ValueError, TypeError, RuntimeError):
+            change(received)
+        for again in (mmcache.open("k", cache_dir=cache_dir), df):
+            assert _labels(again) == _labels(original), edit
+            for obj in (again, again.iloc[1:4]):
+                back = pickle.loads(pickle.dumps(obj))
+                assert _labels(back) == _labels(obj), edit
+        back = pickle.loads(pickle.dumps(received))  # its own labels, edited or not
+        assert _full_labels(back) == _full_labels(received), edit
+
+
+def test_names_set_on_a_received_view_of_multiindex_labels_stay_in_it(cache_dir):
+    """The same with MultiIndex columns and a row index of labels (the attack's variant)."""
+    f = pd.DataFrame(np.arange(12.0).reshape(4, 3), columns=pd.MultiIndex.from_tuples(
+        [("A", 1), ("A", 2), ("B", 1)], names=["L0", "L1"]),
+        index=pd.Index([10, 20, 30, 40], name="ix"))
+    mmcache.save(f, "k", cache_dir=cache_dir)
+    df = mmcache.open("k", cache_dir=cache_dir)
+
+    def names(obj: pd.DataFrame) -> Any:
+        return list(obj.columns.names), obj.index.name
+
+    edits = [lambda c: setattr(c.columns, "names", ["X", "Y"]),
+             lambda c: c.columns.set_names(["P", "Q"], inplace=True),
+             lambda c: setattr(c.index, "name", "Z")]
+    for edit in edits:
+        chunk = pickle.loads(pickle.dumps(df.iloc[0:2]))
+        edit(chunk)
+        later = mmcache.open("k", cache_dir=cache_dir)
+        assert names(later) == names(f)
+        for obj in (later, later.iloc[1:3], chunk):
+            assert names(pickle.loads(pickle.dumps(obj))) == names(obj)
+
+
 # name -> (what the entry holds, a label equal to it that the receiver would not rebuild)
 EQUAL_NOT_SAME = {
     "-0.0": (0.0, -0.0),
