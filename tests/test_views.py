@@ -463,6 +463,65 @@ def test_names_set_on_a_received_view_of_multiindex_labels_stay_in_it(cache_dir)
             assert names(pickle.loads(pickle.dumps(obj))) == names(obj)
 
 
+def _label_arrays(obj: Any) -> list[tuple[str, np.ndarray]]:
+    """Every numpy array behind an object's labels: axes, MultiIndex levels and codes,
+    categories."""
+    out: list[tuple[str, np.ndarray]] = []
+
+    def walk(index: pd.Index, what: str) -> None:
+        if isinstance(index, pd.RangeIndex):
+            return
+        if isinstance(index, pd.MultiIndex):
+            for i, level in enumerate(index.levels):
+                walk(level, f"{what} level {i}")
+            out.extend((f"{what} codes {i}", c) for i, c in enumerate(index.codes))
+            return
+        values = index._values
+        for arr in (values, getattr(values, "_ndarray", None), getattr(values, "_codes", None)):
+            if isinstance(arr, np.ndarray):
+                out.append((what, arr))
+
+    walk(obj.index, "index")
+    walk(obj.columns, "columns")
+    for i in range(obj.shape[1]):
+        if isinstance(obj.dtypes.iloc[i], pd.CategoricalDtype):
+            walk(obj.iloc[:, i].cat.categories, f"column {i} categories")
+    return out
+
+
+def test_label_arrays_cannot_be_made_writable(cache_dir):
+    """Found by an attack (low): label arrays built from JSON (object column labels and row
+    index, object categories on pandas 2) were read-only by a flag that
+    ``arr.flags.writeable = True`` undid, as they owned their memory, and a write then
+    reached every later open of the version in the process. numpy now refuses the flag
+    (pandas 2 without copy-on-write: each open has labels of its own anyway)."""
+    f = pd.DataFrame({"a": np.arange(4.0), 7: np.arange(4),
+                      "c": pd.Categorical([10, 20, 10, 20]),
+                      "o": pd.Categorical(np.array(["x", "y", "x", "y"], dtype=object))},
+                     index=pd.Index([1, "a", 2.5, None], dtype=object, name="ix"))
+    g = pd.DataFrame(np.arange(12.0).reshape(4, 3), columns=pd.MultiIndex.from_tuples(
+        [("A", 1), ("A", 2), ("B", 1)]), index=pd.MultiIndex.from_arrays(
+        [[1, 1, 2, 2], ["a", "b", "a", "b"]]))
+    for key, frame in (("f", f), ("g", g)):
+        mmcache.save(frame, key, cache_dir=cache_dir)
+        df = mmcache.open(key, cache_dir=cache_dir)
+        view = pickle.loads(pickle.dumps(df.iloc[1:3]))
+        arrays = _label_arrays(df) + _label_arrays(view)
+        assert key == "g" or any(arr.dtype == object for _, arr in arrays)
+        saved = _full_labels(df)
+        for what, arr in arrays:
+            try:
+                arr.flags.writeable = True
+            except ValueError:
+                assert not arr.flags.writeable, (key, what)
+                continue
+            # pandas 2 without copy-on-write: each open decodes its own labels over its
+            # own private mapping; writing into them changes that frame only
+            assert writes_in_place(), (key, what)
+            arr[0] = "changed" if arr.dtype == object else arr[-1]
+        assert _full_labels(mmcache.open(key, cache_dir=cache_dir)) == saved
+
+
 # name -> (what the entry holds, a label equal to it that the receiver would not rebuild)
 EQUAL_NOT_SAME = {
     "-0.0": (0.0, -0.0),
