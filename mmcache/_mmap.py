@@ -16,6 +16,7 @@ import ctypes
 import mmap
 import os
 import stat
+import threading
 import weakref
 from typing import Any
 
@@ -50,9 +51,13 @@ class _Region:
 
     def __del__(self) -> None:
         munmap = getattr(_libc, "munmap", None)  # gone during interpreter shutdown
-        if munmap is not None and self.size:
-            munmap(self.address, self.size)
+        size = self.size
+        if munmap is not None and size:
+            # Marked gone before the address can be mapped again: see _add.
             self.size = 0
+            global _STALE
+            _STALE = True
+            munmap(self.address, size)
 
 
 def map_file(path: str | os.PathLike[str], size: int, *, private: bool = False) -> np.ndarray:
@@ -80,27 +85,59 @@ def map_file(path: str | os.PathLike[str], size: int, *, private: bool = False) 
         raise OSError(err, os.strerror(err), os.fspath(path))
     region = _Region(address, size, private)
     _LIVE.add(region)
+    _add(region)
     return np.asarray(region)
 
 
-# Every mapping alive in this process: derived frames' buffers are found in them by address,
-# and memory accounting that understands sharing (mmcache.dask) leaves them out.
+# Every mapping alive in this process: memory accounting that understands sharing
+# (mmcache.dask) leaves them out.
 _LIVE: weakref.WeakSet[_Region] = weakref.WeakSet()
 
+# The same mappings sorted by address, for finding which one holds an address (derived
+# frames' buffers, see _views.py) in O(log n): (start addresses, weak references), replaced
+# as a whole on each map, so readers never see it half-changed and take no lock. Unmapping
+# does not touch it (a finalizer may run in the middle of any code): a gone region stays
+# listed, dead, until the next map drops it. It can be dropped in time because a region is
+# marked gone (size 0, _STALE) before its address is unmapped, so before that address can
+# be mapped again and listed twice.
+_TABLE: tuple[list[int], list[weakref.ref[_Region]]] = ([], [])
+_TABLE_LOCK = threading.Lock()
+_STALE = False
 
-def live_regions() -> list[_Region]:
-    """The mappings alive now, sorted by address (to be searched with :func:`locate`)."""
-    return sorted((r for r in list(_LIVE) if r.size), key=lambda r: r.address)
+
+def _add(region: _Region) -> None:
+    global _TABLE, _STALE
+    with _TABLE_LOCK:
+        starts, refs = _TABLE
+        if _STALE:
+            _STALE = False  # before looking: a region gone meanwhile sets it again
+            alive = [(s, r) for s, r in zip(starts, refs, strict=True)
+                     if (x := r()) is not None and x.size]
+            starts, refs = [s for s, _ in alive], [r for _, r in alive]
+        else:
+            starts, refs = list(starts), list(refs)
+        i = bisect.bisect_right(starts, region.address)
+        starts.insert(i, region.address)
+        refs.insert(i, weakref.ref(region))
+        _TABLE = (starts, refs)
 
 
-def locate(regions: list[_Region], starts: list[int], address: int, nbytes: int) -> Any:
-    """The region of ``regions`` (sorted, ``starts`` their addresses) that holds the
-    ``nbytes`` bytes at ``address``, or None."""
+def any_mapped() -> bool:
+    """True if this process may map a file now (cheap: no search)."""
+    return bool(_TABLE[0])
+
+
+def find_region(address: int, nbytes: int) -> _Region | None:
+    """The live mapping that holds the ``nbytes`` bytes at ``address``, or None.
+    O(log mappings)."""
+    starts, refs = _TABLE
     i = bisect.bisect_right(starts, address) - 1
     if i < 0:
         return None
-    r = regions[i]
-    return r if address + nbytes <= r.address + r.size else None
+    r = refs[i]()
+    if r is None or not r.size or address + nbytes > starts[i] + r.size:
+        return None
+    return r
 
 
 _PAGE = mmap.PAGESIZE

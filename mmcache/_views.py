@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ._mmap import live_regions, locate, regions_written
+from ._mmap import any_mapped, find_region, regions_written
 
 # Unmapped arrays (categories and labels rebuilt from JSON, all-missing object columns)
 # compared by value up to this many items; a larger one makes the view pickle in full.
@@ -40,17 +40,14 @@ SMALL = 1 << 16
 
 
 class _Where:
-    """Finds which mapped cache file, and where in it, an address lies."""
+    """Finds which mapped cache file, and where in it, an address lies (O(log mappings) a
+    lookup: this runs for every frame pickled in a process that maps an entry)."""
 
     def __init__(self) -> None:
-        self.regions = live_regions()
-        self.starts = [r.address for r in self.regions]
         self.private: set[Any] = set()  # regions of the view that are private mappings
 
     def find(self, address: int, nbytes: int) -> Any:
-        if not self.regions:
-            return None
-        r = locate(self.regions, self.starts, address, max(nbytes, 1))
+        r = find_region(address, max(nbytes, 1))
         return None if r is None or r.owner is None else r
 
     def place(self, address: int, nbytes: int) -> tuple[Any, int] | None:
@@ -66,9 +63,9 @@ def reference(obj: pd.DataFrame | pd.Series) -> tuple[Any, ...] | None:
     version's column index is built (O(columns of the version), once per process)."""
     if type(obj) not in (pd.DataFrame, pd.Series) or len(obj) == 0:
         return None
-    where = _Where()
-    if not where.regions:
+    if not any_mapped():
         return None
+    where = _Where()
     # Any one column outside the mappings settles it, before looking at the others (this
     # runs for every frame pickled in a process that has an entry open).
     if isinstance(obj, pd.Series):
@@ -85,7 +82,6 @@ def reference(obj: pd.DataFrame | pd.Series) -> tuple[Any, ...] | None:
     base = _full(cache_dir, key, token)
     if base is None:
         return None
-    where = _Where()  # _full may have mapped the version again
     guess = _guess(obj, base, where)
     if guess is None:
         return None
