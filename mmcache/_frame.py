@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import copyreg
 import json
+import operator
 import os
 import sys
 import types
@@ -399,7 +400,11 @@ def _same_label(a: Any, b: Any) -> bool:
 
 
 def _same_labels(a: list[Any], b: list[Any]) -> bool:
-    return len(a) == len(b) and all(_same_label(x, y) for x, y in zip(a, b, strict=True))
+    if len(a) != len(b):
+        return False
+    # the same objects (labels taken from one decoded version): no need to look at them
+    return all(map(operator.is_, a, b)) or all(
+        _same_label(x, y) for x, y in zip(a, b, strict=True))
 
 
 def _same_json(a: Any, b: Any) -> bool:

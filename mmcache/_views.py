@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import bisect
 import copy
-import itertools
 import pickle
 import zlib
 from typing import Any
@@ -59,8 +58,10 @@ class _Where:
 def reference(obj: pd.DataFrame | pd.Series) -> tuple[Any, ...] | None:
     """``(cache_dir, key, token, None, spec)`` for :func:`_frame._reopen` if ``obj`` is an
     unmodified view of a saved version that is still on disk and its reference fits in
-    :data:`LIMIT` bytes, else None (pickle in full). Cost: O(columns of ``obj``) once the
-    version's column index is built (O(columns of the version), once per process)."""
+    :data:`LIMIT` bytes, else None (pickle in full). Cost: O(blocks of ``obj``) (a 2-D
+    block of 10,000 columns as one) once the version's block index is built (O(blocks of
+    the version), once per process), plus O(columns) for what comes apart from the version's
+    blocks (columns taken one by one, labels that are not the version's own objects)."""
     if type(obj) not in (pd.DataFrame, pd.Series) or len(obj) == 0:
         return None
     if not any_mapped():
@@ -88,7 +89,7 @@ def reference(obj: pd.DataFrame | pd.Series) -> tuple[Any, ...] | None:
     positions, a = guess
     series = isinstance(obj, pd.Series)
     if isinstance(base, pd.Series) or (not series and len(positions) == base.shape[1]
-                                        and positions == list(range(base.shape[1]))):
+                                        and (positions == np.arange(len(positions))).all()):
         cols = None
     else:
         cols = encode_positions(positions, base.shape[1])
@@ -162,27 +163,22 @@ def cut(frame: pd.DataFrame | pd.Series, spec: tuple[Any, ...]) -> pd.DataFrame 
         raise ValueError(f"rows {a}:{b} out of a frame of {len(frame)}")
     if isinstance(frame, pd.Series) or cols is None:
         return frame.iloc[a:b]
-    positions = decode_positions(cols, frame.shape[1])
+    positions = np.asarray(decode_positions(cols, frame.shape[1]), dtype=np.intp)
     if series:
-        (p,) = positions
+        (p,) = positions.tolist()
         return frame._ixs(p, axis=1).iloc[a:b]
     mgr = frame._mgr
-    blknos, blklocs = mgr.blknos, mgr.blklocs
+    blknos, blklocs = mgr.blknos[positions], mgr.blklocs[positions]
+    # Runs of positions that are consecutive columns of one block: each is one view.
+    breaks = np.flatnonzero((blknos[1:] != blknos[:-1]) | (blklocs[1:] != blklocs[:-1] + 1)) + 1
+    firsts = [0, *breaks.tolist()]
+    ends = [*breaks.tolist(), len(positions)]
     blocks: list[tuple[Any, np.ndarray]] = []
-    i, n = 0, len(positions)
-    while i < n:
-        bn, loc = int(blknos[positions[i]]), int(blklocs[positions[i]])
-        values = mgr.blocks[bn].values
-        j = i + 1
-        if values.ndim == 2:
-            while (j < n and blknos[positions[j]] == bn
-                   and blklocs[positions[j]] == loc + j - i):
-                j += 1
-            part = values[loc : loc + j - i, a:b]
-        else:
-            part = values[a:b]
+    for i, j in zip(firsts, ends, strict=True):
+        loc = int(blklocs[i])
+        values = mgr.blocks[int(blknos[i])].values
+        part = values[loc : loc + j - i, a:b] if values.ndim == 2 else values[a:b]
         blocks.append((part, np.arange(i, j, dtype=np.intp)))
-        i = j
     out = frame_from_blocks(blocks, index=frame.index[a:b],
                             columns=frame.columns.take(positions))
     out.attrs = copy.deepcopy(frame.attrs)
@@ -198,23 +194,23 @@ def cut(frame: pd.DataFrame | pd.Series, spec: tuple[Any, ...]) -> pd.DataFrame 
 # a deflated bitmap (increasing positions only). Chunks of all columns need none.
 
 
-def encode_positions(positions: list[int], ncols: int) -> bytes:
+def encode_positions(positions: Any, ncols: int) -> bytes:
+    """O(runs) in Python (the runs are found with numpy)."""
+    pos = np.asarray(positions, dtype=np.int64)
+    breaks = np.flatnonzero(pos[1:] != pos[:-1] + 1) + 1
+    firsts = np.concatenate([[0], breaks]).astype(np.int64) if len(pos) else breaks
+    lengths = np.diff(np.concatenate([firsts, [len(pos)]])) if len(pos) else breaks
     raw = bytearray()
-    prev, i, n = 0, 0, len(positions)
-    while i < n:
-        start = positions[i]
-        j = i + 1
-        while j < n and positions[j] == start + j - i:
-            j += 1
+    prev = 0
+    for start, length in zip(pos[firsts].tolist(), lengths.tolist(), strict=True):
         delta = start - prev
         _varint(raw, (delta << 1) ^ (delta >> 63))
-        _varint(raw, j - i - 1)
-        prev = start + j - i
-        i = j
+        _varint(raw, length - 1)
+        prev = start + length
     options = [b"r" + bytes(raw), b"z" + zlib.compress(bytes(raw), 9)]
-    if len(raw) > 16 and all(x < y for x, y in itertools.pairwise(positions)):
+    if len(raw) > 16 and bool((pos[1:] > pos[:-1]).all()):
         mask = np.zeros(ncols, dtype=bool)
-        mask[positions] = True
+        mask[pos] = True
         options.append(b"b" + zlib.compress(np.packbits(mask).tobytes(), 9))
     return min(options, key=len)
 
@@ -308,52 +304,135 @@ def _row0(values: Any) -> tuple[int, int] | None:
     return (None if buf is None else (buf.address + chunk.offset * width, width))
 
 
-def _column_index(base: Any, where: _Where) -> dict[Any, tuple[list[int], list[Any]]]:
-    """Where each of ``base``'s columns starts in its cache file: built once per decoded
-    version (O(columns)), kept on it, then each lookup is a bisection:
-    ``{file: (sorted start offsets, [(offset, row stride, rows, position)])}``."""
-    found = base.__dict__.get("_mmcache_columns")
+def _grid(values: Any) -> np.ndarray | None:
+    """The 2-D numpy array of a block of several columns (numpy dtypes; datetimes, tz-aware
+    ones included, keep theirs in ``_ndarray``), else None (a 1-D extension array)."""
+    if isinstance(values, np.ndarray):
+        return values if values.ndim == 2 else None
+    arr = getattr(values, "_ndarray", None)
+    return arr if isinstance(arr, np.ndarray) and arr.ndim == 2 else None
+
+
+class _Span:
+    """Where one block of the decoded version lies in its cache file: ``rows`` columns of
+    ``n`` values each, column ``r`` value ``i`` at ``offset + r * step + i * stride``."""
+
+    __slots__ = ("locs", "n", "offset", "rows", "step", "stride")
+
+    def __init__(self, offset: int, step: int, stride: int, rows: int, n: int,
+                 locs: np.ndarray) -> None:
+        self.offset, self.step, self.stride = offset, step, stride
+        self.rows, self.n, self.locs = rows, n, locs
+
+
+def _block_index(base: Any, where: _Where) -> dict[Any, tuple[list[int], list[_Span]]]:
+    """Where each block of ``base`` lies in its cache file, built once per decoded version
+    (O(blocks)) and kept on it; each lookup is then a bisection:
+    ``{file: (sorted start offsets, [_Span])}``."""
+    found = base.__dict__.get("_mmcache_blocks")
     if found is not None:
         return found
-    table: dict[Any, list[tuple[int, int, int, int]]] = {}
-    for p, values in enumerate(_columns(base)):
-        row0 = _row0(values)
+    table: dict[Any, list[tuple[int, _Span]]] = {}
+    n = len(base)
+    if isinstance(base, pd.Series):
+        blocks = [(base._values, np.zeros(1, dtype=np.intp))]
+    else:
+        blocks = [(blk.values, blk.mgr_locs.as_array) for blk in base._mgr.blocks]
+    for values, locs in blocks:
+        grid = _grid(values)
+        if grid is not None:
+            if not grid.size:
+                continue
+            row0: tuple[int, int] | None = (grid.__array_interface__["data"][0],
+                                            grid.strides[1])
+            step = grid.strides[0]
+        else:
+            row0 = _row0(values)
+            step = 0
         place = None if row0 is None else where.place(row0[0], row0[1])
-        if row0 is not None and place is not None:
-            table.setdefault(place[0], []).append((place[1], row0[1], len(values), p))
+        if row0 is None or place is None:
+            continue
+        span = _Span(place[1], step, row0[1], len(locs), n, locs)
+        table.setdefault(place[0], []).append((place[1], span))
     index = {}
     for owner, entries in table.items():
-        entries.sort()
-        index[owner] = ([e[0] for e in entries], entries)
-    object.__setattr__(base, "_mmcache_columns", index)  # base is never handed out
+        entries.sort(key=lambda e: e[0])
+        index[owner] = ([e[0] for e in entries], [e[1] for e in entries])
+    object.__setattr__(base, "_mmcache_blocks", index)  # base is never handed out
     return index
 
 
-def _guess(obj: Any, base: Any, where: _Where) -> tuple[list[int], int] | None:
-    """Which of ``base``'s columns each of ``obj``'s is, and at which row it starts."""
-    index = _column_index(base, where)
-    n = len(obj)
-    positions: list[int] = []
+def _locate(index: dict[Any, tuple[list[int], list[_Span]]], where: _Where, address: int,
+            stride: int) -> tuple[_Span, int, int] | None:
+    """(block, column of it, first row) of ``base`` whose values start at ``address``, one
+    value every ``stride`` bytes, or None."""
+    place = where.place(address, stride)
+    if place is None or place[0] not in index:
+        return None
+    starts, spans = index[place[0]]
+    i = bisect.bisect_right(starts, place[1]) - 1
+    if i < 0:
+        return None
+    span = spans[i]
+    if stride != span.stride or span.stride <= 0:
+        return None
+    skip = place[1] - span.offset
+    if span.rows > 1:
+        if span.step <= 0:
+            return None
+        r, skip = divmod(skip, span.step)
+    else:
+        r = 0
+    row, rest = divmod(skip, span.stride)
+    if rest or not 0 <= r < span.rows or row >= span.n:
+        return None
+    return span, r, row
+
+
+def _guess(obj: Any, base: Any, where: _Where) -> tuple[np.ndarray, int] | None:
+    """Which of ``base``'s columns each of ``obj``'s is, and at which row it starts.
+    O(blocks of ``obj``): the columns of a 2-D block are placed at once."""
+    index = _block_index(base, where)
+    if isinstance(obj, pd.Series):
+        blocks = [(obj._values, np.zeros(1, dtype=np.intp))]
+    else:
+        blocks = [(blk.values, blk.mgr_locs.as_array) for blk in obj._mgr.blocks]
+    positions = np.full(1 if isinstance(obj, pd.Series) else obj.shape[1], -1, dtype=np.intp)
     start: int | None = None
-    for values in _columns(obj):
-        row0 = _row0(values)
-        place = None if row0 is None else where.place(row0[0], row0[1])
-        if row0 is None or place is None or place[0] not in index:
-            return None
-        starts, entries = index[place[0]]
-        i = bisect.bisect_right(starts, place[1]) - 1
-        if i < 0:
-            return None
-        off, stride, rows, p = entries[i]
-        skip = place[1] - off
-        if stride != row0[1] or skip >= stride * rows or skip % stride:
-            return None
-        row = skip // stride
-        if (start is not None and row != start) or row + n > len(base):
+    for values, locs in blocks:
+        grid = _grid(values)
+        if grid is not None:
+            if grid.shape[1] == 0 or grid.shape[0] != len(locs):
+                return None
+            found = _locate(index, where, grid.__array_interface__["data"][0],
+                            grid.strides[1])
+            if found is None:
+                return None
+            span, r, row = found
+            k = grid.shape[0]
+            if k > 1:
+                step, rest = divmod(grid.strides[0], span.step)
+                if rest or step == 0:
+                    return None
+            else:
+                step = 1
+            last = r + step * (k - 1)
+            if not 0 <= last < span.rows:
+                return None
+            rows = np.arange(r, last + (1 if step > 0 else -1), step, dtype=np.intp)
+        else:
+            row0 = _row0(values)
+            found = None if row0 is None else _locate(index, where, row0[0], row0[1])
+            if found is None or len(locs) != 1:
+                return None
+            span, r, row = found
+            rows = np.array([r], dtype=np.intp)
+        if (start is not None and row != start) or row + len(obj) > len(base):
             return None
         start = row
-        positions.append(p)
-    assert start is not None
+        positions[locs] = span.locs[rows]
+    if start is None or (positions < 0).any():
+        return None
     return positions, start
 
 
@@ -373,8 +452,29 @@ def _same_object(x: Any, y: Any, where: _Where) -> bool:
     return (_same_index(x.index, y.index, where)
             and _same_json(x.attrs, y.attrs)
             and x.flags.allows_duplicate_labels == y.flags.allows_duplicate_labels
-            and all(_same_array(a, b, where)
-                    for a, b in zip(_columns(x), _columns(y), strict=True)))
+            and _same_values(x, y, where))
+
+
+def _same_values(x: Any, y: Any, where: _Where) -> bool:
+    """The same data column by column; O(blocks) where both place the same columns in
+    blocks alike (a 2-D block compared as one array), column by column elsewhere."""
+    if isinstance(x, pd.Series):
+        return _same_array(x._values, y._values, where)
+    theirs = {int(blk.mgr_locs.as_array[0]): blk for blk in y._mgr.blocks if len(blk.mgr_locs)}
+    apart: list[int] = []  # columns of x whose blocks y does not have alike
+    for blk in x._mgr.blocks:
+        locs = blk.mgr_locs.as_array
+        other = theirs.get(int(locs[0])) if len(locs) else None
+        if (other is not None and type(blk.values) is type(other.values)
+                and np.array_equal(locs, other.mgr_locs.as_array)):
+            if not _same_array(blk.values, other.values, where):
+                return False
+        else:
+            apart.extend(locs.tolist())
+    if apart:
+        xs, ys = _columns(x), _columns(y)
+        return all(_same_array(xs[p], ys[p], where) for p in apart)
+    return True
 
 
 def _same_index(x: Any, y: Any, where: _Where) -> bool:
@@ -445,13 +545,13 @@ def _same_memory(x: np.ndarray, y: np.ndarray, where: _Where) -> bool:
         return False
     if x.size == 0:
         return True
-    if x.ndim != 1:
-        return False
     px = x.__array_interface__["data"][0]
     py = y.__array_interface__["data"][0]
-    span = x.itemsize + (len(x) - 1) * abs(x.strides[0])
-    lo_x = px + min(0, (len(x) - 1) * x.strides[0])
-    lo_y = py + min(0, (len(y) - 1) * y.strides[0])
+    # the bytes the array spans, whatever its strides (a 2-D block, reversed columns)
+    ends = [(d - 1) * s for d, s in zip(x.shape, x.strides, strict=True)]
+    span = x.itemsize + sum(abs(e) for e in ends)
+    low = sum(min(0, e) for e in ends)
+    lo_x, lo_y = px + low, py + low
     rx, ry = where.find(lo_x, span), where.find(lo_y, span)
     if (rx is not None and ry is not None and rx.owner == ry.owner
             and lo_x - rx.address == lo_y - ry.address):
@@ -463,7 +563,7 @@ def _same_memory(x: np.ndarray, y: np.ndarray, where: _Where) -> bool:
     if x.size > SMALL:
         return False
     if x.dtype == object:
-        return _same_labels(x.tolist(), y.tolist())
+        return _same_labels(x.ravel().tolist(), y.ravel().tolist())
     return bool(x.tobytes() == y.tobytes())
 
 
