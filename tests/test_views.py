@@ -14,6 +14,7 @@ import gc
 import multiprocessing as mp
 import os
 import pickle
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -628,10 +629,16 @@ def _mod_rename(obj: Any) -> Any:
 
 
 def _mod_edit(obj: Any) -> Any:
-    if isinstance(obj, pd.Series):
-        obj.iloc[0] = obj.iloc[-1]  # may equal the old value: still an edit (a copy)
-    else:
-        obj.iloc[0, 0] = obj.iloc[-1, 0]
+    with warnings.catch_warnings():
+        # pandas 2 without copy-on-write warns that the edit goes to a copy of a column
+        # subset (df.iloc[:, [0]]), as for any frame: the edit is the point here
+        copy_warning = getattr(pd.errors, "SettingWithCopyWarning", None)  # (not pandas 3)
+        if copy_warning is not None:
+            warnings.simplefilter("ignore", copy_warning)
+        if isinstance(obj, pd.Series):
+            obj.iloc[0] = obj.iloc[-1]  # may equal the old value: still an edit (a copy)
+        else:
+            obj.iloc[0, 0] = obj.iloc[-1, 0]
     return obj
 
 
