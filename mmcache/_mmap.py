@@ -50,12 +50,12 @@ class _Region:
                 "data": (self.address, not self.private), "version": 3}
 
     def __del__(self) -> None:
+        global _STALE
         munmap = getattr(_libc, "munmap", None)  # gone during interpreter shutdown
         size = self.size
         if munmap is not None and size:
             # Marked gone before the address can be mapped again: see _add.
             self.size = 0
-            global _STALE
             _STALE = True
             munmap(self.address, size)
 

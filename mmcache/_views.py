@@ -171,8 +171,8 @@ def cut(frame: pd.DataFrame | pd.Series, spec: tuple[Any, ...]) -> pd.DataFrame 
     blknos, blklocs = mgr.blknos[positions], mgr.blklocs[positions]
     # Runs of positions that are consecutive columns of one block: each is one view.
     breaks = np.flatnonzero((blknos[1:] != blknos[:-1]) | (blklocs[1:] != blklocs[:-1] + 1)) + 1
-    firsts = [0, *breaks.tolist()]
-    ends = [*breaks.tolist(), len(positions)]
+    firsts = [0, *breaks.tolist()] if len(positions) else []
+    ends = [*breaks.tolist(), len(positions)] if len(positions) else []
     blocks: list[tuple[Any, np.ndarray]] = []
     for i, j in zip(firsts, ends, strict=True):
         loc = int(blklocs[i])
