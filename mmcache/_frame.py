@@ -636,9 +636,9 @@ def _reduce(obj: Any) -> Any:
         if ref.unmodified(obj) and ref.openable() and not _persisting():
             return (_reopen, (ref.cache_dir, ref.key, ref.token, ref.columns))
     else:
-        from ._views import reference
+        try:  # (the import too: a process out of descriptors cannot import)
+            from ._views import reference
 
-        try:
             view = reference(obj)  # a row range or column subset of an opened frame?
         except Exception:  # the check must never break pickling: then the data go
             view = None

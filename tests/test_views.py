@@ -823,3 +823,13 @@ def test_recognising_a_column_does_not_look_at_the_others(wide, monkeypatch):
         calls = 0
         assert REF in pickle.dumps(wide.iloc[:, 10:20])
         assert calls <= 4 * 10, calls
+
+
+def test_a_plain_frame_pickles_when_the_view_check_cannot_even_be_imported(monkeypatch):
+    """A spawn worker out of descriptors cannot import the view check (attack: the pool
+    hung as the worker died returning a plain frame); the frame pickles in full."""
+    import sys
+
+    df = pd.DataFrame({"a": np.arange(5)})
+    monkeypatch.setitem(sys.modules, "mmcache._views", None)  # importing it raises
+    pd.testing.assert_frame_equal(pickle.loads(pickle.dumps(df)), df)
