@@ -160,12 +160,13 @@ def set_freq(index: pd.Index, freq: Any) -> None:
 
 
 def own_freq(index: pd.Index) -> pd.Index:
-    """``index`` with an array object of its own when it has a freq on pandas 2, which keeps
-    the freq on the array: frames handed out over one mapping share their index's array, and
+    """``index`` with an array object of its own when it can hold a freq on pandas 2, which
+    keeps the freq on the array: frames handed out over one mapping share their index's array, and
     ``df.index.freq = None`` on one would reach the others. Data are not copied."""
-    freq = getattr(index, "freq", None)
-    if not PANDAS_2 or freq is None or isinstance(index, pd.PeriodIndex):
+    # Without a freq too: `df.index.freq = "D"` sets it on the shared array (third attack).
+    if not PANDAS_2 or not isinstance(index, pd.DatetimeIndex | pd.TimedeltaIndex):
         return index
+    freq = index.freq
     data = index._data
     own = type(data)._simple_new(data._ndarray, freq=freq, dtype=data.dtype)
     out = type(index)._simple_new(own, name=index.name)

@@ -717,6 +717,13 @@ def _own_index(index: pd.Index, *, always: bool = False) -> pd.Index:
         return pd.MultiIndex(levels=[_own_index(level) for level in index.levels],
                              codes=index.codes, sortorder=index.sortorder,
                              names=index.names, verify_integrity=False)
+    if isinstance(index, pd.CategoricalIndex):
+        # `df.index.categories.name = x` renames the dtype's own Index in place (third attack)
+        values = index._values
+        dtype = categorical_dtype(_own_index(values.dtype.categories, always=True),
+                                  values.dtype.ordered)
+        return pd.CategoricalIndex._simple_new(  # type: ignore[attr-defined]
+            pd.Categorical._simple_new(values._codes, dtype), name=index.name)  # type: ignore[attr-defined]
     if PANDAS_2 and _axis_arrow(index) is not None:
         # pandas 2's Index.array is the Index's own array (pandas 3 hands out a read-only
         # view): `.array[i] = x` swaps its Arrow data in place

@@ -833,3 +833,21 @@ def test_a_plain_frame_pickles_when_the_view_check_cannot_even_be_imported(monke
     df = pd.DataFrame({"a": np.arange(5)})
     monkeypatch.setitem(sys.modules, "mmcache._views", None)  # importing it raises
     pd.testing.assert_frame_equal(pickle.loads(pickle.dumps(df)), df)
+
+
+def test_category_names_and_freqs_set_on_one_opened_frame_reach_no_later_open(cache_dir):
+    """Third attack: `df.index.categories.name = x` on a CategoricalIndex (pandas 3; pandas 2
+    with copy-on-write) and `df.index.freq = "D"` on an index saved without a freq (pandas 2
+    with copy-on-write) renamed or set them on what every later open shares."""
+    cat = pd.DataFrame({"x": np.arange(4)}, index=pd.CategoricalIndex(list("abab")))
+    days = pd.DataFrame({"x": np.arange(4)},
+                        index=pd.DatetimeIndex(pd.date_range("2024-01-01", periods=4),
+                                               freq=None))
+    mmcache.save(cat, "cat", cache_dir=cache_dir)
+    mmcache.save(days, "days", cache_dir=cache_dir)
+    df = mmcache.open("cat", cache_dir=cache_dir)
+    df.index.categories.name = "renamed"
+    assert mmcache.open("cat", cache_dir=cache_dir).index.categories.name is None
+    df = mmcache.open("days", cache_dir=cache_dir)
+    df.index.freq = "D"
+    assert mmcache.open("days", cache_dir=cache_dir).index.freq is None
