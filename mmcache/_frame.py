@@ -304,9 +304,8 @@ class _Ref:
         self.version = version
         self.axes = list(obj._mgr.axes)
         self.names = [list(ax.names) for ax in self.axes]
-        # What an axis can lose or swap in place: its freq (pandas 2 keeps it on the shared
-        # array) and the data of an Arrow-backed one (Index.array[i] = x on pandas 2).
-        self.axis_data = [(getattr(ax, "freq", None), _axis_arrow(ax)) for ax in self.axes]
+        # What an axis can lose or swap in place (see _axis_state).
+        self.axis_data = [_axis_state(ax) for ax in self.axes]
         self.name = obj.name if isinstance(obj, pd.Series) else None
         self.attrs = copy.deepcopy(obj.attrs)
         self.flags = obj.flags.allows_duplicate_labels  # setting it is an edit too
@@ -332,9 +331,8 @@ class _Ref:
         if len(mgr.axes) != len(self.axes) or len(mgr.blocks) != len(self.values):
             return False
         if any(a is not b or not _same_labels(list(a.names), n)
-               or getattr(a, "freq", None) is not freq
-               or _axis_arrow(a) is not pa_array
-               for a, b, n, (freq, pa_array)
+               or not _same_objects(_axis_state(a), state)
+               for a, b, n, state
                in zip(mgr.axes, self.axes, self.names, self.axis_data, strict=True)):
             return False
         for blk, (values, state, locs) in zip(mgr.blocks, self.values, strict=True):
@@ -355,21 +353,48 @@ class _Ref:
 
 def _label_state(values: Any) -> Any:
     """What an array's own objects can change in place: the Arrow data an Arrow-backed
-    array holds (``.array[i] = x`` swaps it), a categorical's categories' name and Arrow
-    data. None for the rest (numpy buffers are read-only). A µs a column: it runs for every
-    column at every open."""
+    array holds (``.array[i] = x`` swaps it), a categorical's categories' name, freq
+    (datetime categories: ``.cat.categories.freq = x``) and Arrow data. None for the rest
+    (numpy buffers are read-only). A µs a column: it runs for every column at every open."""
     if type(values) is pd.Categorical:
         categories = values.dtype.categories
         if isinstance(categories, pd.MultiIndex):
-            return (tuple(categories.names), None)
-        return (categories._name, getattr(categories._data, "_pa_array", None))
+            return (tuple(categories.names), None, None)
+        return (categories._name, getattr(categories, "freq", None),
+                getattr(categories._data, "_pa_array", None))
     return getattr(values, "_pa_array", None)
 
 
 def _same_state(a: Any, b: Any) -> bool:
+    """Freqs and Arrow data by identity (setting either makes a new object), names as
+    labels."""
     if type(a) is tuple and type(b) is tuple:
-        return _same_label(a[0], b[0]) and a[1] is b[1]
+        return _same_label(a[0], b[0]) and a[1] is b[1] and a[2] is b[2]
     return a is b
+
+
+def _axis_state(index: pd.Index) -> list[Any]:
+    """The objects an axis holds that can be set or swapped in place, to be compared by
+    identity (setting any makes a new object): its freq (pandas 2 keeps it on the array),
+    an Arrow-backed one's data (``Index.array[i] = x`` on pandas 2), a CategoricalIndex's
+    categories' names and theirs (``df.index.categories.name = x``, ``.freq = x``), a
+    MultiIndex's levels' (``df.index.levels[0].freq = x``). O(levels): never ``_values``
+    of a RangeIndex or MultiIndex (see :func:`_axis_arrow`)."""
+    if isinstance(index, pd.RangeIndex):
+        return []
+    if isinstance(index, pd.MultiIndex):
+        return [x for level in index.levels for x in _axis_state(level)]
+    values = index._values
+    out = [getattr(index, "freq", None), getattr(values, "_pa_array", None)]
+    if type(values) is pd.Categorical:
+        categories = values.dtype.categories
+        out.extend(categories.names)
+        out.extend(_axis_state(categories))
+    return out
+
+
+def _same_objects(a: list[Any], b: list[Any]) -> bool:
+    return len(a) == len(b) and all(map(operator.is_, a, b))
 
 
 def _axis_arrow(index: pd.Index) -> Any:
@@ -692,7 +717,7 @@ def own(obj: Any) -> Any:
     Always new axis objects: pandas 2 with copy-on-write keeps a row range's columns Index
     (``df.iloc[a:b].columns is df.columns``), so a view cut from the decoded base would
     share its labels' names with every later open."""
-    obj.index = _own_index(own_freq(obj.index), always=True)
+    obj.index = _own_index(obj.index, always=True)
     if isinstance(obj, pd.DataFrame):
         obj.columns = _own_index(obj.columns, always=True)
     for blk in obj._mgr.blocks:
@@ -712,9 +737,13 @@ def _own_index(index: pd.Index, *, always: bool = False) -> pd.Index:
     """A new Index object over the same data when the data are Arrow-backed (their wrapper is
     swappable in place), or a MultiIndex has such levels; ``always``: in any case."""
     if isinstance(index, pd.MultiIndex):
-        if not any(_axis_arrow(level) is not None for level in index.levels):
+        # pandas 2: a datetime level's freq lives on its array, shared by _view()
+        # (`df.index.levels[0].freq = x` reached every later open with copy-on-write on)
+        if not any(_axis_arrow(level) is not None
+                   or (PANDAS_2 and isinstance(level, pd.DatetimeIndex | pd.TimedeltaIndex))
+                   for level in index.levels):
             return index._view() if always else index
-        return pd.MultiIndex(levels=[_own_index(level) for level in index.levels],
+        return pd.MultiIndex(levels=[own_freq(_own_index(level)) for level in index.levels],
                              codes=index.codes, sortorder=index.sortorder,
                              names=index.names, verify_integrity=False)
     if isinstance(index, pd.CategoricalIndex):
@@ -728,7 +757,12 @@ def _own_index(index: pd.Index, *, always: bool = False) -> pd.Index:
         # pandas 2's Index.array is the Index's own array (pandas 3 hands out a read-only
         # view): `.array[i] = x` swaps its Arrow data in place
         return type(index)._simple_new(index._values.view(), name=index.name)  # type: ignore[attr-defined]
-    return index._view() if always else index
+    if not always:
+        return index
+    # pandas 2 keeps a DatetimeIndex's freq on its array, which _view() shares: datetime
+    # categories (`df["c"].cat.categories.freq = x`) and datetime axes need their own
+    owned = own_freq(index)
+    return index._view() if owned is index else owned
 
 
 def freeze(obj: Any) -> None:

@@ -851,3 +851,78 @@ def test_category_names_and_freqs_set_on_one_opened_frame_reach_no_later_open(ca
     df = mmcache.open("days", cache_dir=cache_dir)
     df.index.freq = "D"
     assert mmcache.open("days", cache_dir=cache_dir).index.freq is None
+
+
+def _axis_marks(obj: Any) -> list[Any]:
+    """What an in-place edit of an axis or of categories can set: freqs, categories' names
+    and freqs (of CategoricalIndex axes and categorical columns), MultiIndex levels' freqs."""
+    axes = [obj.index] + ([obj.columns] if isinstance(obj, pd.DataFrame) else [])
+    out: list[Any] = []
+    for index in axes:
+        if isinstance(index, pd.MultiIndex):
+            out.append([getattr(level, "freq", None) for level in index.levels])
+        elif isinstance(index, pd.CategoricalIndex):
+            out.append((index.categories.name, getattr(index.categories, "freq", None)))
+        else:
+            out.append(getattr(index, "freq", None))
+    columns = [obj] if isinstance(obj, pd.Series) else [obj.iloc[:, i]
+                                                       for i in range(obj.shape[1])]
+    for s in columns:
+        if isinstance(s.dtype, pd.CategoricalDtype):
+            out.append((s.cat.categories.name, getattr(s.cat.categories, "freq", None)))
+    return out
+
+
+_DAYS = pd.DatetimeIndex(pd.date_range("2024-01-01", periods=3).values)  # freq None
+# name -> (frame, edit in place): third attack, findings 1 to 3, and a MultiIndex level's
+# freq (the same hole one level down)
+AXIS_EDITS: dict[str, tuple[Callable[[], pd.DataFrame], Callable[[pd.DataFrame], None]]] = {
+    "CategoricalIndex categories name": (
+        lambda: pd.DataFrame({"a": np.arange(6.0), "b": np.arange(6)},
+                             index=pd.CategoricalIndex(list("xyzxyz"))),
+        lambda df: setattr(df.index.categories, "name", "renamed")),
+    "CategoricalIndex columns categories name": (
+        lambda: pd.DataFrame(np.arange(12.0).reshape(4, 3),
+                             columns=pd.CategoricalIndex(list("abc"))),
+        lambda df: setattr(df.columns.categories, "name", "renamed")),
+    "DatetimeIndex freq": (
+        lambda: pd.DataFrame({"a": np.arange(3.0), "b": np.arange(3)}, index=_DAYS),
+        lambda df: setattr(df.index, "freq", "D")),
+    "TimedeltaIndex freq": (
+        lambda: pd.DataFrame({"a": np.arange(3.0), "b": np.arange(3)},
+                             index=pd.TimedeltaIndex(pd.to_timedelta(np.arange(3), "s").values)),
+        lambda df: setattr(df.index, "freq", "s")),
+    "datetime categories freq": (
+        lambda: pd.DataFrame({"c": pd.Categorical(_DAYS.repeat(2)), "a": np.arange(6.0)}),
+        lambda df: setattr(df["c"].cat.categories, "freq", "D")),
+    "MultiIndex level freq": (
+        lambda: pd.DataFrame({"a": np.arange(6.0), "b": np.arange(6)},
+                             index=pd.MultiIndex.from_arrays([_DAYS.repeat(2), np.arange(6)])),
+        lambda df: setattr(df.index.levels[0], "freq", "D")),
+}
+
+
+@pytest.mark.parametrize("edit", list(AXIS_EDITS))
+def test_freqs_and_categories_names_set_in_place_make_a_frame_pickle_in_full(edit, cache_dir):
+    """Third attack: `df.index.categories.name = x` (a CategoricalIndex, rows or columns),
+    `df["c"].cat.categories.freq = x` and `df.index.levels[0].freq = x` left an opened frame
+    pickling as a reference, which arrived without the edit (the unmodified check looked
+    at none of them); on pandas 2 with copy-on-write `df.index.freq = x` (and a level's or
+    datetime categories' freq) also reached later opens, whose references then arrived
+    without it. Each frame and view arrives as it is; the edited frame pickles in full; a
+    later open is untouched and still a reference."""
+    make, change = AXIS_EDITS[edit]
+    mmcache.save(make(), "k", cache_dir=cache_dir)
+    df = mmcache.open("k", cache_dir=cache_dir)
+    original = _axis_marks(df)
+    change(df)
+    assert _axis_marks(df) != original, edit  # the edit took
+    later = mmcache.open("k", cache_dir=cache_dir)
+    assert _axis_marks(later) == original, edit
+    views = [df.iloc[1:3], df.iloc[:, :1], df.iloc[:, 0]]
+    for obj in [df, *views, later, later.iloc[1:3], later.iloc[:, :1]]:
+        back = pickle.loads(pickle.dumps(obj))
+        assert _axis_marks(back) == _axis_marks(obj), edit
+        assert_same(back, obj)
+    assert REF not in pickle.dumps(df)
+    assert REF in pickle.dumps(later)
