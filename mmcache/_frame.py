@@ -7,6 +7,7 @@ normal consolidated frame: ``df.sum()`` over 10,000 columns is one call, not 10,
 
 from __future__ import annotations
 
+import base64
 import copy
 import copyreg
 import json
@@ -445,14 +446,41 @@ def _same_json(a: Any, b: Any) -> bool:
     return _same_label(a, b)
 
 
+# Protocol 0 writes these as 6-byte escapes (and every non-ASCII character as a 6- or 10-byte
+# one); protocols 1-5 write a non-ASCII character as 2 to 4 bytes of UTF-8.
+_ESCAPED = ("\\", "\n", "\r", "\x1a")
+
+
+def pack_name(name: str, *, path: bool) -> str:
+    """A reference's key or cache directory as a str every pickle protocol stores in one
+    byte a character: as it is when it is plain ASCII, else a NUL (which no key and no path
+    holds) and Base85 of its bytes (5 characters for 4 bytes). So a reference's size hardly
+    depends on the protocol (README "Chunks and views"). ``path``: a file system path (its
+    bytes as the OS has them), else a key (UTF-8). O(characters)."""
+    if name.isascii() and not any(c in name for c in _ESCAPED):
+        return name
+    raw = os.fsencode(name) if path else name.encode("utf-8", "surrogatepass")
+    return "\0" + base64.b85encode(raw).decode("ascii")
+
+
+def unpack_name(name: Any, *, path: bool) -> Any:
+    """:func:`pack_name` undone (anything else as it came)."""
+    if not isinstance(name, str) or not name.startswith("\0"):
+        return name
+    raw = base64.b85decode(name[1:])
+    return os.fsdecode(raw) if path else raw.decode("utf-8", "surrogatepass")
+
+
 def _reopen(cache_dir: str, key: str, token: str, columns: Any, view: Any = None) -> Any:
     """Unpickle a reference: exactly version ``token``, or EntryChangedError. ``view``:
-    the rows and columns of it a derived frame was (see _views.cut)."""
+    the rows and columns of it a derived frame was (see _views.cut). ``cache_dir`` and
+    ``key`` as :func:`pack_name` packed them."""
     from ._cache import Cache, _os_error
 
     # The reference as it came (a view's spec included): what a stand-in pickles back to.
     args = (cache_dir, key, token, columns) if view is None else (
         cache_dir, key, token, columns, view)
+    cache_dir, key = unpack_name(cache_dir, path=True), unpack_name(key, path=False)
     if _in_dask_scheduler():
         # The scheduler only passes task arguments on to workers: never map there (it may
         # be on a host without the entry), hand the reference on as it came.
@@ -522,7 +550,8 @@ class _Forward:
 
     def __repr__(self) -> str:
         what = "reference" if len(self.args) < 5 else "view reference"
-        return f"<mmcache {what} to key {self.args[1]!r}, version {self.args[2]}>"
+        key = unpack_name(self.args[1], path=False)
+        return f"<mmcache {what} to key {key!r}, version {self.args[2]}>"
 
 
 def _in_dask_scheduler() -> bool:
@@ -659,7 +688,8 @@ def _reduce(obj: Any) -> Any:
     ref = obj.__dict__.get("_mmcache_ref")
     if ref is not None:
         if ref.unmodified(obj) and ref.openable() and not _persisting():
-            return (_reopen, (ref.cache_dir, ref.key, ref.token, ref.columns))
+            return (_reopen, (pack_name(ref.cache_dir, path=True),
+                              pack_name(ref.key, path=False), ref.token, ref.columns))
     else:
         try:  # (the import too: a process out of descriptors cannot import)
             from ._views import reference

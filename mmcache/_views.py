@@ -22,6 +22,7 @@ frame's private mapping: any written page of a view's mappings makes it pickle i
 
 from __future__ import annotations
 
+import base64
 import bisect
 import copy
 import pickle
@@ -31,6 +32,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ._frame import pack_name
 from ._mmap import any_mapped, find_region, regions_written
 
 # Unmapped arrays (categories and labels rebuilt from JSON, all-missing object columns)
@@ -94,9 +96,10 @@ def reference(obj: pd.DataFrame | pd.Series) -> tuple[Any, ...] | None:
     else:
         cols = encode_positions(positions, base.shape[1])
     spec = (cols, a, a + len(obj), series)
-    args = (cache_dir, key, token, None, spec)
-    if len(pickle.dumps(args, protocol=pickle.HIGHEST_PROTOCOL)) > LIMIT - _CALL:
-        return None  # e.g. a random half of 10,000 columns: no encoding fits (README)
+    args = (pack_name(cache_dir, path=True), pack_name(key, path=False), token, None, spec)
+    if _size(args) > LIMIT - _CALL:
+        # e.g. a random half of 10,000 columns (no encoding fits), a long cache directory
+        return None
     rebuilt = cut(base, spec)
     if not _same_object(obj, rebuilt, where):
         return None
@@ -107,10 +110,19 @@ def reference(obj: pd.DataFrame | pd.Series) -> tuple[Any, ...] | None:
     return args
 
 
-# The contract's bound on a view's pickled reference, and what the call around the
-# arguments adds (the global ``mmcache._frame _reopen`` and the protocol's framing).
+# The contract's bound on a view's pickled reference, under every pickle protocol; and what
+# the call around the arguments adds (the global ``mmcache._frame _reopen``: 29 to 31 bytes
+# whatever the protocol) with room to spare for the memo bookkeeping a reference inside a
+# larger pickle may add (a few bytes for each of its ~8 objects).
 LIMIT = 1024
 _CALL = 64
+
+
+def _size(args: tuple[Any, ...]) -> int:
+    """The most bytes ``args`` take pickled under any protocol: the pickler does not tell a
+    reducer which protocol it uses. Their strings are ASCII (:func:`pack_name`,
+    :func:`encode_positions`), so protocols differ by their framing only. ~5 µs."""
+    return max(len(pickle.dumps(args, protocol=p)) for p in range(pickle.HIGHEST_PROTOCOL + 1))
 
 
 def _full(cache_dir: str, key: str, token: str) -> Any:
@@ -191,10 +203,12 @@ def cut(frame: pd.DataFrame | pd.Series, spec: tuple[Any, ...]) -> pd.DataFrame 
 # A reference names its columns by position in the version. Three encodings, the shortest
 # wins: "r" runs of consecutive positions as varints (start relative to the previous run's
 # end, zigzag-signed, so reorders and repeats cost little), "z" the same deflated, and "b"
-# a deflated bitmap (increasing positions only). Chunks of all columns need none.
+# a deflated bitmap (increasing positions only). Chunks of all columns need none. The
+# winner's bytes go as Base85 text after its letter: every pickle protocol stores ASCII in
+# one byte a character, where bytes would cost up to twice that in protocols 0 to 2.
 
 
-def encode_positions(positions: Any, ncols: int) -> bytes:
+def encode_positions(positions: Any, ncols: int) -> str:
     """O(runs) in Python (the runs are found with numpy)."""
     pos = np.asarray(positions, dtype=np.int64)
     breaks = np.flatnonzero(pos[1:] != pos[:-1] + 1) + 1
@@ -212,11 +226,14 @@ def encode_positions(positions: Any, ncols: int) -> bytes:
         mask = np.zeros(ncols, dtype=bool)
         mask[pos] = True
         options.append(b"b" + zlib.compress(np.packbits(mask).tobytes(), 9))
-    return min(options, key=len)
+    best = min(options, key=len)
+    return chr(best[0]) + base64.b85encode(best[1:]).decode("ascii")
 
 
-def decode_positions(blob: bytes, ncols: int) -> list[int]:
-    kind, data = blob[:1], blob[1:]
+def decode_positions(text: str, ncols: int) -> list[int]:
+    if not isinstance(text, str) or not text.isascii():
+        raise ValueError("column positions are not a reference's text")
+    kind, data = text[:1].encode("ascii"), base64.b85decode(text[1:])
     if kind == b"b":
         bits = np.unpackbits(np.frombuffer(zlib.decompress(data), dtype=np.uint8))
         if bits[ncols:].any():

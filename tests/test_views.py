@@ -754,8 +754,10 @@ def test_column_subsets_of_a_wide_frame_pickle_within_1kb_or_in_full(wide):
     }
     for name, cols in must.items():
         view = wide.iloc[1:3, cols]
-        payload = pickle.dumps(view)
-        assert REF in payload and len(payload) <= 1024, (name, len(payload))
+        # the bound holds under each protocol (0 and 2 wrote the encoding's bytes longer)
+        for protocol in (0, 2, pickle.HIGHEST_PROTOCOL):
+            payload = pickle.dumps(view, protocol=protocol)
+            assert REF in payload and len(payload) <= 1024, (name, protocol, len(payload))
         assert_same(pickle.loads(payload), view)
     for cols in (rng.permutation(WIDE), rng.choice(WIDE, 500, replace=False)):
         view = wide.iloc[:, cols]
@@ -926,3 +928,83 @@ def test_freqs_and_categories_names_set_in_place_make_a_frame_pickle_in_full(edi
         assert_same(back, obj)
     assert REF not in pickle.dumps(df)
     assert REF in pickle.dumps(later)
+
+
+# (key, cache directory under the test's): names whose characters pickle protocols write in
+# more than one byte (protocol 0: a 6- or 10-byte escape for anything not ASCII, and for
+# backslashes and line breaks; protocols 1 to 5: 2 to 4 bytes of UTF-8)
+NAMES = {
+    "ascii, longest": ("k" * 200, "c"),
+    "2-byte characters, longest": ("\u0416" * 200, "c"),
+    "3-byte characters, longest": ("\u6f22" * 200, "c"),
+    "4-byte characters, longest": ("\U0001f600" * 200, "c"),
+    "4-byte characters": ("\U0001f600" * 100, "c"),
+    "escaped ascii": ("a\\b\nc\rd\x1ae" * 20, "c"),
+    "non-ascii directory": ("k", "d\u00efr-\U0001f600-" + "\u6f22" * 40),
+}
+
+
+@pytest.mark.parametrize("name", list(NAMES))
+def test_a_view_reference_stays_within_1kb_under_every_pickle_protocol(name, cache_dir):
+    """Third attack, finding 5: the 1 KB bound was checked under the highest protocol only;
+    under protocol 0 (a 6- or 10-byte escape a non-ASCII character) a view of a key of 200
+    emoji pickled as a 2.1 KB reference, and protocols 1 and 2 wrote the column encoding's
+    bytes at up to twice their size. The key, the directory and the columns now go as ASCII
+    (Base85 where they are not), and the bound holds under every protocol: a reference
+    that would pass it (a key of 200 4-byte characters, ~1 KB of Base85) pickles in full.
+    Each comes back as it was, and the realistic cases stay references."""
+    key, sub = NAMES[name]
+    where = cache_dir / sub
+    # nullable columns, a block each: any subset of them is a view
+    wide = pd.DataFrame({f"c{i}": pd.array(np.arange(20) + i, dtype="Int64") for i in range(200)})
+    mmcache.save(wide, key, cache_dir=where)
+    df = mmcache.open(key, cache_dir=where)
+    rng = np.random.default_rng(0)
+    views = {"rows": df.iloc[2:9], "column": df["c5"], "every 3rd column": df.iloc[2:9, ::3],
+             "reversed columns": df.iloc[:, ::-1],
+             "80 at random, in order": df.iloc[:, np.sort(rng.choice(200, 80, replace=False))]}
+    fits = name != "4-byte characters, longest"
+    for kind, view in views.items():
+        for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
+            payload = pickle.dumps(view, protocol=protocol)
+            # (other views may be copies, by pandas, or name too many columns to fit)
+            if fits and kind in ("rows", "column"):
+                assert REF in payload, (kind, protocol, len(payload))
+            if not fits:
+                assert REF not in payload, (kind, protocol, len(payload))
+            if REF in payload:
+                assert len(payload) <= 1024, (kind, protocol, len(payload))
+            assert_same(pickle.loads(payload), view)
+    for protocol in range(pickle.HIGHEST_PROTOCOL + 1):  # a whole frame: the names unpacked
+        assert_same(pickle.loads(pickle.dumps(df, protocol=protocol)), df)
+
+
+def test_a_gone_reference_of_packed_names_says_which_key_and_directory(cache_dir):
+    """A key and a directory packed as Base85 (not plain ASCII) come back as they were in
+    the error of a reference whose version is gone, and in a Dask stand-in's repr."""
+    from mmcache._frame import _Forward
+
+    key, where = "cl\u00e9 \U0001f600\\", cache_dir / "d\u00efr"
+    mmcache.save(pd.DataFrame({"x": np.arange(50.0)}), key, cache_dir=where)
+    df = mmcache.open(key, cache_dir=where)
+    payloads = [pickle.dumps(df, protocol=0), pickle.dumps(df.iloc[10:20], protocol=0)]
+    assert all(REF in p for p in payloads)
+    assert key.encode() not in payloads[1] and "\U0001f600".encode("raw_unicode_escape") \
+        not in payloads[1]  # packed
+    assert repr(key) in repr(_Forward(*_frame_args(df.iloc[10:20])))
+    del df
+    gc.collect()
+    mmcache.delete(key, cache_dir=where)
+    for payload in payloads:
+        with pytest.raises(mmcache.EntryChangedError) as caught:
+            pickle.loads(payload)
+        assert caught.value.key == key and repr(key) in str(caught.value)
+        assert repr(str(where)) in str(caught.value)
+
+
+def _frame_args(obj: Any) -> tuple[Any, ...]:
+    from mmcache._views import reference
+
+    args = reference(obj)
+    assert args is not None
+    return args
