@@ -768,8 +768,9 @@ def _own_index(index: pd.Index, *, always: bool = False) -> pd.Index:
     swappable in place), or a MultiIndex has such levels; ``always``: in any case."""
     if isinstance(index, pd.MultiIndex):
         # pandas 2: a datetime level's freq lives on its array, shared by _view()
-        # (`df.index.levels[0].freq = x` reached every later open with copy-on-write on)
-        if not any(_axis_arrow(level) is not None
+        # (`df.index.levels[0].freq = x` reached every later open with copy-on-write on);
+        # a categorical level's categories are its dtype's (`.categories.name = x` too)
+        if not any(_axis_arrow(level) is not None or isinstance(level, pd.CategoricalIndex)
                    or (PANDAS_2 and isinstance(level, pd.DatetimeIndex | pd.TimedeltaIndex))
                    for level in index.levels):
             return index._view() if always else index

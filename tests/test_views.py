@@ -861,12 +861,11 @@ def _axis_marks(obj: Any) -> list[Any]:
     axes = [obj.index] + ([obj.columns] if isinstance(obj, pd.DataFrame) else [])
     out: list[Any] = []
     for index in axes:
-        if isinstance(index, pd.MultiIndex):
-            out.append([getattr(level, "freq", None) for level in index.levels])
-        elif isinstance(index, pd.CategoricalIndex):
-            out.append((index.categories.name, getattr(index.categories, "freq", None)))
-        else:
-            out.append(getattr(index, "freq", None))
+        for level in index.levels if isinstance(index, pd.MultiIndex) else [index]:
+            if isinstance(level, pd.CategoricalIndex):
+                out.append((level.categories.name, getattr(level.categories, "freq", None)))
+            else:
+                out.append(getattr(level, "freq", None))
     columns = [obj] if isinstance(obj, pd.Series) else [obj.iloc[:, i]
                                                        for i in range(obj.shape[1])]
     for s in columns:
@@ -897,6 +896,11 @@ AXIS_EDITS: dict[str, tuple[Callable[[], pd.DataFrame], Callable[[pd.DataFrame],
     "datetime categories freq": (
         lambda: pd.DataFrame({"c": pd.Categorical(_DAYS.repeat(2)), "a": np.arange(6.0)}),
         lambda df: setattr(df["c"].cat.categories, "freq", "D")),
+    "MultiIndex categorical level categories name": (
+        lambda: pd.DataFrame({"a": np.arange(4.0), "b": np.arange(4)},
+                             index=pd.MultiIndex.from_arrays([pd.CategoricalIndex(list("abab")),
+                                                              np.arange(4)])),
+        lambda df: setattr(df.index.levels[0].categories, "name", "renamed")),
     "MultiIndex level freq": (
         lambda: pd.DataFrame({"a": np.arange(6.0), "b": np.arange(6)},
                              index=pd.MultiIndex.from_arrays([_DAYS.repeat(2), np.arange(6)])),
