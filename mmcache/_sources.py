@@ -16,11 +16,13 @@ dataset readers make batches of that size).
 
 from __future__ import annotations
 
+import collections
 import os
 import queue
 import re
 import threading
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +32,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.dataset as pa_ds
 import pyarrow.parquet as pq
 
-from ._errors import InvalidArgumentError, UnsupportedTypeError
+from ._errors import InvalidArgumentError, MmcacheError, UnsupportedTypeError
 
 # Rows per batch: big enough that per-batch Python work is noise, small enough that a batch
 # of wide string rows stays a few tens of MB (the memory bound is one row group + one batch).
@@ -115,30 +117,39 @@ def _path_stream(path: Path, columns: list[str] | None) -> Stream:
                 "folder under its own key"
             )
         return _parquet_stream([_parquet_file(p) for p in files], columns,
-                               f"parquet directory {str(path)!r}")
+                               f"parquet directory {str(path)!r}", files)
     if not path.exists():
         raise InvalidArgumentError(f"source {str(path)!r} does not exist")
     if path.name.lower().endswith(_CSV_SUFFIXES):
         return _csv_stream(path, columns)
-    return _parquet_stream([_parquet_file(path)], columns, f"parquet file {str(path)!r}")
+    return _parquet_stream([_parquet_file(path)], columns, f"parquet file {str(path)!r}",
+                           [path])
 
 
-def _parquet_file(path: Path) -> pq.ParquetFile:
+def _parquet_file(path: Path, metadata: pq.FileMetaData | None = None) -> pq.ParquetFile:
     # pre_buffer=False: with it (pyarrow's default) iter_batches reads ahead without bound,
     # holding most of the file (measured: 289 MB of Arrow memory for a 220 MB file, against
     # 17 MB without); local files gain nothing from it.
-    return pq.ParquetFile(path, pre_buffer=False, buffer_size=READ_BUFFER)
+    return pq.ParquetFile(path, pre_buffer=False, buffer_size=READ_BUFFER, metadata=metadata)
 
 
-def _parquet_stream(files: list[pq.ParquetFile], columns: list[str] | None, what: str) -> Stream:
+def _parquet_stream(files: list[pq.ParquetFile], columns: list[str] | None, what: str,
+                    paths: list[Path] | None = None) -> Stream:
     schema = _select(files[0].schema_arrow, columns, what)
     for f in files[1:]:  # footers only: a directory that disagrees fails before any write
         _same_types(schema, f.schema_arrow, what)
     nrows = sum(f.metadata.num_rows for f in files)
+    # A file we opened by path is read by several streams of a few columns each, decoded in
+    # parallel (column_parallel); a ParquetFile the caller made is read as the caller set it
+    # up, by one stream. Names must be unique to be selected one by one.
+    parallel = paths is not None and len(set(schema.names)) == len(schema.names)
 
     def batches() -> Iterator[pa.RecordBatch]:
-        for f in files:
-            yield from f.iter_batches(batch_size=BATCH_ROWS, columns=schema.names)
+        for i, f in enumerate(files):
+            if parallel and len(schema.names) > 1:
+                yield from column_parallel(paths[i], f.metadata, schema)
+            else:
+                yield from f.iter_batches(batch_size=BATCH_ROWS, columns=schema.names)
 
     return Stream(schema, batches(), nrows, what)
 
@@ -406,6 +417,95 @@ def check_batch(schema: pa.Schema, batch: pa.RecordBatch, what: str) -> None:
 
 
 _DONE = object()
+# column_parallel: at most this many streams per file (each a few columns), and batches
+# decoded at most this many ahead of the consumer.
+STREAMS = 16
+AHEAD = 3
+
+
+def column_parallel(path: Path, metadata: pq.FileMetaData, schema: pa.Schema, *,
+                    workers: int | None = None, ahead: int = AHEAD,
+                    batch_rows: int | None = None) -> Iterator[pa.RecordBatch]:
+    """The batches of ``schema``'s columns of the parquet file ``path``, each column group
+    read by its own stream, the streams decoded by ``workers`` threads (Arrow's CPU count).
+
+    Why: ``iter_batches`` decodes a batch's columns in parallel but waits for the slowest
+    column (a text column) before it starts the next batch, so its threads idle; here each
+    stream runs up to ``AHEAD`` batches ahead of the consumer, so the threads stay busy
+    while memory stays bounded (``AHEAD`` batches and each column's read buffer). Streams
+    may cut their batches at other rows (a dictionary column's end with each row group):
+    each batch holds the rows all streams have at hand, as zero-copy slices."""
+    names = schema.names
+    nstreams = min(len(names), STREAMS)
+    groups = [names[g::nstreams] for g in range(nstreams)]  # a text column is not alone
+    files = [_parquet_file(path, metadata) for _ in groups]
+    streams = [f.iter_batches(batch_size=batch_rows or BATCH_ROWS, columns=cols,
+                              use_threads=False) for f, cols in zip(files, groups, strict=True)]
+    busy = [threading.Lock() for _ in groups]  # a stream is read by one thread at a time
+    got: list[collections.deque[Any]] = [collections.deque() for _ in groups]
+    ready = threading.Condition()
+
+    def read(g: int) -> None:
+        with busy[g]:  # queued in the order read, before the stream's next read
+            item: Any
+            try:
+                item = next(streams[g], _DONE)
+            except BaseException as exc:  # raised to the consumer, which stops
+                item = exc
+            with ready:
+                got[g].append(item)
+                ready.notify()
+
+    pool = ThreadPoolExecutor(workers or min(nstreams, pa.cpu_count()),
+                              thread_name_prefix="mmcache-ingest-column")
+
+    def take(g: int) -> Any:  # stream g's next non-empty batch (or _DONE); one more read
+        while True:
+            with ready:
+                ready.wait_for(lambda: got[g])
+                part = got[g].popleft()
+            if isinstance(part, BaseException):
+                raise part
+            if part is _DONE:
+                return part
+            pool.submit(read, g)
+            if part.num_rows:
+                return part
+
+    # Streams need not cut alike (a dictionary column's batches end where its row groups
+    # end): each batch goes as far as the shortest of the streams' current parts.
+    current: list[Any] = [None] * nstreams
+    offset = [0] * nstreams
+    try:
+        for _ in range(ahead):
+            for g in range(nstreams):
+                pool.submit(read, g)
+        while True:
+            for g in range(nstreams):
+                if current[g] is None or (current[g] is not _DONE
+                                          and offset[g] == current[g].num_rows):
+                    current[g], offset[g] = take(g), 0
+            ended = [part is _DONE for part in current]
+            if all(ended):
+                return
+            if any(ended):  # never seen: every stream reads the same row groups
+                raise MmcacheError(
+                    f"parquet file {str(path)!r}: some columns ended before others; "
+                    "please report this (nothing was written)"
+                )
+            n = min(part.num_rows - at for part, at in zip(current, offset, strict=True))
+            columns = {}
+            for g, part in enumerate(current):
+                piece = part.slice(offset[g], n) if (offset[g], n) != (0, part.num_rows) \
+                    else part
+                offset[g] += n
+                columns.update(zip(piece.schema.names, piece.columns, strict=True))
+            yield pa.RecordBatch.from_arrays([columns[c] for c in names], schema=schema)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        for f in files:
+            f.close()
+
 
 
 def prefetched(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:

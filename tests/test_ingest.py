@@ -1069,3 +1069,46 @@ def test_a_tables_empty_chunks_bring_their_dictionaries_and_other_columns_nothin
     bools = pa.schema([("b", pa.bool_())])
     _ingests_as_pandas([pa.RecordBatch.from_arrays([pa.array(v, pa.bool_())], schema=bools)
                         for v in ([None], [])], bools, "b")
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(groups=st.lists(st.integers(1, 400), min_size=1, max_size=5),
+       batch_rows=st.integers(1, 300), workers=st.integers(1, 8), ahead=st.integers(1, 4))
+def test_column_streams_give_every_row_in_order(tmp_path_factory, groups, batch_rows, workers,
+                                                ahead):
+    """Parquet files are read by one stream per few columns, decoded by a thread pool: the
+    batches, put together, are the file's rows in order, whatever the row groups (a
+    dictionary column's batches end with each group, the others' do not), the batch size,
+    the threads and how far ahead they read."""
+    n = sum(groups)
+    rows = np.arange(n)
+    table = pa.table({
+        "i": pa.array(rows, mask=rows % 5 == 1),
+        "f": pa.array(rows / 3),
+        "s": pa.array([f"text-{j}" * (j % 4) for j in rows], mask=rows % 7 == 2),
+        "c": pa.array([f"w{j % 3}" for j in rows]).dictionary_encode(),
+        "t": pa.array(rows * 1_000_000, pa.timestamp("us", tz="UTC")),
+        "b": pa.array(rows % 2 == 0),
+    })
+    path = tmp_path_factory.mktemp("streams") / "f.parquet"
+    with pq.ParquetWriter(path, table.schema) as w:
+        start = 0
+        for g in groups:
+            w.write_table(table.slice(start, g))
+            start += g
+    f = pq.ParquetFile(path)
+    batches = list(_sources.column_parallel(path, f.metadata, f.schema_arrow, workers=workers,
+                                            ahead=ahead, batch_rows=batch_rows))
+    assert all(0 < b.num_rows <= batch_rows for b in batches)
+    got = pa.Table.from_batches(batches, f.schema_arrow)
+    assert got.to_pylist() == table.to_pylist()
+
+
+@pytest.mark.parametrize("kind", ["parquet", "dir"])
+def test_batches_cut_across_row_groups_ingest_as_read_parquet(kind, files, cache_dir,
+                                                              monkeypatch):
+    """Batches of 700 rows over row groups of 2,000: the category's stream cuts at each
+    group, the others' do not, so batches are put together from slices."""
+    monkeypatch.setattr(_sources, "BATCH_ROWS", 700)
+    mmcache.ingest(files[kind], "cut", progress=False)
+    _check("cut", _expected(files[kind]), cache_dir)
