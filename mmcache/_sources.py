@@ -7,11 +7,14 @@ ETA), and an iterator of batches. Whatever can be checked before reading data is
 (nested types, parquet files of one directory or dataset that disagree on a column's type), so
 such an ingest fails before anything is written.
 
-Memory: parquet is read with ``ParquetFile.iter_batches``, which holds one row group's column
-chunks plus one batch; a CSV file by ``pyarrow.csv.open_csv`` in blocks of 1 MB (it decodes
-~38 blocks ahead: ~40 MB) with the types inferred from its first 16 MB. A reader's batches
-are sliced to at most ``BATCH_ROWS`` rows (a ``Table``'s by ``to_batches``; the parquet and
-dataset readers make batches of that size).
+Memory: a parquet file given by path is read by a few streams of a few columns each
+(``column_parallel``: one ``ParquetFile.iter_batches`` per stream, decoded by a thread pool
+at most ``AHEAD`` batches ahead), a ``ParquetFile`` the caller made by its own
+``iter_batches``: a read buffer per column plus a few batches. A CSV file is read by
+``pyarrow.csv.open_csv`` in blocks of 1 MB (it decodes ~38 blocks ahead: ~40 MB) with the
+types inferred from its first 16 MB. A reader's batches are sliced to at most ``BATCH_ROWS``
+rows (a ``Table``'s by ``to_batches``; the parquet and dataset readers make batches of that
+size).
 """
 
 from __future__ import annotations
