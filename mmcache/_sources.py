@@ -145,11 +145,12 @@ def _parquet_stream(files: list[pq.ParquetFile], columns: list[str] | None, what
     # A file we opened by path is read by several streams of a few columns each, decoded in
     # parallel (column_parallel); a ParquetFile the caller made is read as the caller set it
     # up, by one stream. Names must be unique to be selected one by one.
-    parallel = paths is not None and len(set(schema.names)) == len(schema.names)
+    parallel = len(set(schema.names)) == len(schema.names) > 1
 
     def batches() -> Iterator[pa.RecordBatch]:
         for i, f in enumerate(files):
-            if parallel and len(schema.names) > 1:
+            # (a file of one batch gains little and would pay a pool and a file per stream)
+            if paths is not None and parallel and f.metadata.num_rows > BATCH_ROWS:
                 yield from column_parallel(paths[i], f.metadata, schema)
             else:
                 yield from f.iter_batches(batch_size=BATCH_ROWS, columns=schema.names)
@@ -497,7 +498,7 @@ def column_parallel(path: Path, metadata: pq.FileMetaData, schema: pa.Schema, *,
                     "please report this (nothing was written)"
                 )
             n = min(part.num_rows - at for part, at in zip(current, offset, strict=True))
-            columns = {}
+            columns: dict[str, pa.Array] = {}
             for g, part in enumerate(current):
                 piece = part.slice(offset[g], n) if (offset[g], n) != (0, part.num_rows) \
                     else part
