@@ -119,14 +119,12 @@ def _path_stream(path: Path, columns: list[str] | None) -> Stream:
                 "pd.read_parquet(path) and mmcache.save(), or ingest each partition's "
                 "folder under its own key"
             )
-        return _parquet_stream([_parquet_file(p) for p in files], columns,
-                               f"parquet directory {str(path)!r}", files)
+        return _parquet_stream(files, columns, f"parquet directory {str(path)!r}")
     if not path.exists():
         raise InvalidArgumentError(f"source {str(path)!r} does not exist")
     if path.name.lower().endswith(_CSV_SUFFIXES):
         return _csv_stream(path, columns)
-    return _parquet_stream([_parquet_file(path)], columns, f"parquet file {str(path)!r}",
-                           [path])
+    return _parquet_stream([path], columns, f"parquet file {str(path)!r}")
 
 
 def _parquet_file(path: Path, metadata: pq.FileMetaData | None = None) -> pq.ParquetFile:
@@ -136,24 +134,33 @@ def _parquet_file(path: Path, metadata: pq.FileMetaData | None = None) -> pq.Par
     return pq.ParquetFile(path, pre_buffer=False, buffer_size=READ_BUFFER, metadata=metadata)
 
 
-def _parquet_stream(files: list[pq.ParquetFile], columns: list[str] | None, what: str,
-                    paths: list[Path] | None = None) -> Stream:
-    schema = _select(files[0].schema_arrow, columns, what)
-    for f in files[1:]:  # footers only: a directory that disagrees fails before any write
-        _same_types(schema, f.schema_arrow, what)
-    nrows = sum(f.metadata.num_rows for f in files)
-    # A file we opened by path is read by several streams of a few columns each, decoded in
+def _parquet_stream(files: list[pq.ParquetFile] | list[Path], columns: list[str] | None,
+                    what: str) -> Stream:
+    """Files given by path are opened only while read (a directory of thousands of files
+    would otherwise hold a descriptor each: EMFILE at 1,024), their footers read first."""
+    metas = [f.metadata if isinstance(f, pq.ParquetFile) else pq.read_metadata(f)
+             for f in files]
+    schemas = [m.schema.to_arrow_schema() for m in metas]
+    schema = _select(schemas[0], columns, what)
+    for other in schemas[1:]:  # footers only: a directory that disagrees fails before any write
+        _same_types(schema, other, what)
+    nrows = sum(m.num_rows for m in metas)
+    # A file given by path is read by several streams of a few columns each, decoded in
     # parallel (column_parallel); a ParquetFile the caller made is read as the caller set it
     # up, by one stream. Names must be unique to be selected one by one.
     parallel = len(set(schema.names)) == len(schema.names) > 1
 
     def batches() -> Iterator[pa.RecordBatch]:
-        for i, f in enumerate(files):
-            # (a file of one batch gains little and would pay a pool and a file per stream)
-            if paths is not None and parallel and f.metadata.num_rows > BATCH_ROWS:
-                yield from column_parallel(paths[i], f.metadata, schema)
-            else:
+        for f, meta in zip(files, metas, strict=True):
+            if isinstance(f, pq.ParquetFile):
                 yield from f.iter_batches(batch_size=BATCH_ROWS, columns=schema.names)
+            # (a file of one batch gains little and would pay a pool and a file per stream)
+            elif parallel and meta.num_rows > BATCH_ROWS:
+                yield from column_parallel(f, meta, schema)
+            else:
+                with _parquet_file(f, meta) as opened:
+                    yield from opened.iter_batches(batch_size=BATCH_ROWS,
+                                                   columns=schema.names)
 
     return Stream(schema, batches(), nrows, what)
 

@@ -992,6 +992,32 @@ def test_a_wide_source_ingests_under_a_low_descriptor_limit(tmp_path):
     assert out.returncode == 0 and out.stdout.strip() == "OK", out.stderr[-2000:]
 
 
+_MANY_FILES_LOW_LIMIT = textwrap.dedent("""
+    import sys, pandas as pd, pyarrow as pa, pyarrow.parquet as pq, mmcache
+    from mmcache import _sources
+    _sources.BATCH_ROWS = 2  # the bigger files are read by column streams
+    src = sys.argv[1]
+    for i in range(300):
+        rows = 1 + i % 5
+        pq.write_table(pa.table({"i": list(range(rows)), "s": [f"f{i}"] * rows}),
+                       f"{src}/part-{i:04d}.parquet")
+    mmcache.ingest(src, "many", cache_dir=sys.argv[2], progress=False)
+    pd.testing.assert_frame_equal(mmcache.open("many", cache_dir=sys.argv[2]),
+                                  pd.read_parquet(src))
+    print("OK")
+""")
+
+
+def test_a_directory_of_more_files_than_descriptors_ingests(tmp_path):
+    """300 parquet files under `ulimit -n 64`: each file is open only while it is read."""
+    (tmp_path / "src").mkdir()
+    out = subprocess.run(
+        ["bash", "-c", 'ulimit -n 64 && exec "$0" -c "$1" "$2" "$3"', sys.executable,
+         _MANY_FILES_LOW_LIMIT, str(tmp_path / "src"), str(tmp_path / "cache")],
+        capture_output=True, text=True, timeout=TIMEOUT)
+    assert out.returncode == 0 and out.stdout.strip() == "OK", out.stderr[-2000:]
+
+
 def test_ram_running_out_while_packing_says_why_it_cannot_move_to_disk(
         tmp_path, monkeypatch):
     """The default cache's RAM place fills up after ingest's free-space check, in the middle
