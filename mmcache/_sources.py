@@ -127,19 +127,60 @@ def _path_stream(path: Path, columns: list[str] | None) -> Stream:
     return _parquet_stream([path], columns, f"parquet file {str(path)!r}")
 
 
-def _parquet_file(path: Path, metadata: pq.FileMetaData | None = None) -> pq.ParquetFile:
+def _parquet_file(source: Any, metadata: pq.FileMetaData | None = None) -> pq.ParquetFile:
     # pre_buffer=False: with it (pyarrow's default) iter_batches reads ahead without bound,
     # holding most of the file (measured: 289 MB of Arrow memory for a 220 MB file, against
     # 17 MB without); local files gain nothing from it.
-    return pq.ParquetFile(path, pre_buffer=False, buffer_size=READ_BUFFER, metadata=metadata)
+    return pq.ParquetFile(source, pre_buffer=False, buffer_size=READ_BUFFER,
+                          metadata=metadata)
+
+
+@dataclass
+class _Footer:
+    """A parquet file's footer, read first, and which file it was read from."""
+
+    path: Path
+    meta: pq.FileMetaData
+    identity: tuple[int, ...]  # device, inode, size, change time: the file as its footer says
+
+    @classmethod
+    def read(cls, path: Path) -> _Footer:
+        before = _identity(path)
+        meta = pq.read_metadata(path)
+        if _identity(path) != before:
+            raise _changed(path)
+        return cls(path, meta, before)
+
+    def open(self) -> pa.NativeFile:
+        """The file, opened now; raises if it is not the file the footer was read from (it
+        was replaced or rewritten since: its data would not match the footer)."""
+        if _identity(self.path) != self.identity:
+            raise _changed(self.path)
+        source = pa.OSFile(str(self.path))
+        if _identity(self.path) != self.identity:  # replaced while being opened
+            source.close()
+            raise _changed(self.path)
+        return source
+
+
+def _identity(path: Path) -> tuple[int, ...]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def _changed(path: Path) -> MmcacheError:
+    return InvalidArgumentError(
+        f"parquet file {str(path)!r} changed while it was being ingested (replaced or "
+        "rewritten); nothing was written. Ingest again once the files stop changing"
+    )
 
 
 def _parquet_stream(files: list[pq.ParquetFile] | list[Path], columns: list[str] | None,
                     what: str) -> Stream:
     """Files given by path are opened only while read (a directory of thousands of files
     would otherwise hold a descriptor each: EMFILE at 1,024), their footers read first."""
-    metas = [f.metadata if isinstance(f, pq.ParquetFile) else pq.read_metadata(f)
-             for f in files]
+    footers = [f if isinstance(f, pq.ParquetFile) else _Footer.read(f) for f in files]
+    metas = [f.metadata if isinstance(f, pq.ParquetFile) else f.meta for f in footers]
     schemas = [m.schema.to_arrow_schema() for m in metas]
     schema = _select(schemas[0], columns, what)
     for other in schemas[1:]:  # footers only: a directory that disagrees fails before any write
@@ -151,16 +192,17 @@ def _parquet_stream(files: list[pq.ParquetFile] | list[Path], columns: list[str]
     parallel = len(set(schema.names)) == len(schema.names) > 1
 
     def batches() -> Iterator[pa.RecordBatch]:
-        for f, meta in zip(files, metas, strict=True):
+        for f in footers:
             if isinstance(f, pq.ParquetFile):
                 yield from f.iter_batches(batch_size=BATCH_ROWS, columns=schema.names)
-            # (a file of one batch gains little and would pay a pool and a file per stream)
-            elif parallel and meta.num_rows > BATCH_ROWS:
-                yield from column_parallel(f, meta, schema)
-            else:
-                with _parquet_file(f, meta) as opened:
-                    yield from opened.iter_batches(batch_size=BATCH_ROWS,
-                                                   columns=schema.names)
+                continue
+            with f.open() as source:
+                # (a file of one batch gains little, and would pay a pool)
+                if parallel and f.meta.num_rows > BATCH_ROWS:
+                    yield from column_parallel(source, f.meta, schema)
+                else:
+                    yield from _parquet_file(source, f.meta).iter_batches(
+                        batch_size=BATCH_ROWS, columns=schema.names)
 
     return Stream(schema, batches(), nrows, what)
 
@@ -434,11 +476,12 @@ STREAMS = 16
 AHEAD = 3
 
 
-def column_parallel(path: Path, metadata: pq.FileMetaData, schema: pa.Schema, *,
+def column_parallel(source: pa.NativeFile, metadata: pq.FileMetaData, schema: pa.Schema, *,
                     workers: int | None = None, ahead: int = AHEAD,
                     batch_rows: int | None = None) -> Iterator[pa.RecordBatch]:
-    """The batches of ``schema``'s columns of the parquet file ``path``, each column group
-    read by its own stream, the streams decoded by ``workers`` threads (Arrow's CPU count).
+    """The batches of ``schema``'s columns of the open parquet file ``source`` (read at
+    positions: the streams share it), each column group read by its own stream, the streams
+    decoded by ``workers`` threads (Arrow's CPU count).
 
     Why: ``iter_batches`` decodes a batch's columns in parallel but waits for the slowest
     column (a text column) before it starts the next batch, so its threads idle; here each
@@ -449,7 +492,7 @@ def column_parallel(path: Path, metadata: pq.FileMetaData, schema: pa.Schema, *,
     names = schema.names
     nstreams = min(len(names), STREAMS)
     groups = [names[g::nstreams] for g in range(nstreams)]  # a text column is not alone
-    files = [_parquet_file(path, metadata) for _ in groups]
+    files = [_parquet_file(source, metadata) for _ in groups]
     streams = [f.iter_batches(batch_size=batch_rows or BATCH_ROWS, columns=cols,
                               use_threads=False) for f, cols in zip(files, groups, strict=True)]
     busy = [threading.Lock() for _ in groups]  # a stream is read by one thread at a time
@@ -501,8 +544,8 @@ def column_parallel(path: Path, metadata: pq.FileMetaData, schema: pa.Schema, *,
                 return
             if any(ended):  # never seen: every stream reads the same row groups
                 raise MmcacheError(
-                    f"parquet file {str(path)!r}: some columns ended before others; "
-                    "please report this (nothing was written)"
+                    "a parquet file's columns ended at different rows; nothing was "
+                    "written (please report this)"
                 )
             n = min(part.num_rows - at for part, at in zip(current, offset, strict=True))
             columns: dict[str, pa.Array] = {}

@@ -1002,8 +1002,9 @@ _MANY_FILES_LOW_LIMIT = textwrap.dedent("""
         pq.write_table(pa.table({"i": list(range(rows)), "s": [f"f{i}"] * rows}),
                        f"{src}/part-{i:04d}.parquet")
     mmcache.ingest(src, "many", cache_dir=sys.argv[2], progress=False)
+    mmcache.save(pd.read_parquet(src), "saved", cache_dir=sys.argv[2])  # pandas 2: str too
     pd.testing.assert_frame_equal(mmcache.open("many", cache_dir=sys.argv[2]),
-                                  pd.read_parquet(src))
+                                  mmcache.open("saved", cache_dir=sys.argv[2]))
     print("OK")
 """)
 
@@ -1126,8 +1127,10 @@ def test_column_streams_give_every_row_in_order(tmp_path_factory, groups, batch_
             w.write_table(table.slice(start, g))
             start += g
     f = pq.ParquetFile(path)
-    batches = list(_sources.column_parallel(path, f.metadata, f.schema_arrow, workers=workers,
-                                            ahead=ahead, batch_rows=batch_rows))
+    with pa.OSFile(str(path)) as source:
+        batches = list(_sources.column_parallel(source, f.metadata, f.schema_arrow,
+                                                workers=workers, ahead=ahead,
+                                                batch_rows=batch_rows))
     assert all(0 < b.num_rows <= batch_rows for b in batches)
     got = pa.Table.from_batches(batches, f.schema_arrow)
     assert got.to_pylist() == table.to_pylist()
@@ -1141,3 +1144,22 @@ def test_batches_cut_across_row_groups_ingest_as_read_parquet(kind, files, cache
     monkeypatch.setattr(_sources, "BATCH_ROWS", 700)
     mmcache.ingest(files[kind], "cut", progress=False)
     _check("cut", _expected(files[kind]), cache_dir)
+
+
+@pytest.mark.parametrize("how", ["replaced", "rewritten in place"])
+def test_a_file_changed_after_its_footer_was_read_is_refused(how, tmp_path):
+    """Footers are read first and each file is opened when its turn comes: a file changed
+    in between would be read with another file's footer; it is refused instead."""
+    src = tmp_path / "d"
+    src.mkdir()
+    for i in range(2):
+        pq.write_table(pa.table({"a": [i, i]}), src / f"part-{i}.parquet")
+    stream = _sources.open_source(src, None)
+    new = pa.table({"a": [7, 8, 9]})
+    if how == "replaced":
+        pq.write_table(new, tmp_path / "new.parquet")
+        os.replace(tmp_path / "new.parquet", src / "part-1.parquet")
+    else:
+        pq.write_table(new, src / "part-1.parquet")
+    with pytest.raises(mmcache.InvalidArgumentError, match="changed while it was being"):
+        list(stream.batches)
