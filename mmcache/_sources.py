@@ -550,8 +550,7 @@ def column_parallel(source: pa.NativeFile, metadata: pq.FileMetaData, schema: pa
             n = min(part.num_rows - at for part, at in zip(current, offset, strict=True))
             columns: dict[str, pa.Array] = {}
             for g, part in enumerate(current):
-                piece = part.slice(offset[g], n) if (offset[g], n) != (0, part.num_rows) \
-                    else part
+                piece = part.slice(offset[g], n)  # zero-copy
                 offset[g] += n
                 columns.update(zip(piece.schema.names, piece.columns, strict=True))
             yield pa.RecordBatch.from_arrays([columns[c] for c in names], schema=schema)
@@ -559,7 +558,6 @@ def column_parallel(source: pa.NativeFile, metadata: pq.FileMetaData, schema: pa
         pool.shutdown(wait=True, cancel_futures=True)
         for f in files:
             f.close()
-
 
 
 def prefetched(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
