@@ -49,7 +49,7 @@ from ._errors import InvalidArgumentError, MmcacheError, UnsupportedTypeError
 from ._lock import locked
 from ._paths import check_key, entry_name
 from ._slots import BITS, CODES, DATA, Fds, Slot, append_ones, fill, renamable
-from ._sources import Stream, check_batch, open_source, prefetched
+from ._sources import SourceError, Stream, check_batch, open_source, prefetched
 from ._units import human
 
 # The progress bar appears only once an ingest has run this long (seconds): short ones print
@@ -533,20 +533,26 @@ def ingest(cache: Any, source: Any, key: str, columns: Sequence[str] | None,
         if exc.key is None:
             exc.key = key
         raise
-    except pa.ArrowException as exc:  # a damaged or unreadable source
+    except (pa.ArrowException, SourceError) as exc:  # a damaged or unreadable source
+        error = exc.error if isinstance(exc, SourceError) else exc
         shown = (repr(os.fspath(source)) if isinstance(source, str | os.PathLike)
                  else f"the {type(source).__name__}")
         raise InvalidArgumentError(
-            f"key {key!r}: cannot read {shown}: {exc}; nothing was written. Check the "
+            f"key {key!r}: cannot read {shown}: {error}; nothing was written. Check the "
             "file (e.g. pyarrow.parquet.read_metadata(path))",
             key=key,
-        ) from exc
+        ) from error
 
 
 def _ingest(cache: Any, source: Any, key: str, columns: Sequence[str] | None,
             progress: bool | None) -> Entry:
     check_key(key)
-    stream = open_source(source, columns)  # checks what it can before writing anything
+    try:
+        stream = open_source(source, columns)  # checks what it can before writing anything
+    except OSError as exc:  # the source's, not the cache's: a denied or damaged file
+        if isinstance(exc, MmcacheError):
+            raise
+        raise SourceError(exc) from exc
     if not stream.schema.names:
         return _rows_only(cache, stream, key, progress)
     places = cache._places(create=True)

@@ -141,7 +141,7 @@ class _Footer:
 
     path: Path
     meta: pq.FileMetaData
-    identity: tuple[int, ...]  # device, inode, size, change time: the file as its footer says
+    identity: tuple[int, ...]  # device, inode, size, mtime: the file as its footer says
 
     @classmethod
     def read(cls, path: Path) -> _Footer:
@@ -164,14 +164,19 @@ class _Footer:
 
 
 def _identity(path: Path) -> tuple[int, ...]:
-    st = os.stat(path)
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+    """What changes when a file's bytes do (not its mode: chmod changes only the ctime)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise _changed(path) from None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _changed(path: Path) -> MmcacheError:
     return InvalidArgumentError(
-        f"parquet file {str(path)!r} changed while it was being ingested (replaced or "
-        "rewritten); nothing was written. Ingest again once the files stop changing"
+        f"parquet file {str(path)!r} changed while it was being ingested (replaced, "
+        "rewritten or removed); nothing was written. Ingest again once the files stop "
+        "changing"
     )
 
 
@@ -469,6 +474,16 @@ def check_batch(schema: pa.Schema, batch: pa.RecordBatch, what: str) -> None:
             )
 
 
+class SourceError(Exception):
+    """Reading the source failed (pyarrow says a damaged page, a vanished file, a denied
+    read as OSError, like the cache's own failures): raised as this, so that ingest names
+    the source to check, not the cache directory."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 _DONE = object()
 # column_parallel: at most this many streams per file (each a few columns), and batches
 # decoded at most this many ahead of the consumer.
@@ -563,7 +578,8 @@ def column_parallel(source: pa.NativeFile, metadata: pq.FileMetaData, schema: pa
 def prefetched(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
     """``batches``, read one ahead in a thread: Arrow decodes the next batch (without the
     GIL) while the caller converts and writes this one. Memory: one more batch. An error
-    of the reader is raised here; leaving early stops the thread."""
+    of the reader is raised here (a failure to read as :class:`SourceError`); leaving
+    early stops the thread and closes ``batches``."""
     ahead: queue.Queue[Any] = queue.Queue(maxsize=1)
     stop = threading.Event()
 
@@ -582,6 +598,10 @@ def prefetched(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
                 if not put(batch):
                     return
             put(_DONE)
+        except MmcacheError as exc:  # already says what is wrong
+            put(exc)
+        except (OSError, pa.ArrowException) as exc:
+            put(SourceError(exc))
         except BaseException as exc:
             put(exc)
 
@@ -595,3 +615,8 @@ def prefetched(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
     finally:
         stop.set()
         thread.join()
+        # Closed now, not when collected: an error kept by the caller (its traceback holds
+        # this generator's caller) would keep the source's threads and files open.
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
