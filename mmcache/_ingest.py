@@ -535,11 +535,12 @@ def ingest(cache: Any, source: Any, key: str, columns: Sequence[str] | None,
         raise
     except (pa.ArrowException, SourceError) as exc:  # a damaged or unreadable source
         error = exc.error if isinstance(exc, SourceError) else exc
-        shown = (repr(os.fspath(source)) if isinstance(source, str | os.PathLike)
-                 else f"the {type(source).__name__}")
+        path = isinstance(source, str | os.PathLike)
+        shown = repr(os.fspath(source)) if path else f"the {type(source).__name__}"
+        check = ("Check the file (e.g. pyarrow.parquet.read_metadata(path))" if path
+                 else "Check what feeds it (the error above it says more)")
         raise InvalidArgumentError(
-            f"key {key!r}: cannot read {shown}: {error}; nothing was written. Check the "
-            "file (e.g. pyarrow.parquet.read_metadata(path))",
+            f"key {key!r}: cannot read {shown}: {error}; nothing was written. {check}",
             key=key,
         ) from error
 

@@ -422,7 +422,8 @@ def _reader(batches: list[pa.RecordBatch], schema: pa.Schema) -> pa.RecordBatchR
 
 def test_failure_mid_stream_keeps_the_old_entry_and_leaves_nothing(cache_dir):
     """A reader that fails after writing batches: the key keeps its previous version and no
-    staged file stays behind."""
+    staged file stays behind; the error says the source failed (not the cache) and
+    carries the reader's own."""
     old = pd.DataFrame({"a": np.arange(3)})
     mmcache.save(old, "bad")
 
@@ -432,9 +433,11 @@ def test_failure_mid_stream_keeps_the_old_entry_and_leaves_nothing(cache_dir):
         raise OSError("disk went away")
 
     schema = pa.schema([("a", pa.int64())])
-    with pytest.raises(OSError, match="disk went away"):
+    with pytest.raises(mmcache.InvalidArgumentError,
+                       match="cannot read the RecordBatchReader: disk went away") as info:
         mmcache.ingest(pa.RecordBatchReader.from_batches(schema, batches()), "bad",
                        progress=False)
+    assert isinstance(info.value.__cause__, OSError)
     pd.testing.assert_frame_equal(mmcache.open("bad"), old)
     assert len([n for n in os.listdir(cache_dir) if n.startswith(entry_name("bad") + ".")
                 and (cache_dir / n).is_dir()]) == 1  # the old version's data only
