@@ -136,6 +136,27 @@ def test_crafted_metadata_never_escapes_the_mapped_files(saved, monkeypatch, dat
         meta_path.write_bytes(original)
 
 
+@pytest.mark.parametrize("ref", [False, "float file"])
+def test_crafted_category_codes_of_another_kind_are_refused(saved, monkeypatch, ref):
+    """Found by the property test above: a category's codes pointed (with a valid checksum)
+    at the float64 file, or at file ``false`` (JSON's false was taken for 0), opened as a
+    copy outside the mapped files; now CorruptEntryError."""
+    d, meta_path, original = saved
+    monkeypatch.setenv("MMCACHE_DIR", str(d))
+    meta = json.loads(original)
+    cat = next(t for t in meta["layout"]["ext"].values() if t["c"] == "cat")
+    floats = next(i for i, f in enumerate(meta["files"]) if f["dtype"] == "<f8")
+    cat["codes"]["f"] = floats if ref == "float file" else ref
+    meta.pop("sha256", None)
+    try:
+        meta_path.write_bytes(_store.sign(meta))
+        _cache._MEMO.clear()
+        with pytest.raises(mmcache.CorruptEntryError):
+            mmcache.open("k")
+    finally:
+        meta_path.write_bytes(original)
+
+
 @settings(max_examples=EXAMPLES * 300 // 100, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(data=st.data())
