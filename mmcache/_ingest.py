@@ -606,7 +606,7 @@ def _rows_only(cache: Any, stream: Stream, key: str, progress: bool | None) -> E
     makes a table without columns 0 rows long.)"""
     nrows = 0
     with _progress(progress, stream.nrows, key) as bar:
-        for batch in stream.batches:
+        for batch in prefetched(stream.batches):  # a read failure said as the source's
             check_batch(stream.schema, batch, stream.what)
             nrows += batch.num_rows
             bar.update(batch.num_rows)

@@ -443,6 +443,19 @@ def test_failure_mid_stream_keeps_the_old_entry_and_leaves_nothing(cache_dir):
                 and (cache_dir / n).is_dir()]) == 1  # the old version's data only
 
 
+def test_a_reader_of_no_columns_failing_is_said_as_the_sources_failure(cache_dir):
+    """The rows-only path (no columns) reads the source as the other does: a reader's
+    OSError is the source's failure, not a cache I/O error naming the cache."""
+    def batches():
+        yield pa.RecordBatch.from_pydict({"a": [1, 2]}).select([])
+        raise OSError("disk went away")
+
+    reader = pa.RecordBatchReader.from_batches(pa.schema([]), batches())
+    with pytest.raises(mmcache.InvalidArgumentError,
+                       match="cannot read the RecordBatchReader: disk went away"):
+        mmcache.ingest(reader, "rows", progress=False)
+
+
 def test_csv_type_change_after_first_block_names_the_column(tmp_path, cache_dir, monkeypatch):
     monkeypatch.setattr(_sources, "CSV_BLOCK", 1 << 12)
     path = tmp_path / "late.csv"
