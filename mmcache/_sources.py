@@ -187,14 +187,14 @@ def _parquet_stream(files: list[pq.ParquetFile] | list[Path], columns: list[str]
     footers = [f if isinstance(f, pq.ParquetFile) else _Footer.read(f) for f in files]
     metas = [f.metadata if isinstance(f, pq.ParquetFile) else f.meta for f in footers]
     schemas = [m.schema.to_arrow_schema() for m in metas]
-    schema = _select(schemas[0], columns, what)
+    schema = _unique(_select(schemas[0], columns, what), what)
     for other in schemas[1:]:  # footers only: a directory that disagrees fails before any write
         _same_types(schema, other, what)
     nrows = sum(m.num_rows for m in metas)
     # A file given by path is read by several streams of a few columns each, decoded in
     # parallel (column_parallel); a ParquetFile the caller made is read as the caller set it
-    # up, by one stream. Names must be unique to be selected one by one.
-    parallel = len(set(schema.names)) == len(schema.names) > 1
+    # up, by one stream.
+    parallel = len(schema.names) > 1
 
     def batches() -> Iterator[pa.RecordBatch]:
         for f in footers:
@@ -214,7 +214,7 @@ def _parquet_stream(files: list[pq.ParquetFile] | list[Path], columns: list[str]
 
 def _dataset_stream(dataset: pa_ds.Dataset, columns: list[str] | None) -> Stream:
     what = "dataset"
-    schema = _select(dataset.schema, columns, what)
+    schema = _unique(_select(dataset.schema, columns, what), what)
     # Files that disagree with the first on a column's type are refused (the scan would cast
     # them to the first's type unasked), unless the dataset's schema gives that column
     # another type than the first file has: a cast asked for (dataset(path, schema=...)).
@@ -439,6 +439,20 @@ def _select(schema: pa.Schema, columns: list[str] | None, what: str) -> pa.Schem
                 "columns=[...], or flatten it first (e.g. pyarrow.compute.struct_field, "
                 "or serialise it to a string)"
             )
+    return schema
+
+
+def _unique(schema: pa.Schema, what: str) -> pa.Schema:
+    """``schema``, refused if a column name repeats: parquet readers select columns by name,
+    so such a file cannot be read column by column (``pd.read_parquet`` refuses it too)."""
+    twice = [name for name, n in collections.Counter(schema.names).items() if n > 1]
+    if twice:
+        raise UnsupportedTypeError(
+            f"{what}: the column name {twice[0]!r} appears more than once, so its columns "
+            "cannot be told apart by name (pd.read_parquet refuses it too); nothing was "
+            "written. Read it with pyarrow.parquet.read_table(...), rename the columns "
+            "(Table.rename_columns) and ingest that Table"
+        )
     return schema
 
 

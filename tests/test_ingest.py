@@ -326,6 +326,25 @@ def test_schema_change_between_files_is_refused_before_writing(tmp_path, cache_d
     assert [e.key for e in mmcache.entries()] == ["old-entry"]
 
 
+def test_repeated_column_names_in_parquet_are_refused_and_a_table_keeps_them(tmp_path,
+                                                                             cache_dir):
+    # Parquet readers select columns by name: a file whose names repeat used to fail on its
+    # second batch with a schema-change error (the columns came back reordered).
+    n = 3 * mmcache._sources.BATCH_ROWS
+    table = pa.table([pa.array(np.arange(n)), pa.array(np.arange(n) * 3),
+                      pa.array(np.arange(n).astype(str)), pa.array(np.arange(n) * 5)],
+                     names=["a", "a", "s", "a"])
+    path = tmp_path / "twice.parquet"
+    pq.write_table(table, path, row_group_size=n // 2)
+    for source in (path, pq.ParquetFile(path), pa_ds.dataset(table)):  # (pyarrow makes no
+        with pytest.raises(mmcache.UnsupportedTypeError,                  # file dataset of it)
+                           match=r"name 'a' appears more than once.*rename_columns"):
+            mmcache.ingest(source, "bad", progress=False)
+        _nothing_written(cache_dir)
+    mmcache.ingest(table, "kept", progress=False)  # by position: no name to tell apart
+    pd.testing.assert_frame_equal(mmcache.open("kept"), table.to_pandas())
+
+
 def _object_columns() -> pa.Table:
     """Arrow types pd.read_parquet makes object columns of Python values."""
     import datetime
