@@ -94,25 +94,46 @@ class _Stager:
             self.nrows += batch.num_rows
             self.plan_direct()
             return
+        fields: dict[int, int | None]
+        part = batch.num_columns < len(self.schema)
+        if part:  # a column pass: these columns' next rows
+            if not self.fields or self.index_fields:  # never: the source checks for these
+                raise MmcacheError(f"{self.what}: a column pass the plan cannot take; "
+                                   "nothing was written (please report this)")
+            at = {name: i for i, name in enumerate(batch.schema.names)}
+            names = self.schema.names
+            fields = {pos: at[names[f]] for pos, f in enumerate(self.fields)
+                      if names[f] in at}
+        else:
+            fields = dict(enumerate(self.fields)) if self.fields else {
+                pos: None for pos in range(len(self.cols))}
         if not batch.num_rows:
             # Only its dictionaries count (pandas unifies every chunk's); its other columns
             # may convert to other dtypes than rows would (an empty bool column is bool).
-            new = [pos for pos, t in enumerate(self.cols)
-                   if t.get("c") == "cat" and not self._add_fast(pos, batch)]
+            new = [pos for pos, f in fields.items()
+                   if self.cols[pos].get("c") == "cat" and not self._add_fast(pos, batch, f)]
             if new and self.fields:
-                self._convert(batch, new)
+                self._convert(batch, new, [fields[pos] for pos in new])
             return
-        slow = [pos for pos in range(len(self.cols)) if not self._add_fast(pos, batch)]
+        slow = [pos for pos, f in fields.items() if not self._add_fast(pos, batch, f)]
         if slow or self.index_fields:
-            self._convert(batch, slow)
-        self.nrows += batch.num_rows
+            if self.fields:
+                self._convert(batch, slow, [fields[pos] for pos in slow])
+            else:  # no plan by field: all through pandas
+                self._convert(batch, None)
+        if not part or 0 in fields:  # (a pass without the first column: rows counted)
+            self.nrows += batch.num_rows
 
-    def _convert(self, batch: pa.RecordBatch, positions: list[int] | None) -> pd.DataFrame:
-        """Append the columns at ``positions`` (None: all; the index always) as pandas
-        converts them; the first call sets the templates."""
-        whole = batch
+    def _convert(self, batch: pa.RecordBatch, positions: list[int] | None,
+                 fields: list[Any] | None = None) -> pd.DataFrame:
+        """Append the columns at ``positions`` (None: all; the index always), ``batch``'s
+        ``fields`` (default: the plan's), as pandas converts them; the first call sets the
+        templates."""
+        whole, field_of = batch, {}
         if positions is not None:
-            batch = batch.select([self.fields[p] for p in positions] + self.index_fields)
+            fields = fields or [self.fields[p] for p in positions]
+            field_of = dict(zip(positions, fields, strict=True))
+            batch = batch.select(fields + self.index_fields)
         table = pa.Table.from_batches([batch]).replace_schema_metadata(self.schema.metadata)
         try:
             converted = _compat.arrow_to_pandas(table)
@@ -142,7 +163,7 @@ class _Stager:
             self.cols[pos] = self._take(spec, self.cols[pos] or None, arrays, self.where[pos],
                                         pos)
             if pos in self.dicts:  # a new dictionary: how it maps to the running categories
-                self.dicts[pos] = (whole.column(self.fields[pos]).dictionary,
+                self.dicts[pos] = (whole.column(field_of.get(pos, self.fields[pos])).dictionary,
                                    self.moved.get(pos))
         assert self.index is not None
         self.index = self._take(layout["index"], self.index or None, arrays, "the index",
@@ -191,14 +212,14 @@ class _Stager:
                   and typ in (pa.string(), pa.large_string())):
                 self.fast[pos] = "str"
 
-    def _add_fast(self, pos: int, batch: pa.RecordBatch) -> bool:
-        """Append column ``pos`` of ``batch`` from its Arrow buffers if it can be; False
-        if it must go through pandas."""
+    def _add_fast(self, pos: int, batch: pa.RecordBatch, field: int | None) -> bool:
+        """Append column ``pos`` of the entry, ``batch``'s ``field``, from its Arrow
+        buffers if it can be; False if it must go through pandas."""
         kind = self.fast.get(pos)
-        if kind is None:
+        if kind is None or field is None:
             return False
         assert self.cols is not None
-        col, t = batch.column(self.fields[pos]), self.cols[pos]
+        col, t = batch.column(field), self.cols[pos]
         if not len(col) and kind != "cat":  # an empty batch adds nothing but dictionaries
             return True
         where = self.where[pos]
@@ -567,12 +588,15 @@ def _ingest(cache: Any, source: Any, key: str, columns: Sequence[str] | None,
             stager = _Stager(stage_dir, stream)
             nbytes = 0
             with _progress(progress, stream.nrows, key) as bar:
+                width = len(stream.schema)
                 for batch in prefetched(stream.batches):
-                    check_batch(stream.schema, batch, stream.what)
+                    check_batch(stream.schema, batch, stream.what, stream.parts)
                     stager.add(batch)  # even empty: its dictionaries count, as in pandas
                     nbytes += batch.nbytes
                     bar.set_postfix_str(human(nbytes), refresh=False)
-                    bar.update(batch.num_rows)
+                    # (a column pass's rows count for the share of the columns it holds)
+                    bar.update(batch.num_rows if batch.num_columns == width
+                               else batch.num_rows * batch.num_columns / width)
             if stager.cols is None:  # no batch at all: an empty frame of the schema
                 stager.add(pa.RecordBatch.from_pylist([], schema=stream.schema))
             stager.fds.close()

@@ -9,8 +9,9 @@ such an ingest fails before anything is written.
 
 Memory: a parquet file given by path is read by a few streams of a few columns each
 (``column_parallel``: one ``ParquetFile.iter_batches`` per stream, decoded by a thread pool
-at most ``AHEAD`` batches ahead), a ``ParquetFile`` the caller made by its own
-``iter_batches``: a read buffer per column plus a few batches. A CSV file is read by
+at most ``AHEAD`` batches ahead; a wide one in passes of a few columns over all its rows,
+``column_passes``, as a reader holds a few MB per column read), a ``ParquetFile`` the caller
+made by its own ``iter_batches``: a read buffer per column plus a few batches. A CSV file is read by
 ``pyarrow.csv.open_csv`` in blocks of 1 MB (it decodes ~38 blocks ahead: ~40 MB) with the
 types inferred from its first 16 MB. A reader's batches are sliced to at most ``BATCH_ROWS``
 rows (a ``Table``'s by ``to_batches``; the parquet and dataset readers make batches of that
@@ -59,6 +60,9 @@ class Stream:
     batches: Iterator[pa.RecordBatch]
     nrows: int | None
     what: str  # names the source in errors: "parquet file '/data/x.parquet'"
+    # Whether batches after the first may hold only some of the columns (a wide parquet
+    # file read in column passes, see column_passes); the first always holds them all.
+    parts: bool = False
 
 
 def open_source(source: Any, columns: Sequence[str] | None) -> Stream:
@@ -192,24 +196,36 @@ def _parquet_stream(files: list[pq.ParquetFile] | list[Path], columns: list[str]
         _same_types(schema, other, what)
     nrows = sum(m.num_rows for m in metas)
     # A file given by path is read by several streams of a few columns each, decoded in
-    # parallel (column_parallel); a ParquetFile the caller made is read as the caller set it
-    # up, by one stream.
+    # parallel (column_parallel), and a wide one in passes of a few columns at a time
+    # (column_passes: not with index columns, which every batch's rows need); a ParquetFile
+    # the caller made is read as the caller set it up, by one stream.
     parallel = len(schema.names) > 1
+    index = {c for c in (schema.pandas_metadata or {}).get("index_columns", [])
+             if isinstance(c, str)}
+    parts = parallel and not index & set(schema.names)
 
     def batches() -> Iterator[pa.RecordBatch]:
+        head = True  # no batch yet: the next must hold every column
         for f in footers:
             if isinstance(f, pq.ParquetFile):
-                yield from f.iter_batches(batch_size=BATCH_ROWS, columns=schema.names)
+                for batch in f.iter_batches(batch_size=BATCH_ROWS, columns=schema.names):
+                    head = False
+                    yield batch
                 continue
             with f.open() as source:
+                passes = (_passes(f.meta, schema.names) if parts and f.meta.num_rows
+                          else [schema.names])
+                if len(passes) > 1:
+                    yield from column_passes(source, f.meta, schema, passes, head=head)
                 # (a file of one batch gains little, and would pay a pool)
-                if parallel and f.meta.num_rows > BATCH_ROWS:
+                elif parallel and f.meta.num_rows > BATCH_ROWS:
                     yield from column_parallel(source, f.meta, schema)
                 else:
                     yield from _parquet_file(source, f.meta).iter_batches(
                         batch_size=BATCH_ROWS, columns=schema.names)
+                head = head and not f.meta.num_rows
 
-    return Stream(schema, batches(), nrows, what)
+    return Stream(schema, batches(), nrows, what, parts=bool(parts))
 
 
 def _dataset_stream(dataset: pa_ds.Dataset, columns: list[str] | None) -> Stream:
@@ -473,11 +489,16 @@ def _same_types(schema: pa.Schema, other: pa.Schema, what: str) -> None:
             )
 
 
-def check_batch(schema: pa.Schema, batch: pa.RecordBatch, what: str) -> None:
-    """Raise if ``batch`` does not have ``schema``'s column names and types."""
-    if batch.schema.names != schema.names:
+def check_batch(schema: pa.Schema, batch: pa.RecordBatch, what: str,
+                parts: bool = False) -> None:
+    """Raise if ``batch`` does not have ``schema``'s column names and types (``parts``:
+    or some of them, in order: a column pass)."""
+    names = batch.schema.names
+    if parts and len(names) < len(schema.names):
+        schema = pa.schema([f for f in schema if f.name in set(names)])
+    if names != schema.names:
         raise UnsupportedTypeError(
-            f"{what}: a batch has columns {batch.schema.names!r}, the first had "
+            f"{what}: a batch has columns {names!r}, the first had "
             f"{schema.names!r} (the schema changes); nothing was written"
         )
     for field, got in zip(schema, batch.schema, strict=True):
@@ -587,6 +608,78 @@ def column_parallel(source: pa.NativeFile, metadata: pq.FileMetaData, schema: pa
         pool.shutdown(wait=True, cancel_futures=True)
         for f in files:
             f.close()
+
+
+# Column passes. A parquet reader holds, for each column it reads, about a page of it
+# decoded, its dictionary and its read buffer (up to ~3 MB, whatever the batch size): read
+# all at once, a file of 600 columns in large row groups held 2.4 GB in pyarrow alone
+# (measured, pyarrow 26). Such a file is read in passes, each of consecutive columns whose
+# readers and batches fit PASS_BUDGET, each pass over all the file's rows.
+PASS_BUDGET = 128 << 20
+COLUMN_STATE = 4 << 20  # at most, per column: dictionary, decoded page, read buffer
+
+
+def _passes(meta: pq.FileMetaData, names: list[str]) -> list[list[str]]:
+    """``names`` cut into consecutive passes that fit PASS_BUDGET (one pass: read at once)."""
+    cost: dict[str, float] = {}
+    for rg in range(meta.num_row_groups):
+        group = meta.row_group(rg)
+        for i in range(group.num_columns):
+            chunk = group.column(i)
+            size = chunk.total_uncompressed_size
+            per_value = size / max(1, chunk.num_values)
+            est = min(size, COLUMN_STATE) + (AHEAD + 2) * BATCH_ROWS * per_value
+            cost[chunk.path_in_schema] = max(cost.get(chunk.path_in_schema, 0.0), est)
+    passes: list[list[str]] = [[]]
+    used = 0.0
+    for name in names:
+        if passes[-1] and used + cost.get(name, 0.0) > PASS_BUDGET:
+            passes.append([])
+            used = 0.0
+        passes[-1].append(name)
+        used += cost.get(name, 0.0)
+    return passes
+
+
+def column_passes(source: pa.NativeFile, metadata: pq.FileMetaData, schema: pa.Schema,
+                  passes: list[list[str]], *, head: bool) -> Iterator[pa.RecordBatch]:
+    """The open parquet file ``source`` read pass by pass (see ``_passes``): the batches of
+    each pass's columns over all the rows, one pass after the other. ``head``: first a batch
+    of every column (the first rows, read pass by pass, a few MB), which the ingest plans
+    from; the passes then start after those rows."""
+    skip = 0
+    if head:
+        width = sum(metadata.row_group(0).column(i).total_uncompressed_size
+                    for i in range(metadata.num_columns)) / max(
+                        1, metadata.row_group(0).num_rows)
+        rows = max(1, min(BATCH_ROWS, int(PASS_BUDGET // 4 // max(1.0, width))))
+        columns: dict[str, pa.Array] = {}
+        for names in passes:
+            f = _parquet_file(source, metadata)
+            try:
+                part = next(f.iter_batches(batch_size=rows, columns=names,
+                                           use_threads=False))
+            finally:
+                f.close()
+            columns.update(zip(part.schema.names, part.columns, strict=True))
+        skip = min(len(a) for a in columns.values())
+        yield pa.RecordBatch.from_arrays([columns[c].slice(0, skip) for c in schema.names],
+                                         schema=schema)
+    for names in passes:
+        sub = pa.schema([schema.field(c) for c in names], metadata=schema.metadata)
+        batches = (column_parallel(source, metadata, sub) if len(names) > 1 else
+                   _parquet_file(source, metadata).iter_batches(batch_size=BATCH_ROWS,
+                                                                 columns=names))
+        seen = 0
+        for batch in batches:
+            start, seen = max(0, skip - seen), seen + batch.num_rows
+            if start < batch.num_rows:
+                yield batch.slice(start)
+        if seen != metadata.num_rows:  # never seen: every column has the file's rows
+            raise MmcacheError(
+                f"a parquet file's columns {names[:3]!r}... gave {seen} rows, the file has "
+                f"{metadata.num_rows}; nothing was written (please report this)"
+            )
 
 
 def prefetched(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
