@@ -21,11 +21,12 @@ size).
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import queue
 import re
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -196,36 +197,52 @@ def _parquet_stream(files: list[pq.ParquetFile] | list[Path], columns: list[str]
         _same_types(schema, other, what)
     nrows = sum(m.num_rows for m in metas)
     # A file given by path is read by several streams of a few columns each, decoded in
-    # parallel (column_parallel), and a wide one in passes of a few columns at a time
-    # (column_passes: not with index columns, which every batch's rows need); a ParquetFile
-    # the caller made is read as the caller set it up, by one stream.
-    parallel = len(schema.names) > 1
+    # parallel (column_parallel); a ParquetFile the caller made by its own iter_batches, as
+    # the caller set it up. A wide one is read in passes of a few columns at a time
+    # (column_passes), unless it has index columns, which every batch's rows need.
     index = {c for c in (schema.pandas_metadata or {}).get("index_columns", [])
              if isinstance(c, str)}
-    parts = parallel and not index & set(schema.names)
+    parts = len(schema.names) > 1 and not index & set(schema.names)
 
     def batches() -> Iterator[pa.RecordBatch]:
         head = True  # no batch yet: the next must hold every column
-        for f in footers:
-            if isinstance(f, pq.ParquetFile):
-                for batch in f.iter_batches(batch_size=BATCH_ROWS, columns=schema.names):
-                    head = False
-                    yield batch
-                continue
-            with f.open() as source:
-                passes = (_passes(f.meta, schema.names) if parts and f.meta.num_rows
-                          else [schema.names])
+        for f, meta in zip(footers, metas, strict=True):
+            passes = (_passes(meta, schema.names) if parts and meta.num_rows
+                      else [schema.names])
+            with (contextlib.nullcontext(None) if isinstance(f, pq.ParquetFile)
+                  else f.open()) as source:
+                read = _reader(f if source is None else source, meta, schema)
                 if len(passes) > 1:
-                    yield from column_passes(source, f.meta, schema, passes, head=head)
-                # (a file of one batch gains little, and would pay a pool)
-                elif parallel and f.meta.num_rows > BATCH_ROWS:
-                    yield from column_parallel(source, f.meta, schema)
-                else:
-                    yield from _parquet_file(source, f.meta).iter_batches(
-                        batch_size=BATCH_ROWS, columns=schema.names)
-                head = head and not f.meta.num_rows
+                    yield from column_passes(read, meta, schema, passes, head=head)
+                else:  # (a file of one batch gains little, and would pay a pool)
+                    yield from read(schema.names, BATCH_ROWS, meta.num_rows > BATCH_ROWS)
+            head = head and not meta.num_rows
 
-    return Stream(schema, batches(), nrows, what, parts=bool(parts))
+    return Stream(schema, batches(), nrows, what, parts=parts)
+
+
+Reader = Callable[[list[str], int, bool], Iterator[pa.RecordBatch]]
+
+
+def _reader(source: pq.ParquetFile | pa.NativeFile, meta: pq.FileMetaData,
+            schema: pa.Schema) -> Reader:
+    """``read(names, batch_rows, threads)``: batches of those columns of a parquet file,
+    an open file's decoded by column streams in parallel if ``threads``; a ParquetFile the
+    caller made is read by its own ``iter_batches``, as the caller set it up."""
+    if isinstance(source, pq.ParquetFile):
+        def read_theirs(names: list[str], rows: int, threads: bool) -> Iterator[pa.RecordBatch]:
+            return source.iter_batches(batch_size=rows, columns=names)
+
+        return read_theirs
+
+    def read(names: list[str], rows: int, threads: bool) -> Iterator[pa.RecordBatch]:
+        if threads and len(names) > 1:
+            sub = pa.schema([schema.field(c) for c in names], metadata=schema.metadata)
+            return column_parallel(source, meta, sub, batch_rows=rows)
+        return _parquet_file(source, meta).iter_batches(batch_size=rows, columns=names,
+                                                        use_threads=threads)
+
+    return read
 
 
 def _dataset_stream(dataset: pa_ds.Dataset, columns: list[str] | None) -> Stream:
@@ -641,37 +658,33 @@ def _passes(meta: pq.FileMetaData, names: list[str]) -> list[list[str]]:
     return passes
 
 
-def column_passes(source: pa.NativeFile, metadata: pq.FileMetaData, schema: pa.Schema,
+def column_passes(read: Reader, metadata: pq.FileMetaData, schema: pa.Schema,
                   passes: list[list[str]], *, head: bool) -> Iterator[pa.RecordBatch]:
-    """The open parquet file ``source`` read pass by pass (see ``_passes``): the batches of
-    each pass's columns over all the rows, one pass after the other. ``head``: first a batch
-    of every column (the first rows, read pass by pass, a few MB), which the ingest plans
-    from; the passes then start after those rows."""
+    """A parquet file read pass by pass (see ``_passes``): the batches of each pass's
+    columns over all the rows, one pass after the other; ``read(names, batch_rows,
+    parallel)`` reads the file's ``names``. ``head``: first a batch of every column (the
+    first rows, read pass by pass, a few MB), which the ingest plans from; the passes then
+    start after those rows."""
     skip = 0
     if head:
-        width = sum(metadata.row_group(0).column(i).total_uncompressed_size
-                    for i in range(metadata.num_columns)) / max(
-                        1, metadata.row_group(0).num_rows)
+        first = metadata.row_group(0)
+        width = sum(first.column(i).total_uncompressed_size
+                    for i in range(first.num_columns)) / max(1, first.num_rows)
         rows = max(1, min(BATCH_ROWS, int(PASS_BUDGET // 4 // max(1.0, width))))
         columns: dict[str, pa.Array] = {}
         for names in passes:
-            f = _parquet_file(source, metadata)
+            reader = read(names, rows, False)
             try:
-                part = next(f.iter_batches(batch_size=rows, columns=names,
-                                           use_threads=False))
+                part = next(reader)
             finally:
-                f.close()
+                reader.close()  # type: ignore[attr-defined]
             columns.update(zip(part.schema.names, part.columns, strict=True))
         skip = min(len(a) for a in columns.values())
         yield pa.RecordBatch.from_arrays([columns[c].slice(0, skip) for c in schema.names],
                                          schema=schema)
     for names in passes:
-        sub = pa.schema([schema.field(c) for c in names], metadata=schema.metadata)
-        batches = (column_parallel(source, metadata, sub) if len(names) > 1 else
-                   _parquet_file(source, metadata).iter_batches(batch_size=BATCH_ROWS,
-                                                                 columns=names))
         seen = 0
-        for batch in batches:
+        for batch in read(names, BATCH_ROWS, True):
             start, seen = max(0, skip - seen), seen + batch.num_rows
             if start < batch.num_rows:
                 yield batch.slice(start)

@@ -341,8 +341,14 @@ def test_repeated_column_names_in_parquet_are_refused_and_a_table_keeps_them(tmp
                            match=r"name 'a' appears more than once.*rename_columns"):
             mmcache.ingest(source, "bad", progress=False)
         _nothing_written(cache_dir)
+    try:
+        expected = table.to_pandas()
+    except ValueError:  # pyarrow 15: "Found non-unique column index"; ingest says so too
+        with pytest.raises(mmcache.UnsupportedTypeError, match="non-unique column"):
+            mmcache.ingest(table, "kept", progress=False)
+        return
     mmcache.ingest(table, "kept", progress=False)  # by position: no name to tell apart
-    pd.testing.assert_frame_equal(mmcache.open("kept"), table.to_pandas())
+    pd.testing.assert_frame_equal(mmcache.open("kept"), expected)
 
 
 def _object_columns() -> pa.Table:
@@ -913,15 +919,21 @@ def test_column_passes_give_what_converting_every_batch_gives(tmp_path_factory, 
     for i, batch in enumerate(batches):
         pq.write_table(pa.Table.from_batches([batch], schema), d / f"{i:02d}.parquet",
                        row_group_size=3)
+    paths = sorted(d.glob("*.parquet"))
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(_sources, "PASS_BUDGET", 1)  # every column a pass of its own
         mp.setattr(_sources, "BATCH_ROWS", batch_rows)
         cache = d / "cache"
         mmcache.ingest(d, "p", cache_dir=cache, progress=False)
+        if len(paths) == 1:  # a ParquetFile of the caller's, read by its iter_batches
+            with pq.ParquetFile(paths[0]) as f:
+                mmcache.ingest(f, "theirs", cache_dir=cache, progress=False)
     # what the files hold (an empty file keeps no dictionary on pyarrow 15)
-    files = [pq.read_table(p, schema=schema) for p in sorted(d.glob("*.parquet"))]
+    files = [pq.read_table(p, schema=schema) for p in paths]
     expected = _compat.arrow_to_pandas(pa.concat_tables(files))
     _pd.assert_frame_equal(mmcache.open("p", cache_dir=cache), expected)
+    if len(paths) == 1:
+        _pd.assert_frame_equal(mmcache.open("theirs", cache_dir=cache), expected)
 
 
 def test_fast_path_converts_only_the_first_batch_and_columns_it_cannot_take(
