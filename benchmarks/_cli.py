@@ -91,8 +91,9 @@ FULL = Config(
     chunk_size=GB,
     category_ncols=[10, 100, 1_000, 10_000],
     # interleaved rounds, best time: with other work on the machine one run gave ingest
-    # 17.3 s against read_table's 3.8 s, the next 11.9 s against 13.0 s
-    ingest_rounds=3,
+    # 17.3 s against read_table's 3.8 s, the next 11.9 s against 13.0 s; on a quiet machine
+    # read_table alone took 3.1, 8.2 and 4.2 s in a row (fresh pages, see the README)
+    ingest_rounds=5,
 )
 WORKLOADS = ("size", "columns", "sharing", "chunks", "ingest", "dask")
 

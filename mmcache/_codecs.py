@@ -125,8 +125,10 @@ class Mapped:
 
     def get(self, ref: Spec, dtype: str | None = None) -> np.ndarray:
         try:
-            base = self.arrays[ref["f"]]
-            start, count = int(ref["o"]), int(ref["n"])
+            f, start, count = ref["f"], ref["o"], ref["n"]
+            if not all(type(x) is int for x in (f, start, count)):  # JSON false is no 0
+                raise TypeError
+            base = self.arrays[f]
         except BAD_LAYOUT as exc:
             raise CorruptEntryError(f"{self.where}: bad buffer reference {ref!r}") from exc
         if start < 0 or count < 0 or start + count > base.size:
@@ -570,6 +572,8 @@ def _decode_masked(spec: Spec, m: Mapped) -> Any:
 
 def _decode_cat(spec: Spec, m: Mapped) -> Any:
     codes = m.get(spec["codes"])
+    if codes.dtype.kind != "i":  # pandas would convert (copy) codes of another kind
+        raise CorruptEntryError(f"{m.where}: category codes stored as {codes.dtype}")
     cats_id = spec["cats"]
     cats = m.shared.get(cats_id)
     if cats is None:
@@ -700,6 +704,8 @@ def decode_index(spec: Spec, m: Mapped, *, labels: bool = False) -> pd.Index:
         if kind == "multi":
             levels = [decode_index(s, m, labels=labels) for s in spec["levels"]]
             codes = [m.get(c) for c in spec["codes"]]
+            if any(c.dtype.kind != "i" for c in codes):
+                raise CorruptEntryError(f"{m.where}: MultiIndex codes not integers")
             for level, c in zip(levels, codes, strict=True):
                 # pandas indexes levels with these codes unchecked (verify_integrity=False,
                 # which skips far costlier checks): a damaged code would crash the process.

@@ -49,7 +49,7 @@ from ._errors import InvalidArgumentError, MmcacheError, UnsupportedTypeError
 from ._lock import locked
 from ._paths import check_key, entry_name
 from ._slots import BITS, CODES, DATA, Fds, Slot, append_ones, fill, renamable
-from ._sources import Stream, check_batch, open_source, prefetched
+from ._sources import SourceError, Stream, check_batch, open_source, prefetched
 from ._units import human
 
 # The progress bar appears only once an ingest has run this long (seconds): short ones print
@@ -94,25 +94,46 @@ class _Stager:
             self.nrows += batch.num_rows
             self.plan_direct()
             return
+        fields: dict[int, int | None]
+        part = batch.num_columns < len(self.schema)
+        if part:  # a column pass: these columns' next rows
+            if not self.fields or self.index_fields:  # never: the source checks for these
+                raise MmcacheError(f"{self.what}: a column pass the plan cannot take; "
+                                   "nothing was written (please report this)")
+            at = {name: i for i, name in enumerate(batch.schema.names)}
+            names = self.schema.names
+            fields = {pos: at[names[f]] for pos, f in enumerate(self.fields)
+                      if names[f] in at}
+        else:
+            fields = dict(enumerate(self.fields)) if self.fields else {
+                pos: None for pos in range(len(self.cols))}
         if not batch.num_rows:
             # Only its dictionaries count (pandas unifies every chunk's); its other columns
             # may convert to other dtypes than rows would (an empty bool column is bool).
-            new = [pos for pos, t in enumerate(self.cols)
-                   if t.get("c") == "cat" and not self._add_fast(pos, batch)]
+            new = [pos for pos, f in fields.items()
+                   if self.cols[pos].get("c") == "cat" and not self._add_fast(pos, batch, f)]
             if new and self.fields:
-                self._convert(batch, new)
+                self._convert(batch, new, [fields[pos] for pos in new])
             return
-        slow = [pos for pos in range(len(self.cols)) if not self._add_fast(pos, batch)]
+        slow = [pos for pos, f in fields.items() if not self._add_fast(pos, batch, f)]
         if slow or self.index_fields:
-            self._convert(batch, slow)
-        self.nrows += batch.num_rows
+            if self.fields:
+                self._convert(batch, slow, [fields[pos] for pos in slow])
+            else:  # no plan by field: all through pandas
+                self._convert(batch, None)
+        if not part or 0 in fields:  # (a pass without the first column: rows counted)
+            self.nrows += batch.num_rows
 
-    def _convert(self, batch: pa.RecordBatch, positions: list[int] | None) -> pd.DataFrame:
-        """Append the columns at ``positions`` (None: all; the index always) as pandas
-        converts them; the first call sets the templates."""
-        whole = batch
+    def _convert(self, batch: pa.RecordBatch, positions: list[int] | None,
+                 fields: list[Any] | None = None) -> pd.DataFrame:
+        """Append the columns at ``positions`` (None: all; the index always), ``batch``'s
+        ``fields`` (default: the plan's), as pandas converts them; the first call sets the
+        templates."""
+        whole, field_of = batch, {}
         if positions is not None:
-            batch = batch.select([self.fields[p] for p in positions] + self.index_fields)
+            fields = fields or [self.fields[p] for p in positions]
+            field_of = dict(zip(positions, fields, strict=True))
+            batch = batch.select(fields + self.index_fields)
         table = pa.Table.from_batches([batch]).replace_schema_metadata(self.schema.metadata)
         try:
             converted = _compat.arrow_to_pandas(table)
@@ -142,7 +163,7 @@ class _Stager:
             self.cols[pos] = self._take(spec, self.cols[pos] or None, arrays, self.where[pos],
                                         pos)
             if pos in self.dicts:  # a new dictionary: how it maps to the running categories
-                self.dicts[pos] = (whole.column(self.fields[pos]).dictionary,
+                self.dicts[pos] = (whole.column(field_of.get(pos, self.fields[pos])).dictionary,
                                    self.moved.get(pos))
         assert self.index is not None
         self.index = self._take(layout["index"], self.index or None, arrays, "the index",
@@ -191,14 +212,14 @@ class _Stager:
                   and typ in (pa.string(), pa.large_string())):
                 self.fast[pos] = "str"
 
-    def _add_fast(self, pos: int, batch: pa.RecordBatch) -> bool:
-        """Append column ``pos`` of ``batch`` from its Arrow buffers if it can be; False
-        if it must go through pandas."""
+    def _add_fast(self, pos: int, batch: pa.RecordBatch, field: int | None) -> bool:
+        """Append column ``pos`` of the entry, ``batch``'s ``field``, from its Arrow
+        buffers if it can be; False if it must go through pandas."""
         kind = self.fast.get(pos)
-        if kind is None:
+        if kind is None or field is None:
             return False
         assert self.cols is not None
-        col, t = batch.column(self.fields[pos]), self.cols[pos]
+        col, t = batch.column(field), self.cols[pos]
         if not len(col) and kind != "cat":  # an empty batch adds nothing but dictionaries
             return True
         where = self.where[pos]
@@ -215,18 +236,22 @@ class _Stager:
             if moved is not None:
                 codes = _recode(codes, moved)
             self.slots[t["codes"]["slot"]].append(codes)
-        else:
-            if col.type != pa.large_string():
-                col = col.cast(pa.large_string())
-            if col.offset:
-                return False
-            bufs = col.buffers()
-            views = [None if b is None else np.frombuffer(b, dtype=np.uint8) for b in bufs]
+        else:  # text: string or large_string, appended as large_string
+            n, off = len(col), col.offset
+            bits, offsets, data = col.buffers()
+            width = np.int64 if col.type == pa.large_string() else np.int32
+            # widened by numpy: Arrow's cast to large_string cost ~20x more (measured)
+            offs = np.frombuffer(offsets, dtype=width)[off : off + n + 1]
+            views: list[Any] = [None, offs.astype(np.int64, copy=False).view(np.uint8),
+                                np.frombuffer(data or b"", dtype=np.uint8)]
+            if col.null_count:  # the validity bits of these rows, from bit 0
+                v = np.frombuffer(bits, dtype=np.uint8)
+                views[0] = v[off // 8 :] if off % 8 == 0 else np.packbits(
+                    np.unpackbits(v, count=off + n, bitorder="little")[off:],
+                    bitorder="little")
             refs: list[Any] = [None if v is None else {"f": 0, "o": i, "n": v.size}
                                for i, v in enumerate(views)]
             arrays = {(0, i, v.size): v for i, v in enumerate(views) if v is not None}
-            if not col.null_count:
-                refs[0] = None
             t = t["arrow"]
             self._take_arrow({"type": t["type"], "len": len(col), "nulls": col.null_count,
                               "bufs": refs}, t, arrays, where)
@@ -529,20 +554,27 @@ def ingest(cache: Any, source: Any, key: str, columns: Sequence[str] | None,
         if exc.key is None:
             exc.key = key
         raise
-    except pa.ArrowException as exc:  # a damaged or unreadable source
-        shown = (repr(os.fspath(source)) if isinstance(source, str | os.PathLike)
-                 else f"the {type(source).__name__}")
+    except (pa.ArrowException, SourceError) as exc:  # a damaged or unreadable source
+        error = exc.error if isinstance(exc, SourceError) else exc
+        path = isinstance(source, str | os.PathLike)
+        shown = repr(os.fspath(source)) if path else f"the {type(source).__name__}"
+        check = ("Check the file (e.g. pyarrow.parquet.read_metadata(path))" if path
+                 else "Check what feeds it (the error above it says more)")
         raise InvalidArgumentError(
-            f"key {key!r}: cannot read {shown}: {exc}; nothing was written. Check the "
-            "file (e.g. pyarrow.parquet.read_metadata(path))",
+            f"key {key!r}: cannot read {shown}: {error}; nothing was written. {check}",
             key=key,
-        ) from exc
+        ) from error
 
 
 def _ingest(cache: Any, source: Any, key: str, columns: Sequence[str] | None,
             progress: bool | None) -> Entry:
     check_key(key)
-    stream = open_source(source, columns)  # checks what it can before writing anything
+    try:
+        stream = open_source(source, columns)  # checks what it can before writing anything
+    except OSError as exc:  # the source's, not the cache's: a denied or damaged file
+        if isinstance(exc, MmcacheError):
+            raise
+        raise SourceError(exc) from exc
     if not stream.schema.names:
         return _rows_only(cache, stream, key, progress)
     places = cache._places(create=True)
@@ -556,12 +588,15 @@ def _ingest(cache: Any, source: Any, key: str, columns: Sequence[str] | None,
             stager = _Stager(stage_dir, stream)
             nbytes = 0
             with _progress(progress, stream.nrows, key) as bar:
+                width = len(stream.schema)
                 for batch in prefetched(stream.batches):
-                    check_batch(stream.schema, batch, stream.what)
+                    check_batch(stream.schema, batch, stream.what, stream.parts)
                     stager.add(batch)  # even empty: its dictionaries count, as in pandas
                     nbytes += batch.nbytes
                     bar.set_postfix_str(human(nbytes), refresh=False)
-                    bar.update(batch.num_rows)
+                    # (a column pass's rows count for the share of the columns it holds)
+                    bar.update(batch.num_rows if batch.num_columns == width
+                               else batch.num_rows * batch.num_columns / width)
             if stager.cols is None:  # no batch at all: an empty frame of the schema
                 stager.add(pa.RecordBatch.from_pylist([], schema=stream.schema))
             stager.fds.close()
@@ -595,7 +630,7 @@ def _rows_only(cache: Any, stream: Stream, key: str, progress: bool | None) -> E
     makes a table without columns 0 rows long.)"""
     nrows = 0
     with _progress(progress, stream.nrows, key) as bar:
-        for batch in stream.batches:
+        for batch in prefetched(stream.batches):  # a read failure said as the source's
             check_batch(stream.schema, batch, stream.what)
             nrows += batch.num_rows
             bar.update(batch.num_rows)

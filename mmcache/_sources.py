@@ -7,20 +7,27 @@ ETA), and an iterator of batches. Whatever can be checked before reading data is
 (nested types, parquet files of one directory or dataset that disagree on a column's type), so
 such an ingest fails before anything is written.
 
-Memory: parquet is read with ``ParquetFile.iter_batches``, which holds one row group's column
-chunks plus one batch; a CSV file by ``pyarrow.csv.open_csv`` in blocks of 1 MB (it decodes
-~38 blocks ahead: ~40 MB) with the types inferred from its first 16 MB. A reader's batches
-are sliced to at most ``BATCH_ROWS`` rows (a ``Table``'s by ``to_batches``; the parquet and
-dataset readers make batches of that size).
+Memory: a parquet file given by path is read by a few streams of a few columns each
+(``column_parallel``: one ``ParquetFile.iter_batches`` per stream, decoded by a thread pool
+at most ``AHEAD`` batches ahead; a wide one in passes of a few columns over all its rows,
+``column_passes``, as a reader holds a few MB per column read), a ``ParquetFile`` the caller
+made by its own ``iter_batches``: a read buffer per column plus a few batches. A CSV file is read by
+``pyarrow.csv.open_csv`` in blocks of 1 MB (it decodes ~38 blocks ahead: ~40 MB) with the
+types inferred from its first 16 MB. A reader's batches are sliced to at most ``BATCH_ROWS``
+rows (a ``Table``'s by ``to_batches``; the parquet and dataset readers make batches of that
+size).
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import os
 import queue
 import re
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +37,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.dataset as pa_ds
 import pyarrow.parquet as pq
 
-from ._errors import InvalidArgumentError, UnsupportedTypeError
+from ._errors import InvalidArgumentError, MmcacheError, UnsupportedTypeError
 
 # Rows per batch: big enough that per-batch Python work is noise, small enough that a batch
 # of wide string rows stays a few tens of MB (the memory bound is one row group + one batch).
@@ -54,6 +61,9 @@ class Stream:
     batches: Iterator[pa.RecordBatch]
     nrows: int | None
     what: str  # names the source in errors: "parquet file '/data/x.parquet'"
+    # Whether batches after the first may hold only some of the columns (a wide parquet
+    # file read in column passes, see column_passes); the first always holds them all.
+    parts: bool = False
 
 
 def open_source(source: Any, columns: Sequence[str] | None) -> Stream:
@@ -114,38 +124,130 @@ def _path_stream(path: Path, columns: list[str] | None) -> Stream:
                 "pd.read_parquet(path) and mmcache.save(), or ingest each partition's "
                 "folder under its own key"
             )
-        return _parquet_stream([_parquet_file(p) for p in files], columns,
-                               f"parquet directory {str(path)!r}")
+        return _parquet_stream(files, columns, f"parquet directory {str(path)!r}")
     if not path.exists():
         raise InvalidArgumentError(f"source {str(path)!r} does not exist")
     if path.name.lower().endswith(_CSV_SUFFIXES):
         return _csv_stream(path, columns)
-    return _parquet_stream([_parquet_file(path)], columns, f"parquet file {str(path)!r}")
+    return _parquet_stream([path], columns, f"parquet file {str(path)!r}")
 
 
-def _parquet_file(path: Path) -> pq.ParquetFile:
+def _parquet_file(source: Any, metadata: pq.FileMetaData | None = None) -> pq.ParquetFile:
     # pre_buffer=False: with it (pyarrow's default) iter_batches reads ahead without bound,
     # holding most of the file (measured: 289 MB of Arrow memory for a 220 MB file, against
     # 17 MB without); local files gain nothing from it.
-    return pq.ParquetFile(path, pre_buffer=False, buffer_size=READ_BUFFER)
+    return pq.ParquetFile(source, pre_buffer=False, buffer_size=READ_BUFFER,
+                          metadata=metadata)
 
 
-def _parquet_stream(files: list[pq.ParquetFile], columns: list[str] | None, what: str) -> Stream:
-    schema = _select(files[0].schema_arrow, columns, what)
-    for f in files[1:]:  # footers only: a directory that disagrees fails before any write
-        _same_types(schema, f.schema_arrow, what)
-    nrows = sum(f.metadata.num_rows for f in files)
+@dataclass
+class _Footer:
+    """A parquet file's footer, read first, and which file it was read from."""
+
+    path: Path
+    meta: pq.FileMetaData
+    identity: tuple[int, ...]  # device, inode, size, mtime: the file as its footer says
+
+    @classmethod
+    def read(cls, path: Path) -> _Footer:
+        before = _identity(path)
+        meta = pq.read_metadata(path)
+        if _identity(path) != before:
+            raise _changed(path)
+        return cls(path, meta, before)
+
+    def open(self) -> pa.NativeFile:
+        """The file, opened now; raises if it is not the file the footer was read from (it
+        was replaced or rewritten since: its data would not match the footer)."""
+        if _identity(self.path) != self.identity:
+            raise _changed(self.path)
+        source = pa.OSFile(str(self.path))
+        if _identity(self.path) != self.identity:  # replaced while being opened
+            source.close()
+            raise _changed(self.path)
+        return source
+
+
+def _identity(path: Path) -> tuple[int, ...]:
+    """What changes when a file's bytes do (not its mode: chmod changes only the ctime)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise _changed(path) from None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _changed(path: Path) -> MmcacheError:
+    return InvalidArgumentError(
+        f"parquet file {str(path)!r} changed while it was being ingested (replaced, "
+        "rewritten or removed); nothing was written. Ingest again once the files stop "
+        "changing"
+    )
+
+
+def _parquet_stream(files: list[pq.ParquetFile] | list[Path], columns: list[str] | None,
+                    what: str) -> Stream:
+    """Files given by path are opened only while read (a directory of thousands of files
+    would otherwise hold a descriptor each: EMFILE at 1,024), their footers read first."""
+    footers = [f if isinstance(f, pq.ParquetFile) else _Footer.read(f) for f in files]
+    metas = [f.metadata if isinstance(f, pq.ParquetFile) else f.meta for f in footers]
+    schemas = [m.schema.to_arrow_schema() for m in metas]
+    schema = _unique(_select(schemas[0], columns, what), what)
+    for other in schemas[1:]:  # footers only: a directory that disagrees fails before any write
+        _same_types(schema, other, what)
+    nrows = sum(m.num_rows for m in metas)
+    # A file given by path is read by several streams of a few columns each, decoded in
+    # parallel (column_parallel); a ParquetFile the caller made by its own iter_batches, as
+    # the caller set it up. A wide one is read in passes of a few columns at a time
+    # (column_passes), unless it has index columns, which every batch's rows need.
+    index = {c for c in (schema.pandas_metadata or {}).get("index_columns", [])
+             if isinstance(c, str)}
+    parts = len(schema.names) > 1 and not index & set(schema.names)
 
     def batches() -> Iterator[pa.RecordBatch]:
-        for f in files:
-            yield from f.iter_batches(batch_size=BATCH_ROWS, columns=schema.names)
+        head = True  # no batch yet: the next must hold every column
+        for f, meta in zip(footers, metas, strict=True):
+            passes = (_passes(meta, schema.names) if parts and meta.num_rows
+                      else [schema.names])
+            with (contextlib.nullcontext(None) if isinstance(f, pq.ParquetFile)
+                  else f.open()) as source:
+                read = _reader(f if source is None else source, meta, schema)
+                if len(passes) > 1:
+                    yield from column_passes(read, meta, schema, passes, head=head)
+                else:  # (a file of one batch gains little, and would pay a pool)
+                    yield from read(schema.names, BATCH_ROWS, meta.num_rows > BATCH_ROWS)
+            head = head and not meta.num_rows
 
-    return Stream(schema, batches(), nrows, what)
+    return Stream(schema, batches(), nrows, what, parts=parts)
+
+
+Reader = Callable[[list[str], int, bool], Iterator[pa.RecordBatch]]
+
+
+def _reader(source: pq.ParquetFile | pa.NativeFile, meta: pq.FileMetaData,
+            schema: pa.Schema) -> Reader:
+    """``read(names, batch_rows, threads)``: batches of those columns of a parquet file,
+    an open file's decoded by column streams in parallel if ``threads``; a ParquetFile the
+    caller made is read by its own ``iter_batches``, as the caller set it up."""
+    if isinstance(source, pq.ParquetFile):
+        def read_theirs(names: list[str], rows: int, threads: bool) -> Iterator[pa.RecordBatch]:
+            return source.iter_batches(batch_size=rows, columns=names)
+
+        return read_theirs
+
+    def read(names: list[str], rows: int, threads: bool) -> Iterator[pa.RecordBatch]:
+        if threads and len(names) > 1:
+            sub = pa.schema([schema.field(c) for c in names], metadata=schema.metadata)
+            return column_parallel(source, meta, sub, batch_rows=rows)
+        return _parquet_file(source, meta).iter_batches(batch_size=rows, columns=names,
+                                                        use_threads=threads)
+
+    return read
 
 
 def _dataset_stream(dataset: pa_ds.Dataset, columns: list[str] | None) -> Stream:
     what = "dataset"
-    schema = _select(dataset.schema, columns, what)
+    schema = _unique(_select(dataset.schema, columns, what), what)
     # Files that disagree with the first on a column's type are refused (the scan would cast
     # them to the first's type unasked), unless the dataset's schema gives that column
     # another type than the first file has: a cast asked for (dataset(path, schema=...)).
@@ -373,6 +475,20 @@ def _select(schema: pa.Schema, columns: list[str] | None, what: str) -> pa.Schem
     return schema
 
 
+def _unique(schema: pa.Schema, what: str) -> pa.Schema:
+    """``schema``, refused if a column name repeats: parquet readers select columns by name,
+    so such a file cannot be read column by column (``pd.read_parquet`` refuses it too)."""
+    twice = [name for name, n in collections.Counter(schema.names).items() if n > 1]
+    if twice:
+        raise UnsupportedTypeError(
+            f"{what}: the column name {twice[0]!r} appears more than once, so its columns "
+            "cannot be told apart by name (pd.read_parquet refuses it too); nothing was "
+            "written. Read it with pyarrow.parquet.read_table(...), rename the columns "
+            "(Table.rename_columns) and ingest that Table"
+        )
+    return schema
+
+
 def _same_types(schema: pa.Schema, other: pa.Schema, what: str) -> None:
     for field in schema:
         i = other.get_field_index(field.name)
@@ -390,11 +506,16 @@ def _same_types(schema: pa.Schema, other: pa.Schema, what: str) -> None:
             )
 
 
-def check_batch(schema: pa.Schema, batch: pa.RecordBatch, what: str) -> None:
-    """Raise if ``batch`` does not have ``schema``'s column names and types."""
-    if batch.schema.names != schema.names:
+def check_batch(schema: pa.Schema, batch: pa.RecordBatch, what: str,
+                parts: bool = False) -> None:
+    """Raise if ``batch`` does not have ``schema``'s column names and types (``parts``:
+    or some of them, in order: a column pass)."""
+    names = batch.schema.names
+    if parts and len(names) < len(schema.names):
+        schema = pa.schema([f for f in schema if f.name in set(names)])
+    if names != schema.names:
         raise UnsupportedTypeError(
-            f"{what}: a batch has columns {batch.schema.names!r}, the first had "
+            f"{what}: a batch has columns {names!r}, the first had "
             f"{schema.names!r} (the schema changes); nothing was written"
         )
     for field, got in zip(schema, batch.schema, strict=True):
@@ -405,13 +526,180 @@ def check_batch(schema: pa.Schema, batch: pa.RecordBatch, what: str) -> None:
             )
 
 
+class SourceError(Exception):
+    """Reading the source failed (pyarrow says a damaged page, a vanished file, a denied
+    read as OSError, like the cache's own failures): raised as this, so that ingest names
+    the source to check, not the cache directory."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 _DONE = object()
+# column_parallel: at most this many streams per file (each a few columns), and batches
+# decoded at most this many ahead of the consumer.
+STREAMS = 16
+AHEAD = 3
+
+
+def column_parallel(source: pa.NativeFile, metadata: pq.FileMetaData, schema: pa.Schema, *,
+                    workers: int | None = None, ahead: int = AHEAD,
+                    batch_rows: int | None = None) -> Iterator[pa.RecordBatch]:
+    """The batches of ``schema``'s columns of the open parquet file ``source`` (read at
+    positions: the streams share it), each column group read by its own stream, the streams
+    decoded by ``workers`` threads (Arrow's CPU count).
+
+    Why: ``iter_batches`` decodes a batch's columns in parallel but waits for the slowest
+    column (a text column) before it starts the next batch, so its threads idle; here each
+    stream runs up to ``AHEAD`` batches ahead of the consumer, so the threads stay busy
+    while memory stays bounded (``AHEAD`` batches and each column's read buffer). Streams
+    may cut their batches at other rows (a dictionary column's end with each row group):
+    each batch holds the rows all streams have at hand, as zero-copy slices."""
+    names = schema.names
+    nstreams = min(len(names), STREAMS)
+    groups = [names[g::nstreams] for g in range(nstreams)]  # a text column is not alone
+    files = [_parquet_file(source, metadata) for _ in groups]
+    streams = [f.iter_batches(batch_size=batch_rows or BATCH_ROWS, columns=cols,
+                              use_threads=False) for f, cols in zip(files, groups, strict=True)]
+    busy = [threading.Lock() for _ in groups]  # a stream is read by one thread at a time
+    got: list[collections.deque[Any]] = [collections.deque() for _ in groups]
+    ready = threading.Condition()
+
+    def read(g: int) -> None:
+        with busy[g]:  # queued in the order read, before the stream's next read
+            item: Any
+            try:
+                item = next(streams[g], _DONE)
+            except BaseException as exc:  # raised to the consumer, which stops
+                item = exc
+            with ready:
+                got[g].append(item)
+                ready.notify()
+
+    pool = ThreadPoolExecutor(workers or min(nstreams, pa.cpu_count()),
+                              thread_name_prefix="mmcache-ingest-column")
+
+    def take(g: int) -> Any:  # stream g's next non-empty batch (or _DONE); one more read
+        while True:
+            with ready:
+                ready.wait_for(lambda: got[g])
+                part = got[g].popleft()
+            if isinstance(part, BaseException):
+                raise part
+            if part is _DONE:
+                return part
+            pool.submit(read, g)
+            if part.num_rows:
+                return part
+
+    # Streams need not cut alike (a dictionary column's batches end where its row groups
+    # end): each batch goes as far as the shortest of the streams' current parts.
+    current: list[Any] = [None] * nstreams
+    offset = [0] * nstreams
+    try:
+        for _ in range(ahead):
+            for g in range(nstreams):
+                pool.submit(read, g)
+        while True:
+            for g in range(nstreams):
+                if current[g] is None or (current[g] is not _DONE
+                                          and offset[g] == current[g].num_rows):
+                    current[g], offset[g] = take(g), 0
+            ended = [part is _DONE for part in current]
+            if all(ended):
+                return
+            if any(ended):  # never seen: every stream reads the same row groups
+                raise MmcacheError(
+                    "a parquet file's columns ended at different rows; nothing was "
+                    "written (please report this)"
+                )
+            n = min(part.num_rows - at for part, at in zip(current, offset, strict=True))
+            columns: dict[str, pa.Array] = {}
+            for g, part in enumerate(current):
+                piece = part.slice(offset[g], n)  # zero-copy
+                offset[g] += n
+                columns.update(zip(piece.schema.names, piece.columns, strict=True))
+            yield pa.RecordBatch.from_arrays([columns[c] for c in names], schema=schema)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        for f in files:
+            f.close()
+
+
+# Column passes. A parquet reader holds, for each column it reads, about a page of it
+# decoded, its dictionary and its read buffer (up to ~3 MB, whatever the batch size): read
+# all at once, a file of 600 columns in large row groups held 2.4 GB in pyarrow alone
+# (measured, pyarrow 26). Such a file is read in passes, each of consecutive columns whose
+# readers and batches fit PASS_BUDGET, each pass over all the file's rows.
+PASS_BUDGET = 128 << 20
+COLUMN_STATE = 4 << 20  # at most, per column: dictionary, decoded page, read buffer
+
+
+def _passes(meta: pq.FileMetaData, names: list[str]) -> list[list[str]]:
+    """``names`` cut into consecutive passes that fit PASS_BUDGET (one pass: read at once)."""
+    cost: dict[str, float] = {}
+    for rg in range(meta.num_row_groups):
+        group = meta.row_group(rg)
+        for i in range(group.num_columns):
+            chunk = group.column(i)
+            size = chunk.total_uncompressed_size
+            per_value = size / max(1, chunk.num_values)
+            est = min(size, COLUMN_STATE) + (AHEAD + 2) * BATCH_ROWS * per_value
+            cost[chunk.path_in_schema] = max(cost.get(chunk.path_in_schema, 0.0), est)
+    passes: list[list[str]] = [[]]
+    used = 0.0
+    for name in names:
+        if passes[-1] and used + cost.get(name, 0.0) > PASS_BUDGET:
+            passes.append([])
+            used = 0.0
+        passes[-1].append(name)
+        used += cost.get(name, 0.0)
+    return passes
+
+
+def column_passes(read: Reader, metadata: pq.FileMetaData, schema: pa.Schema,
+                  passes: list[list[str]], *, head: bool) -> Iterator[pa.RecordBatch]:
+    """A parquet file read pass by pass (see ``_passes``): the batches of each pass's
+    columns over all the rows, one pass after the other; ``read(names, batch_rows,
+    parallel)`` reads the file's ``names``. ``head``: first a batch of every column (the
+    first rows, read pass by pass, a few MB), which the ingest plans from; the passes then
+    start after those rows."""
+    skip = 0
+    if head:
+        first = metadata.row_group(0)
+        width = sum(first.column(i).total_uncompressed_size
+                    for i in range(first.num_columns)) / max(1, first.num_rows)
+        rows = max(1, min(BATCH_ROWS, int(PASS_BUDGET // 4 // max(1.0, width))))
+        columns: dict[str, pa.Array] = {}
+        for names in passes:
+            reader = read(names, rows, False)
+            try:
+                part = next(reader)
+            finally:
+                reader.close()  # type: ignore[attr-defined]
+            columns.update(zip(part.schema.names, part.columns, strict=True))
+        skip = min(len(a) for a in columns.values())
+        yield pa.RecordBatch.from_arrays([columns[c].slice(0, skip) for c in schema.names],
+                                         schema=schema)
+    for names in passes:
+        seen = 0
+        for batch in read(names, BATCH_ROWS, True):
+            start, seen = max(0, skip - seen), seen + batch.num_rows
+            if start < batch.num_rows:
+                yield batch.slice(start)
+        if seen != metadata.num_rows:  # never seen: every column has the file's rows
+            raise MmcacheError(
+                f"a parquet file's columns {names[:3]!r}... gave {seen} rows, the file has "
+                f"{metadata.num_rows}; nothing was written (please report this)"
+            )
 
 
 def prefetched(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
     """``batches``, read one ahead in a thread: Arrow decodes the next batch (without the
     GIL) while the caller converts and writes this one. Memory: one more batch. An error
-    of the reader is raised here; leaving early stops the thread."""
+    of the reader is raised here (a failure to read as :class:`SourceError`); leaving
+    early stops the thread and closes ``batches``."""
     ahead: queue.Queue[Any] = queue.Queue(maxsize=1)
     stop = threading.Event()
 
@@ -430,6 +718,10 @@ def prefetched(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
                 if not put(batch):
                     return
             put(_DONE)
+        except MmcacheError as exc:  # already says what is wrong
+            put(exc)
+        except (OSError, pa.ArrowException) as exc:
+            put(SourceError(exc))
         except BaseException as exc:
             put(exc)
 
@@ -443,3 +735,8 @@ def prefetched(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
     finally:
         stop.set()
         thread.join()
+        # Closed now, not when collected: an error kept by the caller (its traceback holds
+        # this generator's caller) would keep the source's threads and files open.
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()

@@ -3,6 +3,7 @@ MmcacheError or the original frame: never another exception, a crash or wrong da
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -84,6 +85,21 @@ def saved(tmp_path_factory):
     return d, meta_path, meta_path.read_bytes()
 
 
+@contextlib.contextmanager
+def _signed(saved, monkeypatch, meta: dict):
+    """The saved entry's metadata replaced by ``meta`` *with* a valid checksum (someone with
+    write access to the private cache dir) while inside; the original put back after."""
+    d, meta_path, original = saved
+    monkeypatch.setenv("MMCACHE_DIR", str(d))
+    meta.pop("sha256", None)
+    try:
+        meta_path.write_bytes(_store.sign(meta))
+        _cache._MEMO.clear()
+        yield
+    finally:
+        meta_path.write_bytes(original)
+
+
 def _mutate(meta: dict, data) -> None:
     paths = [p for p in _paths(meta) if p]
     path = data.draw(st.sampled_from(paths), label="path")
@@ -118,22 +134,29 @@ def test_crafted_metadata_never_escapes_the_mapped_files(saved, monkeypatch, dat
     """Metadata rewritten *with* a valid checksum (someone with write access to the private
     cache dir): open gives a MmcacheError or a frame whose every buffer still lies inside the
     entry's mapped files; never another exception, a crash or a read outside them."""
-    d, meta_path, original = saved
-    monkeypatch.setenv("MMCACHE_DIR", str(d))
+    d, _, original = saved
     meta = json.loads(original)
     _mutate(meta, data)
-    meta.pop("sha256", None)
-    try:
-        meta_path.write_bytes(_store.sign(meta))
-        _cache._MEMO.clear()
+    with _signed(saved, monkeypatch, meta):
         try:
             got = mmcache.open("k")
         except mmcache.MmcacheError:
             return
         assert isinstance(got, pd.DataFrame | pd.Series)
         assert_zero_copy(got, d, include_index=True)
-    finally:
-        meta_path.write_bytes(original)
+
+
+@pytest.mark.parametrize("ref", [False, "float file"])
+def test_crafted_category_codes_of_another_kind_are_refused(saved, monkeypatch, ref):
+    """Found by the property test above: a category's codes pointed (with a valid checksum)
+    at the float64 file, or at file ``false`` (JSON's false was taken for 0), opened as a
+    copy outside the mapped files; now CorruptEntryError."""
+    meta = json.loads(saved[2])
+    cat = next(t for t in meta["layout"]["ext"].values() if t["c"] == "cat")
+    floats = next(i for i, f in enumerate(meta["files"]) if f["dtype"] == "<f8")
+    cat["codes"]["f"] = floats if ref == "float file" else ref
+    with _signed(saved, monkeypatch, meta), pytest.raises(mmcache.CorruptEntryError):
+        mmcache.open("k")
 
 
 @settings(max_examples=EXAMPLES * 300 // 100, deadline=None,

@@ -326,6 +326,31 @@ def test_schema_change_between_files_is_refused_before_writing(tmp_path, cache_d
     assert [e.key for e in mmcache.entries()] == ["old-entry"]
 
 
+def test_repeated_column_names_in_parquet_are_refused_and_a_table_keeps_them(tmp_path,
+                                                                             cache_dir):
+    # Parquet readers select columns by name: a file whose names repeat used to fail on its
+    # second batch with a schema-change error (the columns came back reordered).
+    n = 3 * mmcache._sources.BATCH_ROWS
+    table = pa.table([pa.array(np.arange(n)), pa.array(np.arange(n) * 3),
+                      pa.array(np.arange(n).astype(str)), pa.array(np.arange(n) * 5)],
+                     names=["a", "a", "s", "a"])
+    path = tmp_path / "twice.parquet"
+    pq.write_table(table, path, row_group_size=n // 2)
+    for source in (path, pq.ParquetFile(path), pa_ds.dataset(table)):  # (pyarrow makes no
+        with pytest.raises(mmcache.UnsupportedTypeError,                  # file dataset of it)
+                           match=r"name 'a' appears more than once.*rename_columns"):
+            mmcache.ingest(source, "bad", progress=False)
+        _nothing_written(cache_dir)
+    try:
+        expected = table.to_pandas()
+    except ValueError:  # pyarrow 15: "Found non-unique column index"; ingest says so too
+        with pytest.raises(mmcache.UnsupportedTypeError, match="non-unique column"):
+            mmcache.ingest(table, "kept", progress=False)
+        return
+    mmcache.ingest(table, "kept", progress=False)  # by position: no name to tell apart
+    pd.testing.assert_frame_equal(mmcache.open("kept"), expected)
+
+
 def _object_columns() -> pa.Table:
     """Arrow types pd.read_parquet makes object columns of Python values."""
     import datetime
@@ -422,7 +447,8 @@ def _reader(batches: list[pa.RecordBatch], schema: pa.Schema) -> pa.RecordBatchR
 
 def test_failure_mid_stream_keeps_the_old_entry_and_leaves_nothing(cache_dir):
     """A reader that fails after writing batches: the key keeps its previous version and no
-    staged file stays behind."""
+    staged file stays behind; the error says the source failed (not the cache) and
+    carries the reader's own."""
     old = pd.DataFrame({"a": np.arange(3)})
     mmcache.save(old, "bad")
 
@@ -432,12 +458,27 @@ def test_failure_mid_stream_keeps_the_old_entry_and_leaves_nothing(cache_dir):
         raise OSError("disk went away")
 
     schema = pa.schema([("a", pa.int64())])
-    with pytest.raises(OSError, match="disk went away"):
+    with pytest.raises(mmcache.InvalidArgumentError,
+                       match="cannot read the RecordBatchReader: disk went away") as info:
         mmcache.ingest(pa.RecordBatchReader.from_batches(schema, batches()), "bad",
                        progress=False)
+    assert isinstance(info.value.__cause__, OSError)
     pd.testing.assert_frame_equal(mmcache.open("bad"), old)
     assert len([n for n in os.listdir(cache_dir) if n.startswith(entry_name("bad") + ".")
                 and (cache_dir / n).is_dir()]) == 1  # the old version's data only
+
+
+def test_a_reader_of_no_columns_failing_is_said_as_the_sources_failure(cache_dir):
+    """The rows-only path (no columns) reads the source as the other does: a reader's
+    OSError is the source's failure, not a cache I/O error naming the cache."""
+    def batches():
+        yield pa.RecordBatch.from_pydict({"a": [1, 2]}).select([])
+        raise OSError("disk went away")
+
+    reader = pa.RecordBatchReader.from_batches(pa.schema([]), batches())
+    with pytest.raises(mmcache.InvalidArgumentError,
+                       match="cannot read the RecordBatchReader: disk went away"):
+        mmcache.ingest(reader, "rows", progress=False)
 
 
 def test_csv_type_change_after_first_block_names_the_column(tmp_path, cache_dir, monkeypatch):
@@ -615,6 +656,26 @@ def test_ingest_memory_does_not_grow_with_the_data(shm_dir):
              - min(grown(small, "ingest") for _ in range(2)))
     assert naive >= 0.75 * sizes[small], (naive, sizes[small])
     assert extra <= 0.3 * (sizes[big] - sizes[small]), (extra, sizes)
+
+
+@pytest.mark.slow
+def test_a_wide_file_is_read_in_column_passes_with_bounded_memory(shm_dir):
+    """A parquet reader holds about 2-4 MB per column it reads (a decoded page, the
+    dictionary, a read buffer), whatever the batch size: a file of 300 columns in one big
+    row group held ~1.8 GB at once (measured before column passes, for 629 MB of data).
+    Read in passes of a few columns, the growth stays near the pass budget, whatever the
+    number of columns."""
+    path, tiny = shm_dir / "wide.parquet", shm_dir / "w.parquet"
+    rng = np.random.default_rng(0)
+    table = pa.table({f"c{i}": rng.integers(0, 1 << 40, 1 << 18) for i in range(300)})
+    pq.write_table(table, path)  # one row group; dictionary pages, then plain ones
+    pq.write_table(table.slice(0, 1000), tiny)
+    assert len(_sources._passes(pq.read_metadata(path), table.schema.names)) > 1
+    del table
+    grown = min(int(_run(_MEASURE, str(path), str(tiny), str(shm_dir / "c"), "ingest"))
+                for _ in range(2))
+    assert grown <= 3 * _sources.PASS_BUDGET, grown
+    _pd.assert_frame_equal(mmcache.open("k", cache_dir=shm_dir / "c"), pd.read_parquet(path))
 
 
 _MEASURE_CSV = textwrap.dedent("""
@@ -796,6 +857,9 @@ def _sample_schema(indexed: bool) -> pa.Schema:
 def _batches(draw):
     indexed = draw(st.booleans())
     schema = _sample_schema(indexed)
+    if draw(st.booleans()):  # text as parquet files give it (32-bit offsets), not as pandas
+        at = schema.get_field_index("s")
+        schema = schema.set(at, schema.field(at).with_type(pa.string()))
     out, start = [], 0
     for _ in range(draw(st.integers(1, 5))):
         n = draw(st.integers(0, 40))
@@ -833,12 +897,43 @@ def _batches(draw):
 def test_fast_path_gives_what_converting_every_batch_gives(cache_dir, drawn):
     """Batches whose later ones differ from the first in every way the fast path must
     notice (nulls appearing in numbers, text or codes; other dictionaries, the same words
-    in another order; an index field; sliced and empty batches): the entry is what pandas makes of
-    the whole table."""
+    in another order; an index field; sliced and empty batches; text of 32- or 64-bit
+    offsets): the entry is what pandas makes of the whole table."""
     schema, batches = drawn
     mmcache.ingest(pa.RecordBatchReader.from_batches(schema, batches), "p", progress=False)
     expected = _compat.arrow_to_pandas(pa.Table.from_batches(batches, schema))
     _pd.assert_frame_equal(mmcache.open("p"), expected)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+          HealthCheck.function_scoped_fixture])
+@given(_batches(), st.integers(1, 6))
+def test_column_passes_give_what_converting_every_batch_gives(tmp_path_factory, drawn,
+                                                              batch_rows):
+    """The drawn batches (nulls appearing late, other dictionaries, sliced and empty
+    batches, an index field) as a directory of parquet files, each read in passes of one
+    column at a time: the entry is what pandas makes of the whole table. (With an index
+    field, files are read whole: every batch's rows need it.)"""
+    schema, batches = drawn
+    d = tmp_path_factory.mktemp("passes")
+    for i, batch in enumerate(batches):
+        pq.write_table(pa.Table.from_batches([batch], schema), d / f"{i:02d}.parquet",
+                       row_group_size=3)
+    paths = sorted(d.glob("*.parquet"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_sources, "PASS_BUDGET", 1)  # every column a pass of its own
+        mp.setattr(_sources, "BATCH_ROWS", batch_rows)
+        cache = d / "cache"
+        mmcache.ingest(d, "p", cache_dir=cache, progress=False)
+        if len(paths) == 1:  # a ParquetFile of the caller's, read by its iter_batches
+            with pq.ParquetFile(paths[0]) as f:
+                mmcache.ingest(f, "theirs", cache_dir=cache, progress=False)
+    # what the files hold (an empty file keeps no dictionary on pyarrow 15)
+    files = [pq.read_table(p, schema=schema) for p in paths]
+    expected = _compat.arrow_to_pandas(pa.concat_tables(files))
+    _pd.assert_frame_equal(mmcache.open("p", cache_dir=cache), expected)
+    if len(paths) == 1:
+        _pd.assert_frame_equal(mmcache.open("theirs", cache_dir=cache), expected)
 
 
 def test_fast_path_converts_only_the_first_batch_and_columns_it_cannot_take(
@@ -989,6 +1084,33 @@ def test_a_wide_source_ingests_under_a_low_descriptor_limit(tmp_path):
     assert out.returncode == 0 and out.stdout.strip() == "OK", out.stderr[-2000:]
 
 
+_MANY_FILES_LOW_LIMIT = textwrap.dedent("""
+    import sys, pandas as pd, pyarrow as pa, pyarrow.parquet as pq, mmcache
+    from mmcache import _sources
+    _sources.BATCH_ROWS = 2  # the bigger files are read by column streams
+    src = sys.argv[1]
+    for i in range(300):
+        rows = 1 + i % 5
+        pq.write_table(pa.table({"i": list(range(rows)), "s": [f"f{i}"] * rows}),
+                       f"{src}/part-{i:04d}.parquet")
+    mmcache.ingest(src, "many", cache_dir=sys.argv[2], progress=False)
+    mmcache.save(pd.read_parquet(src), "saved", cache_dir=sys.argv[2])  # pandas 2: str too
+    pd.testing.assert_frame_equal(mmcache.open("many", cache_dir=sys.argv[2]),
+                                  mmcache.open("saved", cache_dir=sys.argv[2]))
+    print("OK")
+""")
+
+
+def test_a_directory_of_more_files_than_descriptors_ingests(tmp_path):
+    """300 parquet files under `ulimit -n 64`: each file is open only while it is read."""
+    (tmp_path / "src").mkdir()
+    out = subprocess.run(
+        ["bash", "-c", 'ulimit -n 64 && exec "$0" -c "$1" "$2" "$3"', sys.executable,
+         _MANY_FILES_LOW_LIMIT, str(tmp_path / "src"), str(tmp_path / "cache")],
+        capture_output=True, text=True, timeout=TIMEOUT)
+    assert out.returncode == 0 and out.stdout.strip() == "OK", out.stderr[-2000:]
+
+
 def test_ram_running_out_while_packing_says_why_it_cannot_move_to_disk(
         tmp_path, monkeypatch):
     """The default cache's RAM place fills up after ingest's free-space check, in the middle
@@ -1069,3 +1191,124 @@ def test_a_tables_empty_chunks_bring_their_dictionaries_and_other_columns_nothin
     bools = pa.schema([("b", pa.bool_())])
     _ingests_as_pandas([pa.RecordBatch.from_arrays([pa.array(v, pa.bool_())], schema=bools)
                         for v in ([None], [])], bools, "b")
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(groups=st.lists(st.integers(1, 400), min_size=1, max_size=5),
+       batch_rows=st.integers(1, 300), workers=st.integers(1, 8), ahead=st.integers(1, 4))
+def test_column_streams_give_every_row_in_order(tmp_path_factory, groups, batch_rows, workers,
+                                                ahead):
+    """Parquet files are read by one stream per few columns, decoded by a thread pool: the
+    batches, put together, are the file's rows in order, whatever the row groups (a
+    dictionary column's batches end with each group, the others' do not), the batch size,
+    the threads and how far ahead they read."""
+    n = sum(groups)
+    rows = np.arange(n)
+    table = pa.table({
+        "i": pa.array(rows, mask=rows % 5 == 1),
+        "f": pa.array(rows / 3),
+        "s": pa.array([f"text-{j}" * (j % 4) for j in rows], mask=rows % 7 == 2),
+        "c": pa.array([f"w{j % 3}" for j in rows]).dictionary_encode(),
+        "t": pa.array(rows * 1_000_000, pa.timestamp("us", tz="UTC")),
+        "b": pa.array(rows % 2 == 0),
+    })
+    path = tmp_path_factory.mktemp("streams") / "f.parquet"
+    with pq.ParquetWriter(path, table.schema) as w:
+        start = 0
+        for g in groups:
+            w.write_table(table.slice(start, g))
+            start += g
+    f = pq.ParquetFile(path)
+    with pa.OSFile(str(path)) as source:
+        batches = list(_sources.column_parallel(source, f.metadata, f.schema_arrow,
+                                                workers=workers, ahead=ahead,
+                                                batch_rows=batch_rows))
+    assert all(0 < b.num_rows <= batch_rows for b in batches)
+    got = pa.Table.from_batches(batches, f.schema_arrow)
+    assert got.to_pylist() == table.to_pylist()
+
+
+@pytest.mark.parametrize("kind", ["parquet", "dir"])
+def test_batches_cut_across_row_groups_ingest_as_read_parquet(kind, files, cache_dir,
+                                                              monkeypatch):
+    """Batches of 700 rows over row groups of 2,000: the category's stream cuts at each
+    group, the others' do not, so batches are put together from slices."""
+    monkeypatch.setattr(_sources, "BATCH_ROWS", 700)
+    mmcache.ingest(files[kind], "cut", progress=False)
+    _check("cut", _expected(files[kind]), cache_dir)
+
+
+@pytest.mark.parametrize("how", ["replaced", "rewritten in place"])
+def test_a_file_changed_after_its_footer_was_read_is_refused(how, tmp_path):
+    """Footers are read first and each file is opened when its turn comes: a file changed
+    in between would be read with another file's footer; it is refused instead."""
+    src = tmp_path / "d"
+    src.mkdir()
+    for i in range(2):
+        pq.write_table(pa.table({"a": [i, i]}), src / f"part-{i}.parquet")
+    stream = _sources.open_source(src, None)
+    new = pa.table({"a": [7, 8, 9]})
+    if how == "replaced":
+        pq.write_table(new, tmp_path / "new.parquet")
+        os.replace(tmp_path / "new.parquet", src / "part-1.parquet")
+    else:
+        pq.write_table(new, src / "part-1.parquet")
+    with pytest.raises(mmcache.InvalidArgumentError, match="changed while it was being"):
+        list(stream.batches)
+
+
+def test_a_file_whose_mode_changed_is_read_and_a_removed_one_is_refused(tmp_path):
+    """chmod changes no byte (only the ctime): the file is read; a file removed after its
+    footer was read is refused as changed, not reported as a cache failure."""
+    src = tmp_path / "d"
+    src.mkdir()
+    for i in range(2):
+        pq.write_table(pa.table({"a": [i, i]}), src / f"part-{i}.parquet")
+    stream = _sources.open_source(src, None)
+    os.chmod(src / "part-1.parquet", 0o400)
+    assert sum(b.num_rows for b in stream.batches) == 4
+    stream = _sources.open_source(src, None)
+    (src / "part-1.parquet").unlink()
+    with pytest.raises(mmcache.InvalidArgumentError, match="removed"):
+        list(stream.batches)
+
+
+def _threads_and_fds() -> tuple[set[str], int]:
+    import threading
+    return ({t.name for t in threading.enumerate() if t.name.startswith("mmcache-ingest")},
+            len(os.listdir("/proc/self/fd")))
+
+
+def test_a_failed_ingest_whose_error_is_kept_holds_no_thread_or_file(tmp_path, cache_dir,
+                                                                    monkeypatch):
+    """The error of an ingest that fails while converting (a bool column meeting nulls in a
+    later batch) is kept, as pytest.raises, a notebook or a retry loop keep it: the
+    source's reading threads and its file are gone all the same."""
+    monkeypatch.setattr(_sources, "BATCH_ROWS", 100)
+    flags = pa.array([True] * 300 + [None] + [False] * 299)
+    pq.write_table(pa.table({"b": flags, "i": np.arange(600)}), tmp_path / "f.parquet",
+                   row_group_size=200)
+    before = _threads_and_fds()
+    kept = []
+    for _ in range(3):
+        with pytest.raises(mmcache.MmcacheError) as info:
+            mmcache.ingest(tmp_path / "f.parquet", "b", progress=False)
+        kept.append(info)
+    assert _threads_and_fds() == before
+
+
+def test_a_damaged_page_names_the_source_and_keeps_the_old_entry(tmp_path, cache_dir):
+    """A page damaged in the middle of a file (its footer intact): pyarrow raises OSError,
+    like a cache failure; the error names the file to check, and the key's entry stays."""
+    path = tmp_path / "f.parquet"
+    table = pa.table({"x": np.arange(200_000) * 7, "s": [f"v{j}" for j in range(200_000)]})
+    pq.write_table(table, path, row_group_size=50_000)
+    mmcache.save(pd.DataFrame({"old": [1]}), "d")
+    page = pq.read_metadata(path).row_group(2).column(0).data_page_offset
+    with open(path, "r+b") as f:
+        f.seek(page + 40)
+        f.write(b"\xff" * 4000)
+    with pytest.raises(mmcache.InvalidArgumentError) as info:
+        mmcache.ingest(path, "d", progress=False)
+    assert str(path) in str(info.value) and "nothing was written" in str(info.value)
+    pd.testing.assert_frame_equal(mmcache.open("d"), pd.DataFrame({"old": [1]}))
