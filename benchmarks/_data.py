@@ -65,8 +65,11 @@ def mixed_frame(target_bytes: int, seed: int = 0) -> pd.DataFrame:
 _WIDE_KINDS = ("float", "int", "str", "category", "datetime")
 
 
-def wide_frame(ncols: int, nrows: int = 1000, *, mixed: bool = True, seed: int = 0) -> pd.DataFrame:
-    """``ncols`` columns x ``nrows`` rows; mixed cycles through the five kinds, else float64."""
+def wide_frame(
+    ncols: int, nrows: int = 1000, *, mixed: bool | str = True, seed: int = 0
+) -> pd.DataFrame:
+    """``ncols`` columns x ``nrows`` rows; mixed cycles through the five kinds, else float64;
+    ``mixed="categories"``: every column a category with its own 50 categories."""
     rng = np.random.default_rng(seed)
     cols: dict[str, Any] = {}
     cats = pd.CategoricalDtype([f"cat-{i:02d}" for i in range(N_CATEGORIES)])
@@ -74,9 +77,13 @@ def wide_frame(ncols: int, nrows: int = 1000, *, mixed: bool = True, seed: int =
         np.int64(1_577_836_800) + np.arange(nrows, dtype=np.int64), unit="s", utc=True
     ).tz_convert(TZ)
     for i in range(ncols):
-        kind = _WIDE_KINDS[i % len(_WIDE_KINDS)] if mixed else "float"
+        kind = _WIDE_KINDS[i % len(_WIDE_KINDS)] if mixed is True else "float"
         name = f"c{i}"
-        if kind == "float":
+        if mixed == "categories":
+            codes = rng.integers(0, N_CATEGORIES, nrows, dtype=np.int8)
+            cols[name] = pd.Categorical.from_codes(
+                codes, categories=[f"{name}-{k:02d}" for k in range(N_CATEGORIES)])
+        elif kind == "float":
             cols[name] = rng.standard_normal(nrows)
         elif kind == "int":
             cols[name] = rng.integers(0, 1_000_000, nrows, dtype=np.int64)

@@ -181,8 +181,12 @@ def size_point(
     return point
 
 
+def kind_name(mixed: bool | str) -> str:
+    return "categories" if mixed == "categories" else "mixed" if mixed else "float64"
+
+
 def columns_point(
-    ncols: int, mixed: bool, tmp: Path, *, reps: dict[str, Any], log: Callable[[str], None]
+    ncols: int, mixed: bool | str, tmp: Path, *, reps: dict[str, Any], log: Callable[[str], None]
 ) -> dict[str, Any]:
     """Open a ``ncols`` x 1,000 frame in every format."""
     df = wide_frame(ncols, mixed=mixed)
@@ -204,7 +208,7 @@ def columns_point(
         clear_dir(tmp)
         _cold()
     o = point["open"]
-    log(f"wide {'mixed' if mixed else 'float'} {ncols:>6} cols: mmcache cold "
+    log(f"wide {kind_name(mixed)} {ncols:>6} cols: mmcache cold "
         f"{o[MMCACHE_COLD]['best'] * 1e3:.1f} ms, read_pickle "
         f"{o['pd.read_pickle']['best'] * 1e3:.1f} ms, feather mmap "
         f"{o['feather.read_table(memory_map=True).to_pandas()']['best'] * 1e3:.1f} ms")

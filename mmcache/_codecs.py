@@ -582,9 +582,9 @@ def _decode_cat(spec: Spec, m: Mapped) -> Any:
         cats = m.shared[cats_id] = decode_index(m.shared_specs[cats_id], m, labels=True)
     # The checked constructor hashes the categories again (~100 µs a column); they were
     # unique when saved and the metadata is checksummed.
-    dtype = pd.CategoricalDtype._from_fastpath(cats, ordered=bool(spec["ordered"]))
-    # validate=False: checking the codes' range would read every page of the column.
-    return pd.Categorical.from_codes(codes, dtype=dtype, validate=False)
+    dtype = _compat.categorical_dtype(cats, bool(spec["ordered"]))
+    # Not checking the codes' range: that would read every page of the column.
+    return _compat.categorical(codes, dtype)
 
 
 def _decode_str(spec: Spec, m: Mapped) -> Any:
@@ -666,6 +666,32 @@ def encode_index(index: pd.Index, pool: Pool, where: str, *, labels: bool = Fals
     return spec
 
 
+class _Held:
+    """What a frozen object array views: the array that holds its items' references, out
+    of reach of numpy's flags (no buffer protocol, so a view of it stays read-only)."""
+
+    __slots__ = ("__array_interface__", "_items")
+
+    def __init__(self, items: np.ndarray) -> None:
+        self._items = items
+        self.__array_interface__ = {
+            "shape": items.shape, "typestr": items.dtype.str, "strides": items.strides,
+            "data": (items.__array_interface__["data"][0], True), "version": 3}
+
+
+def frozen_objects(values: list[Any]) -> np.ndarray:
+    """An object array of ``values`` that cannot be made writable: labels built from JSON
+    are decoded once per version and shared by every frame of it, and an array that owns its
+    memory lets ``arr.flags.writeable = True`` undo a read-only flag (numpy refuses it for a
+    view of an object without a writable buffer). Items are kept exactly (tuples stay
+    tuples)."""
+    items = np.fromiter(values, dtype=object, count=len(values))
+    items.flags.writeable = False
+    if not len(items):
+        return items
+    return np.asarray(_Held(items))
+
+
 def decode_index(spec: Spec, m: Mapped, *, labels: bool = False) -> pd.Index:
     """Rebuild an Index. ``labels`` (column labels, categories: small, and hashed at once)
     also checks Arrow string data in full, so damage is a CorruptEntryError, not a raw
@@ -693,8 +719,9 @@ def decode_index(spec: Spec, m: Mapped, *, labels: bool = False) -> pd.Index:
                 verify_integrity=False,
             )
         if kind == "json":
-            return pd.Index([label_from_json(v) for v in spec["values"]], dtype=object,
-                            name=label_from_json(spec["name"]), tupleize_cols=False)
+            return pd.Index(frozen_objects([label_from_json(v) for v in spec["values"]]),
+                            dtype=object, copy=False, name=label_from_json(spec["name"]),
+                            tupleize_cols=False)
         if kind == "index":
             values = decode_array(spec["values"], m)
             name = label_from_json(spec["name"])

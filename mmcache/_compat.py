@@ -76,6 +76,29 @@ except ImportError:  # pandas 2.x: the same steps, from the internals that funct
         return pd.DataFrame._from_mgr(mgr, mgr.axes)
 
 
+def categorical_dtype(categories: pd.Index, ordered: bool) -> pd.CategoricalDtype:
+    """``CategoricalDtype(categories, ordered)`` for categories already known valid (unique,
+    no missing values: checked at save, or those of an existing dtype), built as pandas'
+    ``CategoricalDtype._finalize`` (pandas 2.2 to 3.1) builds one but without checking them
+    again: 0.5 µs instead of 9 (``_from_fastpath``) or ~100 (the checked constructor).
+    10,000 categorical columns are 10,000 of these at every open."""
+    dtype = pd.CategoricalDtype.__new__(pd.CategoricalDtype)
+    dtype._categories = categories  # type: ignore[attr-defined]
+    dtype._ordered = ordered  # type: ignore[attr-defined]
+    return dtype
+
+
+def categorical(codes: np.ndarray, dtype: pd.CategoricalDtype) -> pd.Categorical:
+    """A Categorical over ``codes`` without a copy or a check of their range, as
+    ``Categorical.from_codes(codes, dtype=dtype, validate=False)`` builds it (that one also
+    re-derives the dtype: ~4x slower), when ``codes`` already have the width pandas picks."""
+    n = len(dtype.categories)
+    width = 1 if n < 2**7 else 2 if n < 2**15 else 4 if n < 2**31 else 8
+    if codes.ndim != 1 or codes.dtype != np.dtype(f"i{width}"):
+        return pd.Categorical.from_codes(codes, dtype=dtype, validate=False)
+    return pd.Categorical._simple_new(codes, dtype)  # type: ignore[attr-defined]
+
+
 def string_array(arr: Any, na: Any) -> Any:
     """A pandas string array over Arrow ``large_string`` data ``arr``, without a copy.
 
@@ -137,12 +160,13 @@ def set_freq(index: pd.Index, freq: Any) -> None:
 
 
 def own_freq(index: pd.Index) -> pd.Index:
-    """``index`` with an array object of its own when it has a freq on pandas 2, which keeps
-    the freq on the array: frames handed out over one mapping share their index's array, and
+    """``index`` with an array object of its own when it can hold a freq on pandas 2, which
+    keeps the freq on the array: frames handed out over one mapping share their index's array, and
     ``df.index.freq = None`` on one would reach the others. Data are not copied."""
-    freq = getattr(index, "freq", None)
-    if not PANDAS_2 or freq is None or isinstance(index, pd.PeriodIndex):
+    # Without a freq too: `df.index.freq = "D"` sets it on the shared array (third attack).
+    if not PANDAS_2 or not isinstance(index, pd.DatetimeIndex | pd.TimedeltaIndex):
         return index
+    freq = index.freq
     data = index._data
     own = type(data)._simple_new(data._ndarray, freq=freq, dtype=data.dtype)
     out = type(index)._simple_new(own, name=index.name)

@@ -7,9 +7,11 @@ normal consolidated frame: ``df.sum()`` over 10,000 columns is one call, not 10,
 
 from __future__ import annotations
 
+import base64
 import copy
 import copyreg
 import json
+import operator
 import os
 import sys
 import types
@@ -34,7 +36,13 @@ from ._codecs import (
     label_to_json,
     tz_dtype,
 )
-from ._compat import frame_from_blocks, own_freq
+from ._compat import (
+    PANDAS_2,
+    categorical_dtype,
+    frame_from_blocks,
+    own_freq,
+    writes_in_place,
+)
 from ._errors import (
     ColumnNotFoundError,
     CorruptEntryError,
@@ -164,6 +172,7 @@ def decode(layout: Spec, m: Mapped, columns: Sequence[Any] | None) -> pd.DataFra
             # Setting it checks the labels are unique, as they were at save.
             obj.flags.allows_duplicate_labels = bool(flags["allows_duplicate_labels"])
         pin(obj)
+        freeze(obj)
         return obj
     except MmcacheError:
         raise
@@ -296,16 +305,15 @@ class _Ref:
         self.version = version
         self.axes = list(obj._mgr.axes)
         self.names = [list(ax.names) for ax in self.axes]
-        # What an axis can lose or swap in place: its freq (pandas 2 keeps it on the shared
-        # array) and the data of an Arrow-backed one (Index.array[i] = x on pandas 2).
-        self.axis_data = [(getattr(ax, "freq", None), _axis_arrow(ax)) for ax in self.axes]
+        # What an axis can lose or swap in place (see _axis_state).
+        self.axis_data = [_axis_state(ax) for ax in self.axes]
         self.name = obj.name if isinstance(obj, pd.Series) else None
         self.attrs = copy.deepcopy(obj.attrs)
         self.flags = obj.flags.allows_duplicate_labels  # setting it is an edit too
         # Arrow-backed arrays are edited by swapping their _pa_array (no read-only buffer
         # stops it), so that identity is part of "unmodified" too.
-        self.values = [(blk.values, _arrow_data(blk.values),
-                        blk.mgr_locs.as_array.tolist()) for blk in obj._mgr.blocks]
+        self.values = [(blk.values, _label_state(blk.values), blk.mgr_locs.as_array.tolist())
+                       for blk in obj._mgr.blocks]
 
     def openable(self) -> bool:
         """The receiver can map this version: its files are on disk, and kept there while
@@ -324,14 +332,13 @@ class _Ref:
         if len(mgr.axes) != len(self.axes) or len(mgr.blocks) != len(self.values):
             return False
         if any(a is not b or not _same_labels(list(a.names), n)
-               or getattr(a, "freq", None) is not freq
-               or _axis_arrow(a) is not pa_array
-               for a, b, n, (freq, pa_array)
+               or not _same_objects(_axis_state(a), state)
+               for a, b, n, state
                in zip(mgr.axes, self.axes, self.names, self.axis_data, strict=True)):
             return False
-        for blk, (values, pa_array, locs) in zip(mgr.blocks, self.values, strict=True):
+        for blk, (values, state, locs) in zip(mgr.blocks, self.values, strict=True):
             if (blk.values is not values
-                    or _arrow_data(values) is not pa_array
+                    or not _same_state(_label_state(values), state)
                     or blk.mgr_locs.as_array.tolist() != locs):
                 return False
         if isinstance(obj, pd.Series) and not _same_label(obj.name, self.name):
@@ -345,12 +352,50 @@ class _Ref:
                                              or self.private.edited())
 
 
-def _arrow_data(values: Any) -> Any:
-    """The Arrow data an array (or a categorical's categories) holds: swapped in place by
-    ``.array[i] = x`` on Arrow-backed arrays and pandas 2 indexes."""
-    if isinstance(values, pd.Categorical):
-        return _axis_arrow(values.categories)
+def _label_state(values: Any) -> Any:
+    """What an array's own objects can change in place: the Arrow data an Arrow-backed
+    array holds (``.array[i] = x`` swaps it), a categorical's categories' name, freq
+    (datetime categories: ``.cat.categories.freq = x``) and Arrow data. None for the rest
+    (numpy buffers are read-only). A µs a column: it runs for every column at every open."""
+    if type(values) is pd.Categorical:
+        categories = values.dtype.categories
+        if isinstance(categories, pd.MultiIndex):
+            return (tuple(categories.names), None, None)
+        return (categories._name, getattr(categories, "freq", None),
+                getattr(categories._data, "_pa_array", None))
     return getattr(values, "_pa_array", None)
+
+
+def _same_state(a: Any, b: Any) -> bool:
+    """Freqs and Arrow data by identity (setting either makes a new object), names as
+    labels."""
+    if type(a) is tuple and type(b) is tuple:
+        return _same_label(a[0], b[0]) and a[1] is b[1] and a[2] is b[2]
+    return a is b
+
+
+def _axis_state(index: pd.Index) -> list[Any]:
+    """The objects an axis holds that can be set or swapped in place, to be compared by
+    identity (setting any makes a new object): its freq (pandas 2 keeps it on the array),
+    an Arrow-backed one's data (``Index.array[i] = x`` on pandas 2), a CategoricalIndex's
+    categories' names and theirs (``df.index.categories.name = x``, ``.freq = x``), a
+    MultiIndex's levels' (``df.index.levels[0].freq = x``). O(levels): never ``_values``
+    of a RangeIndex or MultiIndex (see :func:`_axis_arrow`)."""
+    if isinstance(index, pd.RangeIndex):
+        return []
+    if isinstance(index, pd.MultiIndex):
+        return [x for level in index.levels for x in _axis_state(level)]
+    values = index._values
+    out = [getattr(index, "freq", None), getattr(values, "_pa_array", None)]
+    if type(values) is pd.Categorical:
+        categories = values.dtype.categories
+        out.extend(categories.names)
+        out.extend(_axis_state(categories))
+    return out
+
+
+def _same_objects(a: list[Any], b: list[Any]) -> bool:
+    return len(a) == len(b) and all(map(operator.is_, a, b))
 
 
 def _axis_arrow(index: pd.Index) -> Any:
@@ -362,11 +407,30 @@ def _axis_arrow(index: pd.Index) -> Any:
 
 
 def _same_label(a: Any, b: Any) -> bool:
-    return a is b or (type(a) is type(b) and a == b) or (a != a and b != b)
+    """The same label as the receiver would rebuild: the same type, and for numbers the
+    same bits (``-0.0`` is not ``0.0``; ``True`` is not ``1``; ``NaT`` is not ``NaN``);
+    tuples item by item. (Saved labels and names are str, int, float, bool, None or tuples
+    of those; anything else is of another type than what the receiver rebuilds.)"""
+    if a is b:
+        return True
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, tuple):
+        return len(a) == len(b) and all(_same_label(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, float | complex | np.floating | np.complexfloating):
+        return bool(np.asarray(a).tobytes() == np.asarray(b).tobytes()) or (a != a and b != b)
+    try:
+        return bool(a == b) or (a != a and b != b)
+    except (TypeError, ValueError):
+        return False
 
 
 def _same_labels(a: list[Any], b: list[Any]) -> bool:
-    return len(a) == len(b) and all(_same_label(x, y) for x, y in zip(a, b, strict=True))
+    if len(a) != len(b):
+        return False
+    # the same objects (labels taken from one decoded version): no need to look at them
+    return all(map(operator.is_, a, b)) or all(
+        _same_label(x, y) for x, y in zip(a, b, strict=True))
 
 
 def _same_json(a: Any, b: Any) -> bool:
@@ -382,17 +446,60 @@ def _same_json(a: Any, b: Any) -> bool:
     return _same_label(a, b)
 
 
-def _reopen(cache_dir: str, key: str, token: str, columns: Any) -> Any:
-    """Unpickle a reference: exactly version ``token``, or EntryChangedError."""
+# Protocol 0 writes these as 6-byte escapes (and every non-ASCII character as a 6- or 10-byte
+# one); protocols 1-5 write a non-ASCII character as 2 to 4 bytes of UTF-8.
+_ESCAPED = ("\\", "\n", "\r", "\x1a")
+
+
+def pack_name(name: str, *, path: bool) -> str:
+    """A reference's key or cache directory as a str every pickle protocol stores in one
+    byte a character: as it is when it is plain ASCII, else a NUL (which no key and no path
+    holds) and Base85 of its bytes (5 characters for 4 bytes). So a reference's size hardly
+    depends on the protocol (README "Chunks and views"). ``path``: a file system path (its
+    bytes as the OS has them), else a key (UTF-8). O(characters)."""
+    if name.isascii() and not any(c in name for c in _ESCAPED):
+        return name
+    raw = os.fsencode(name) if path else name.encode("utf-8", "surrogatepass")
+    return "\0" + base64.b85encode(raw).decode("ascii")
+
+
+def unpack_name(name: Any, *, path: bool) -> Any:
+    """:func:`pack_name` undone (anything else as it came)."""
+    if not isinstance(name, str) or not name.startswith("\0"):
+        return name
+    raw = base64.b85decode(name[1:])
+    return os.fsdecode(raw) if path else raw.decode("utf-8", "surrogatepass")
+
+
+def _reopen(cache_dir: str, key: str, token: str, columns: Any, view: Any = None) -> Any:
+    """Unpickle a reference: exactly version ``token``, or EntryChangedError. ``view``:
+    the rows and columns of it a derived frame was (see _views.cut). ``cache_dir`` and
+    ``key`` as :func:`pack_name` packed them."""
     from ._cache import Cache, _os_error
 
+    # The reference as it came (a view's spec included): what a stand-in pickles back to.
+    args = (cache_dir, key, token, columns) if view is None else (
+        cache_dir, key, token, columns, view)
+    cache_dir, key = unpack_name(cache_dir, path=True), unpack_name(key, path=False)
     if _in_dask_scheduler():
         # The scheduler only passes task arguments on to workers: never map there (it may
         # be on a host without the entry), hand the reference on as it came.
-        return _Forward(cache_dir, key, token, columns)
+        return _Forward(*args)
     error: MmcacheError
     try:
-        obj = Cache(cache_dir)._open_version(key, token, columns)
+        if view is None:
+            obj = Cache(cache_dir)._open_version(key, token, columns)
+        elif writes_in_place():
+            # pandas 2 without copy-on-write: the view is cut from a frame over its own
+            # private mapping, where edits may write in place
+            from ._views import cut
+
+            obj = Cache(cache_dir)._open_version(key, token, columns)
+            obj = None if obj is None else cut(obj, view)
+        else:
+            from ._views import rebuild
+
+            obj = rebuild(cache_dir, key, token, view)
     except MmcacheError as exc:  # damaged files, an unusable directory, ...
         obj, error = None, exc
     except OSError as exc:  # out of descriptors or memory, no permission
@@ -412,7 +519,7 @@ def _reopen(cache_dir: str, key: str, token: str, columns: Any) -> Any:
         # Raising here would kill a Pool worker while it reads its task: Pool.map would wait
         # forever, ProcessPoolExecutor would break. The task gets a stand-in that raises
         # this error on first use, so it reaches the caller as the task's own error.
-        return Unavailable(error, (cache_dir, key, token, columns))
+        return Unavailable(error, args)
     raise error
 
 
@@ -442,7 +549,9 @@ class _Forward:
         return (_reopen, self.args)
 
     def __repr__(self) -> str:
-        return f"<mmcache reference to key {self.args[1]!r}, version {self.args[2]}>"
+        what = "reference" if len(self.args) < 5 else "view reference"
+        key = unpack_name(self.args[1], path=False)
+        return f"<mmcache {what} to key {key!r}, version {self.args[2]}>"
 
 
 def _in_dask_scheduler() -> bool:
@@ -570,14 +679,26 @@ def _reduce(obj: Any) -> Any:
 
     A frame handed out by open(), unmodified, whose entry still holds its version pickles as
     a reference (key, cache directory, version: a few hundred bytes) and the receiving
-    process maps the same files. Anything else pickles exactly as pandas pickles it.
+    process maps the same files; so does an unmodified row range or column subset of one
+    (see _views.py). Anything else pickles exactly as pandas pickles it.
 
     A hook on the exact classes, rather than a subclass, keeps ``type(mmcache.open(k))`` a
     plain ``pd.DataFrame``: pandas' testing helpers and user code that compare classes work.
     """
     ref = obj.__dict__.get("_mmcache_ref")
-    if ref is not None and ref.unmodified(obj) and ref.openable() and not _persisting():
-        return (_reopen, (ref.cache_dir, ref.key, ref.token, ref.columns))
+    if ref is not None:
+        if ref.unmodified(obj) and ref.openable() and not _persisting():
+            return (_reopen, (pack_name(ref.cache_dir, path=True),
+                              pack_name(ref.key, path=False), ref.token, ref.columns))
+    else:
+        try:  # (the import too: a process out of descriptors cannot import)
+            from ._views import reference
+
+            view = reference(obj)  # a row range or column subset of an opened frame?
+        except Exception:  # the check must never break pickling: then the data go
+            view = None
+        if view is not None and not _persisting():
+            return (_reopen, view)
     return obj.__reduce_ex__(2)
 
 
@@ -616,6 +737,96 @@ def pin(obj: pd.DataFrame | pd.Series) -> None:
         blk.refs.referenced_blocks.append(_PIN)
 
 
+def own(obj: Any) -> Any:
+    """``obj`` (a shallow copy of a decoded frame) given label objects and array wrappers of
+    its own, over the same data: nothing a user can change in place on it (an axis's or a
+    categorical's categories' name, an index's freq, the Arrow data an ``.array[i] = x``
+    swaps) is shared with the process's decoded base, the next ``open`` or another frame.
+    Numpy label arrays need no copy: :func:`freeze` made them read-only. O(blocks).
+
+    Always new axis objects: pandas 2 with copy-on-write keeps a row range's columns Index
+    (``df.iloc[a:b].columns is df.columns``), so a view cut from the decoded base would
+    share its labels' names with every later open."""
+    obj.index = _own_index(obj.index, always=True)
+    if isinstance(obj, pd.DataFrame):
+        obj.columns = _own_index(obj.columns, always=True)
+    for blk in obj._mgr.blocks:
+        values = blk.values
+        if isinstance(values, pd.arrays.ArrowExtensionArray):
+            # `df["s"].array[0] = x` swaps the wrapper's data in place
+            blk.values = values.view()
+        elif isinstance(values, pd.Categorical):
+            # `df["c"].cat.categories.name = x` renames the dtype's own Index in place
+            dtype = categorical_dtype(_own_index(values.dtype.categories, always=True),
+                                      values.dtype.ordered)
+            blk.values = pd.Categorical._simple_new(values._codes, dtype)  # type: ignore[attr-defined]
+    return obj
+
+
+def _own_index(index: pd.Index, *, always: bool = False) -> pd.Index:
+    """A new Index object over the same data when the data are Arrow-backed (their wrapper is
+    swappable in place), or a MultiIndex has such levels; ``always``: in any case."""
+    if isinstance(index, pd.MultiIndex):
+        # pandas 2: a datetime level's freq lives on its array, shared by _view()
+        # (`df.index.levels[0].freq = x` reached every later open with copy-on-write on);
+        # a categorical level's categories are its dtype's (`.categories.name = x` too)
+        if not any(_axis_arrow(level) is not None or isinstance(level, pd.CategoricalIndex)
+                   or (PANDAS_2 and isinstance(level, pd.DatetimeIndex | pd.TimedeltaIndex))
+                   for level in index.levels):
+            return index._view() if always else index
+        return pd.MultiIndex(levels=[own_freq(_own_index(level)) for level in index.levels],
+                             codes=index.codes, sortorder=index.sortorder,
+                             names=index.names, verify_integrity=False)
+    if isinstance(index, pd.CategoricalIndex):
+        # `df.index.categories.name = x` renames the dtype's own Index in place (third attack)
+        values = index._values
+        dtype = categorical_dtype(_own_index(values.dtype.categories, always=True),
+                                  values.dtype.ordered)
+        return pd.CategoricalIndex._simple_new(  # type: ignore[attr-defined]
+            pd.Categorical._simple_new(values._codes, dtype), name=index.name)  # type: ignore[attr-defined]
+    if PANDAS_2 and _axis_arrow(index) is not None:
+        # pandas 2's Index.array is the Index's own array (pandas 3 hands out a read-only
+        # view): `.array[i] = x` swaps its Arrow data in place
+        return type(index)._simple_new(index._values.view(), name=index.name)  # type: ignore[attr-defined]
+    if not always:
+        return index
+    # pandas 2 keeps a DatetimeIndex's freq on its array, which _view() shares: datetime
+    # categories (`df["c"].cat.categories.freq = x`) and datetime axes need their own
+    owned = own_freq(index)
+    return index._view() if owned is index else owned
+
+
+def freeze(obj: Any) -> None:
+    """Make the label arrays of a decoded frame read-only (its axes, MultiIndex levels and
+    codes, categories): built from JSON they are writable, and pandas 2 with copy-on-write
+    lets ``Index.array[i] = x`` write into them, which would reach every frame of the
+    version. Mapped ones are read-only already."""
+    indexes = [obj.index] + ([obj.columns] if isinstance(obj, pd.DataFrame) else [])
+    for blk in obj._mgr.blocks:
+        if isinstance(blk.values, pd.Categorical):
+            indexes.append(blk.values.categories)
+    while indexes:
+        index = indexes.pop()
+        if isinstance(index, pd.RangeIndex):
+            continue  # no array: ``_values`` would build one (8 bytes a row) and keep it
+        if isinstance(index, pd.MultiIndex):
+            indexes.extend(index.levels)
+            arrays = list(index.codes)
+        else:
+            values = index._values
+            if isinstance(values, np.ndarray):
+                arrays = [values]
+            elif hasattr(values, "_mask"):  # nullable numbers and booleans
+                arrays = [values._mask, values._data]
+            else:
+                arrays = [values._ndarray] if hasattr(values, "_ndarray") else []
+            if isinstance(values, pd.Categorical):
+                arrays.append(values._codes)
+                indexes.append(values.categories)
+        for arr in arrays:
+            arr.flags.writeable = False
+
+
 def hand_out(
     base: pd.DataFrame | pd.Series, cache_dir: str | os.PathLike[str], version: Any,
     columns: Any, *, private: Mapped | None = None,
@@ -624,15 +835,7 @@ def hand_out(
     pin()), so neither the cache nor other frames ever see them. ``private``: ``base`` lies
     over this frame's own copy-on-write mapping (pandas 2 without copy-on-write writes in
     place: the kernel copies each written page instead)."""
-    obj = base.copy(deep=False)
-    index = own_freq(obj.index)
-    if index is not obj.index:
-        obj.index = index
-    for blk in obj._mgr.blocks:
-        if isinstance(blk.values, pd.arrays.ArrowExtensionArray):
-            # Its own wrapper over the same Arrow data: `df["s"].array[0] = x` swaps the
-            # wrapper's data in place, which must not reach base (the next open()) or others.
-            blk.values = blk.values.view()
+    obj = own(base.copy(deep=False))
     obj.attrs = copy.deepcopy(base.attrs)
     object.__setattr__(obj, "_mmcache_ref",
                        _Ref(obj, os.fspath(cache_dir), version, columns, private))

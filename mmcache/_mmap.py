@@ -11,11 +11,14 @@ descriptor closed at once, ``munmap`` when the last array viewing the mapping is
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import mmap
 import os
 import stat
+import threading
 import weakref
+from typing import Any
 
 import numpy as np
 
@@ -26,21 +29,20 @@ _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_
 _libc.munmap.restype = ctypes.c_int
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _MAP_FAILED = ctypes.c_void_p(-1).value
-# Every mapping this process holds now (see mapped_ranges): what memory accounting that
-# understands sharing (mmcache.dask) leaves out.
-_LIVE: weakref.WeakSet[_Region] = weakref.WeakSet()
 
 
 class _Region:
     """Owns one mapping; numpy arrays built on it keep it alive through their ``base``."""
 
-    __slots__ = ("__weakref__", "address", "private", "size")
+    __slots__ = ("__weakref__", "address", "owner", "private", "size")
 
     def __init__(self, address: int, size: int, private: bool) -> None:
         self.address = address
         self.size = size
         self.private = private
-        _LIVE.add(self)
+        # What the mapped file is, for telling a derived frame's buffers apart (see
+        # _views.py): (cache dir, key, token, file name), set by whoever mapped it.
+        self.owner: Any = None
 
     @property
     def __array_interface__(self) -> dict[str, object]:
@@ -48,10 +50,14 @@ class _Region:
                 "data": (self.address, not self.private), "version": 3}
 
     def __del__(self) -> None:
+        global _STALE
         munmap = getattr(_libc, "munmap", None)  # gone during interpreter shutdown
-        if munmap is not None and self.size:
-            munmap(self.address, self.size)
+        size = self.size
+        if munmap is not None and size:
+            # Marked gone before the address can be mapped again: see _add.
             self.size = 0
+            _STALE = True
+            munmap(self.address, size)
 
 
 def map_file(path: str | os.PathLike[str], size: int, *, private: bool = False) -> np.ndarray:
@@ -77,7 +83,61 @@ def map_file(path: str | os.PathLike[str], size: int, *, private: bool = False) 
     if address in (None, _MAP_FAILED):
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), os.fspath(path))
-    return np.asarray(_Region(address, size, private))
+    region = _Region(address, size, private)
+    _LIVE.add(region)
+    _add(region)
+    return np.asarray(region)
+
+
+# Every mapping alive in this process: memory accounting that understands sharing
+# (mmcache.dask) leaves them out.
+_LIVE: weakref.WeakSet[_Region] = weakref.WeakSet()
+
+# The same mappings sorted by address, for finding which one holds an address (derived
+# frames' buffers, see _views.py) in O(log n): (start addresses, weak references), replaced
+# as a whole on each map, so readers never see it half-changed and take no lock. Unmapping
+# does not touch it (a finalizer may run in the middle of any code): a gone region stays
+# listed, dead, until the next map drops it. It can be dropped in time because a region is
+# marked gone (size 0, _STALE) before its address is unmapped, so before that address can
+# be mapped again and listed twice.
+_TABLE: tuple[list[int], list[weakref.ref[_Region]]] = ([], [])
+_TABLE_LOCK = threading.Lock()
+_STALE = False
+
+
+def _add(region: _Region) -> None:
+    global _TABLE, _STALE
+    with _TABLE_LOCK:
+        starts, refs = _TABLE
+        if _STALE:
+            _STALE = False  # before looking: a region gone meanwhile sets it again
+            alive = [(s, r) for s, r in zip(starts, refs, strict=True)
+                     if (x := r()) is not None and x.size]
+            starts, refs = [s for s, _ in alive], [r for _, r in alive]
+        else:
+            starts, refs = list(starts), list(refs)
+        i = bisect.bisect_right(starts, region.address)
+        starts.insert(i, region.address)
+        refs.insert(i, weakref.ref(region))
+        _TABLE = (starts, refs)
+
+
+def any_mapped() -> bool:
+    """True if this process may map a file now (cheap: no search)."""
+    return bool(_TABLE[0])
+
+
+def find_region(address: int, nbytes: int) -> _Region | None:
+    """The live mapping that holds the ``nbytes`` bytes at ``address``, or None.
+    O(log mappings)."""
+    starts, refs = _TABLE
+    i = bisect.bisect_right(starts, address) - 1
+    if i < 0:
+        return None
+    r = refs[i]()
+    if r is None or not r.size or address + nbytes > starts[i] + r.size:
+        return None
+    return r
 
 
 _PAGE = mmap.PAGESIZE
@@ -86,7 +146,7 @@ _PAGE = mmap.PAGESIZE
 _PRESENT, _SWAPPED, _FILE = np.uint64(1 << 63), np.uint64(1 << 62), np.uint64(1 << 61)
 
 
-def _region(arr: np.ndarray) -> _Region | None:
+def region_of(arr: np.ndarray) -> _Region | None:
     base = arr.base
     while isinstance(base, np.ndarray):
         base = base.base
@@ -95,7 +155,7 @@ def _region(arr: np.ndarray) -> _Region | None:
 
 def in_private_mapping(arr: np.ndarray) -> bool:
     """True if ``arr`` views a private mapping (``map_file(private=True)``)."""
-    region = _region(arr)
+    region = region_of(arr)
     return region is not None and region.private
 
 
@@ -107,10 +167,20 @@ def written(arrays: list[np.ndarray]) -> bool:
     first write replaces it with an anonymous copy (present, not a file page) that may later
     be swapped out. The kernel's page table says which, without touching the data.
     """
-    regions: list[tuple[int, int]] = []
+    found = []
     for arr in arrays:
-        base = _region(arr)
-        if base is None or not base.private:
+        base = region_of(arr)
+        if base is None:
+            return True
+        found.append(base)
+    return regions_written(found)
+
+
+def regions_written(found: list[_Region]) -> bool:
+    """:func:`written` for the mappings themselves (each must be private, else True)."""
+    regions: list[tuple[int, int]] = []
+    for base in found:
+        if not base.private:
             return True
         if base.size:
             regions.append((base.address, base.size))

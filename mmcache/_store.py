@@ -24,7 +24,7 @@ import numpy as np
 
 from ._codecs import BAD_LAYOUT, Mapped, Pool, Spec
 from ._errors import CacheFullError, CorruptEntryError, UnsupportedFormatError
-from ._mmap import map_file
+from ._mmap import map_file, region_of
 from ._paths import ENV_DIR
 from ._units import human
 
@@ -291,7 +291,11 @@ def map_files(
                 "(truncated or overwritten); delete the entry and save it again",
                 key=key, path=path,
             )
-        arrays.append(_map_npy(path, dtype, count, size, key, private))
+        arr = _map_npy(path, dtype, count, size, key, private)
+        region = region_of(arr)
+        if region is not None:  # how a derived frame's buffers name their version
+            region.owner = (str(data_dir.parent), key, data_dir.name.rpartition(".")[2], name)
+        arrays.append(arr)
     return Mapped(arrays, where)
 
 

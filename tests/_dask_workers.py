@@ -147,6 +147,14 @@ class Raw:
         return (pickle.loads, (self.payload,))
 
 
+def view_received(obj: Any, cache_dir: str) -> dict[str, Any]:
+    """What a task received for a view: a full copy, its class, and whether it maps the
+    same pages (see tests._workers.view_task)."""
+    from tests import _workers
+
+    return _workers.view_task((obj, cache_dir))
+
+
 def column_sum(df: Any, column: str) -> float:
     return float(df[column].sum())
 

@@ -10,6 +10,7 @@ message, so the parent fails with the child's traceback instead of waiting for a
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import os
@@ -25,7 +26,7 @@ import pyarrow as pa
 import mmcache
 from tests import _pd
 
-from ._zerocopy import frame_addresses, frame_in_cache, maps_under
+from ._zerocopy import array_buffers, frame_addresses, frame_in_cache, maps_under
 
 # A child never waits longer than this for its parent (the parent has its own, shorter, bounds).
 CHILD_TIMEOUT = 120.0
@@ -229,3 +230,44 @@ def share_task(arg: tuple[mmcache.Entry, int]) -> dict[str, Any]:
     df = ref.open()
     return {"i": i, "pid": os.getpid(), "checksum": checksum(df),
             "zero_copy": frame_in_cache(df, ref.cache_dir)}
+
+
+def view_task(arg: tuple[pd.DataFrame | pd.Series, str]) -> dict[str, Any]:
+    """A view received through Pool.map: a full copy to compare, and whether every buffer
+    of its columns and index lies in a mapped cache file here (``None``: nothing to check)."""
+    obj, cache_dir = arg
+    cols = [obj] if isinstance(obj, pd.Series) else [obj.iloc[:, i] for i in range(obj.shape[1])]
+    bufs = [b for c in cols for b in array_buffers(c._values)] + array_buffers(obj.index)
+    ranges = maps_under(cache_dir)
+    return {"copy": obj.copy(deep=True), "type": type(obj).__name__,
+            "zero_copy": bool(bufs) and all(any(s <= a and a + n <= e for s, e, _ in ranges)
+                                            for a, n in bufs)}
+
+
+def chunk_task(chunk: pd.DataFrame) -> tuple[Any, ...]:
+    """What a chunked Pool.map computes per row chunk: a checksum and column sums."""
+    return checksum(chunk), tuple(float(chunk[c].sum()) for c in ("a", "b", "i"))
+
+
+_HELD: list[int] = []
+
+
+def exhaust_descriptors() -> None:
+    """A Pool initializer: this worker can open no more files (EMFILE), as under a tight
+    ``ulimit -n``, so no reference can be opened here."""
+    import resource
+
+    import mmcache._cache
+    import mmcache._views  # noqa: F401  (imported while files can still be opened)
+
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    top = max(int(fd) for fd in os.listdir("/proc/self/fd")) + 1
+    resource.setrlimit(resource.RLIMIT_NOFILE, (top + 1, hard))
+    with contextlib.suppress(OSError):
+        while True:
+            _HELD.append(os.open(os.devnull, os.O_RDONLY))
+
+
+def echo(obj: Any) -> Any:
+    """A task that hands its argument back in its result."""
+    return obj

@@ -237,7 +237,7 @@ def test_opened_frame_pickles_as_reference_until_modified(cache_dir):
     assert type(back) is pd.DataFrame
     _pd.assert_frame_equal(back, df)
     assert_zero_copy(back, cache_dir)
-    series = mmcache.open("k")["a"]  # derived: a plain Series, pickled in full
+    series = mmcache.open("k")["a"] + 0.0  # computed: pickled in full (views: test_views.py)
     assert len(pickle.dumps(series)) > 100_000 * 8
     got.loc[0, "a"] = -1.0
     blob = pickle.dumps(got)
@@ -684,3 +684,26 @@ def test_without_copy_on_write_an_edit_copies_one_page_not_the_column(cache_dir)
     present, file_page = (entries >> 63) & 1, (entries >> 61) & 1
     assert int(((present == 1) & (file_page == 0)).sum()) == 1  # one private page, 4 KB
     assert got["a"].iloc[10] == 5.0 and mmcache.open("k")["a"].iloc[10] == 0.0
+
+
+def test_open_pauses_the_garbage_collector_only_while_it_builds_the_frame(cache_dir, monkeypatch):
+    """Wide frames open faster with collections paused (benchmarks); the collector's state
+    is the caller's again afterwards, also when open fails or the caller had paused it."""
+    from mmcache import _frame
+
+    mmcache.save(pd.DataFrame({"a": [1.0, 2.0], "c": pd.Categorical(["x", "y"])}), "k")
+    seen = []
+    decode = _frame.decode
+    monkeypatch.setattr(_frame, "decode", lambda *a: (seen.append(gc.isenabled()), decode(*a))[1])
+    assert gc.isenabled()
+    mmcache.open("k", columns=["c"])
+    assert seen == [False] and gc.isenabled()
+    gc.disable()
+    try:
+        mmcache.open("k", columns=["a"])
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+    with pytest.raises(mmcache.MmcacheError):
+        mmcache.open("k", columns=["nope"])
+    assert gc.isenabled()

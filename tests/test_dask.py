@@ -12,6 +12,7 @@ import threading
 import time
 from functools import partial
 
+import pandas as pd
 import psutil
 import pytest
 
@@ -19,6 +20,7 @@ pytest.importorskip("distributed")
 
 import mmcache
 import mmcache.dask as mdask
+from mmcache._compat import writes_in_place
 from tests import _dask_workers as w
 from tests._dirs import shm_tempdir
 
@@ -181,6 +183,29 @@ def test_plain_reference_travels_and_a_missing_version_fails_the_task_only(
     assert "'plain'" in msg and "Dask worker tcp://" in msg and "mmcache.dask.share" in msg
     assert client.submit(w.column_sum, w.frame(10), "a", pure=False).result(timeout=60) == 45
     assert client.run(os.getpid) == pids  # no worker died or restarted
+
+
+def test_a_view_passed_to_submit_arrives_as_that_view(client, here):
+    """Found by an attack: the scheduler forwards the references it unpickles, and the
+    forward dropped a view's rows and columns, so a chunk arrived as the whole frame (a
+    Series as a DataFrame). Each view arrives as itself, over the same pages."""
+    df = w.frame(5_000)
+    mmcache.save(df, "views")
+    opened = mmcache.open("views")
+    views = {"rows": opened.iloc[1_000:1_500], "column rows": opened["a"].iloc[10:20],
+             "column": opened["s"]}
+    if not writes_in_place():  # (pandas 2 without copy-on-write copies column subsets)
+        views["rows of columns"] = opened.iloc[100:200][["b", "a"]]
+    for kind, view in views.items():
+        assert b"_reopen" in pickle.dumps(view), kind
+        got = client.submit(w.view_received, view, str(here),
+                            pure=False).result(timeout=60)
+        assert got["type"] == type(view).__name__, kind
+        if isinstance(view, pd.Series):
+            pd.testing.assert_series_equal(got["copy"], view, check_exact=True)
+        else:
+            pd.testing.assert_frame_equal(got["copy"], view, check_exact=True)
+        assert got["zero_copy"], kind
 
 
 def test_worker_killed_while_writing_leaves_nothing_and_another_finishes(client, nodes, here):
