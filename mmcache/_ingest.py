@@ -489,6 +489,8 @@ class _Stager:
 
 def _recode(codes: np.ndarray, moved: np.ndarray) -> np.ndarray:
     """Category codes of a batch's categories as codes of the running ones (-1 stays)."""
+    if not len(moved):  # no categories (an all-null chunk): every code is -1
+        return np.full(len(codes), -1, dtype=codes.dtype)
     return np.where(codes >= 0, moved[np.maximum(codes, 0)], -1)
 
 

@@ -156,6 +156,13 @@ class _Footer:
             raise _changed(path)
         return cls(path, meta, before)
 
+    def changed(self) -> bool:
+        """Whether the file is no longer the one the footer was read from."""
+        try:
+            return _identity(self.path) != self.identity
+        except MmcacheError:  # removed
+            return True
+
     def open(self) -> pa.NativeFile:
         """The file, opened now; raises if it is not the file the footer was read from (it
         was replaced or rewritten since: its data would not match the footer)."""
@@ -209,13 +216,24 @@ def _parquet_stream(files: list[pq.ParquetFile] | list[Path], columns: list[str]
         for f, meta in zip(footers, metas, strict=True):
             passes = (_passes(meta, schema.names) if parts and meta.num_rows
                       else [schema.names])
-            with (contextlib.nullcontext(None) if isinstance(f, pq.ParquetFile)
-                  else f.open()) as source:
-                read = _reader(f if source is None else source, meta, schema)
-                if len(passes) > 1:
-                    yield from column_passes(read, meta, schema, passes, head=head)
-                else:  # (a file of one batch gains little, and would pay a pool)
-                    yield from read(schema.names, BATCH_ROWS, meta.num_rows > BATCH_ROWS)
+            try:
+                with (contextlib.nullcontext(None) if isinstance(f, pq.ParquetFile)
+                      else f.open()) as source:
+                    read = _reader(f if source is None else source, meta, schema)
+                    if len(passes) > 1:
+                        yield from column_passes(read, meta, schema, passes, head=head)
+                    else:  # (a file of one batch gains little, and would pay a pool)
+                        yield from _counted(read(schema.names, BATCH_ROWS,
+                                                 meta.num_rows > BATCH_ROWS),
+                                            meta, schema.names)
+            except Exception as exc:  # a file cut or rewritten while read: say so
+                if isinstance(f, _Footer) and f.changed():
+                    raise _changed(f.path) from exc
+                raise
+            # Rewritten in place while read (same inode, e.g. between two passes): its
+            # batches may mix both contents.
+            if isinstance(f, _Footer) and f.changed():
+                raise _changed(f.path)
             head = head and not meta.num_rows
 
     return Stream(schema, batches(), nrows, what, parts=parts)
@@ -684,15 +702,26 @@ def column_passes(read: Reader, metadata: pq.FileMetaData, schema: pa.Schema,
                                          schema=schema)
     for names in passes:
         seen = 0
-        for batch in read(names, BATCH_ROWS, True):
+        for batch in _counted(read(names, BATCH_ROWS, True), metadata, names):
             start, seen = max(0, skip - seen), seen + batch.num_rows
             if start < batch.num_rows:
                 yield batch.slice(start)
-        if seen != metadata.num_rows:  # never seen: every column has the file's rows
-            raise MmcacheError(
-                f"a parquet file's columns {names[:3]!r}... gave {seen} rows, the file has "
-                f"{metadata.num_rows}; nothing was written (please report this)"
-            )
+
+
+def _counted(batches: Iterator[pa.RecordBatch], metadata: pq.FileMetaData,
+             names: list[str]) -> Iterator[pa.RecordBatch]:
+    """``batches`` of a parquet file's ``names``, raising at the end unless they held the
+    rows its footer announces (pyarrow reads a file cut short as fewer rows, no error)."""
+    seen = 0
+    for batch in batches:
+        seen += batch.num_rows
+        yield batch
+    if seen != metadata.num_rows:
+        raise MmcacheError(
+            f"a parquet file's columns {names[:3]!r} gave {seen} rows where its footer "
+            f"says {metadata.num_rows}; nothing was written. Was the file cut or rewritten "
+            "while it was read? Check it (pyarrow.parquet.read_table) and ingest again"
+        )
 
 
 def prefetched(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:

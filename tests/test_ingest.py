@@ -1257,6 +1257,62 @@ def test_a_file_changed_after_its_footer_was_read_is_refused(how, tmp_path):
         list(stream.batches)
 
 
+@pytest.mark.parametrize("ncols", [1, 6])
+@pytest.mark.parametrize("how", ["rewritten in place", "cut short", "emptied"])
+def test_a_file_changed_while_it_is_read_is_refused_and_the_old_entry_kept(how, ncols,
+                                                                           tmp_path, cache_dir,
+                                                                           monkeypatch):
+    """A writer changing the file (same inode) after a few batches: read in column passes
+    (6 columns, one a pass) the entry mixed both contents by column; read by one stream (one
+    column) a file cut short gave fewer rows (pyarrow reads no error): both were published.
+    Each is refused as changed, and the key keeps its version."""
+    path = tmp_path / "src.parquet"
+    table = pa.table({f"c{j}": np.arange(20_000) + j for j in range(ncols)})
+    pq.write_table(table, path, row_group_size=2_000, compression="none", use_dictionary=False)
+    other = tmp_path / "other.parquet"
+    pq.write_table(pa.table({f"c{j}": np.full(20_000, -1) for j in range(ncols)}), other,
+                   row_group_size=2_000, compression="none", use_dictionary=False)
+    assert other.stat().st_size == path.stat().st_size
+    mmcache.save(pd.DataFrame({"old": [1]}), "k")
+    monkeypatch.setattr(_sources, "PASS_BUDGET", 1)  # one column a pass
+    monkeypatch.setattr(_sources, "BATCH_ROWS", 1_000)
+    real, calls = _sources._counted, []
+
+    def counted(batches, metadata, names):
+        for i, batch in enumerate(real(batches, metadata, names)):
+            calls.append(i)
+            if len(calls) == (25 if ncols > 1 else 5):  # in the 2nd pass, or the 5th batch
+                with open(path, "r+b") as f:
+                    if how == "rewritten in place":
+                        f.write(other.read_bytes())
+                    else:
+                        f.truncate(0 if how == "emptied" else path.stat().st_size // 2)
+            yield batch
+
+    monkeypatch.setattr(_sources, "_counted", counted)
+    with pytest.raises(mmcache.InvalidArgumentError, match="changed while it was being"):
+        mmcache.ingest(path, "k", progress=False)
+    assert len(calls) >= (25 if ncols > 1 else 5)
+    _pd.assert_frame_equal(mmcache.open("k"), pd.DataFrame({"old": [1]}))
+
+
+def test_a_category_all_null_in_a_later_file_or_row_group_ingests(tmp_path, cache_dir):
+    """The parquet reader gives an all-null chunk of a dictionary column an empty
+    dictionary: its codes mapped through no categories raised a bare IndexError."""
+    def cat(values):
+        return pa.array(values, pa.string()).dictionary_encode()
+
+    d = tmp_path / "dir"
+    d.mkdir()
+    pq.write_table(pa.table({"c": cat(["a", "b", "a"]), "x": [1, 2, 3]}), d / "0.parquet")
+    pq.write_table(pa.table({"c": cat([None, None]), "x": [4, 5]}), d / "1.parquet")
+    groups = tmp_path / "groups.parquet"
+    pq.write_table(pa.table({"c": cat(["a", "b", None, None])}), groups, row_group_size=2)
+    for source in (d, groups):
+        mmcache.ingest(source, "k", progress=False)
+        _pd.assert_frame_equal(mmcache.open("k"), pd.read_parquet(source))
+
+
 def test_a_file_whose_mode_changed_is_read_and_a_removed_one_is_refused(tmp_path):
     """chmod changes no byte (only the ctime): the file is read; a file removed after its
     footer was read is refused as changed, not reported as a cache failure."""
