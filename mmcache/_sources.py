@@ -213,15 +213,19 @@ def _parquet_stream(files: list[pq.ParquetFile] | list[Path], columns: list[str]
 
     def batches() -> Iterator[pa.RecordBatch]:
         head = True  # no batch yet: the next must hold every column
+        widths: dict[str, float] | None = None  # measured on the first file's first rows
         for f, meta in zip(footers, metas, strict=True):
-            passes = (_passes(meta, schema.names) if parts and meta.num_rows
-                      else [schema.names])
             try:
                 with (contextlib.nullcontext(None) if isinstance(f, pq.ParquetFile)
                       else f.open()) as source:
                     read = _reader(f if source is None else source, meta, schema)
+                    if parts and meta.num_rows and widths is None:
+                        widths = _widths(read, meta, schema.names)
+                    passes = (_passes(meta, schema.names, widths or {})
+                              if parts and meta.num_rows else [schema.names])
                     if len(passes) > 1:
-                        yield from column_passes(read, meta, schema, passes, head=head)
+                        yield from column_passes(read, meta, schema, passes, widths or {},
+                                                 head=head)
                     else:  # (a file of one batch gains little, and would pay a pool)
                         yield from _counted(read(schema.names, BATCH_ROWS,
                                                  meta.num_rows > BATCH_ROWS),
@@ -654,17 +658,40 @@ PASS_BUDGET = 128 << 20
 COLUMN_STATE = 4 << 20  # at most, per column: dictionary, decoded page, read buffer
 
 
-def _passes(meta: pq.FileMetaData, names: list[str]) -> list[list[str]]:
-    """``names`` cut into consecutive passes that fit PASS_BUDGET (one pass: read at once)."""
+PROBE_ROWS = 1024  # rows of each column read first to measure what its batches weigh
+
+
+def _widths(read: Reader, meta: pq.FileMetaData, names: list[str]) -> dict[str, float]:
+    """Bytes per row of each column once decoded, measured on its first rows (read a few
+    columns at a time, as the footer's sizes plan): the footer cannot say it for
+    dictionary-encoded text (70 KB on disk for a chunk 20 MB decoded)."""
+    widths: dict[str, float] = {}
+    for group in _passes(meta, names, {}):
+        reader = read(group, PROBE_ROWS, False)
+        try:
+            probe = next(reader, None)
+        finally:
+            reader.close()  # type: ignore[attr-defined]
+        if probe is not None and probe.num_rows:
+            widths.update((name, col.nbytes / probe.num_rows)
+                          for name, col in zip(probe.schema.names, probe.columns, strict=True))
+    return widths
+
+
+def _passes(meta: pq.FileMetaData, names: list[str],
+            widths: dict[str, float]) -> list[list[str]]:
+    """``names`` cut into consecutive passes that fit PASS_BUDGET (one pass: read at once):
+    each column costs its reader's state (at most COLUMN_STATE) and AHEAD + 2 batches of
+    it, weighed from its decoded ``widths`` or, where larger, the footer's sizes."""
     cost: dict[str, float] = {}
     for rg in range(meta.num_row_groups):
         group = meta.row_group(rg)
         for i in range(group.num_columns):
             chunk = group.column(i)
-            size = chunk.total_uncompressed_size
-            per_value = size / max(1, chunk.num_values)
-            est = min(size, COLUMN_STATE) + (AHEAD + 2) * BATCH_ROWS * per_value
-            cost[chunk.path_in_schema] = max(cost.get(chunk.path_in_schema, 0.0), est)
+            name, size = chunk.path_in_schema, chunk.total_uncompressed_size
+            per_row = max(size / max(1, chunk.num_values), widths.get(name, 0.0))
+            est = min(size, COLUMN_STATE) + (AHEAD + 2) * BATCH_ROWS * per_row
+            cost[name] = max(cost.get(name, 0.0), est)
     passes: list[list[str]] = [[]]
     used = 0.0
     for name in names:
@@ -677,7 +704,8 @@ def _passes(meta: pq.FileMetaData, names: list[str]) -> list[list[str]]:
 
 
 def column_passes(read: Reader, metadata: pq.FileMetaData, schema: pa.Schema,
-                  passes: list[list[str]], *, head: bool) -> Iterator[pa.RecordBatch]:
+                  passes: list[list[str]], widths: dict[str, float], *,
+                  head: bool) -> Iterator[pa.RecordBatch]:
     """A parquet file read pass by pass (see ``_passes``): the batches of each pass's
     columns over all the rows, one pass after the other; ``read(names, batch_rows,
     parallel)`` reads the file's ``names``. ``head``: first a batch of every column (the
@@ -686,8 +714,9 @@ def column_passes(read: Reader, metadata: pq.FileMetaData, schema: pa.Schema,
     skip = 0
     if head:
         first = metadata.row_group(0)
-        width = sum(first.column(i).total_uncompressed_size
-                    for i in range(first.num_columns)) / max(1, first.num_rows)
+        width = max(sum(first.column(i).total_uncompressed_size
+                        for i in range(first.num_columns)) / max(1, first.num_rows),
+                    sum(widths.values()))
         rows = max(1, min(BATCH_ROWS, int(PASS_BUDGET // 4 // max(1.0, width))))
         columns: dict[str, pa.Array] = {}
         for names in passes:
