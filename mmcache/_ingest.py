@@ -590,15 +590,16 @@ def _ingest(cache: Any, source: Any, key: str, columns: Sequence[str] | None,
             stager = _Stager(stage_dir, stream)
             nbytes = 0
             with _progress(progress, stream.nrows, key) as bar:
-                width = len(stream.schema)
+                width, done = len(stream.schema), 0.0
                 for batch in prefetched(stream.batches):
                     check_batch(stream.schema, batch, stream.what, stream.parts)
                     stager.add(batch)  # even empty: its dictionaries count, as in pandas
                     nbytes += batch.nbytes
                     bar.set_postfix_str(human(nbytes), refresh=False)
-                    # (a column pass's rows count for the share of the columns it holds)
-                    bar.update(batch.num_rows if batch.num_columns == width
-                               else batch.num_rows * batch.num_columns / width)
+                    # A column pass's rows count for the share of the columns it holds;
+                    # the bar moves by whole rows, and ends on the total.
+                    done += batch.num_rows * batch.num_columns / width
+                    bar.update(round(done) - bar.n)
             if stager.cols is None:  # no batch at all: an empty frame of the schema
                 stager.add(pa.RecordBatch.from_pylist([], schema=stream.schema))
             stager.fds.close()

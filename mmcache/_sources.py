@@ -74,6 +74,11 @@ def open_source(source: Any, columns: Sequence[str] | None) -> Stream:
                 f"columns= takes a list of column names (str), got {columns!r}"
             )
         columns = list(columns)
+        twice = [c for c, n in collections.Counter(columns).items() if n > 1]
+        if twice:
+            raise InvalidArgumentError(
+                f"columns= names {twice[0]!r} more than once; name each column once"
+            )
     if isinstance(source, str | os.PathLike):
         return _path_stream(Path(source), columns)
     if isinstance(source, pq.ParquetFile):
@@ -512,6 +517,7 @@ def _unique(schema: pa.Schema, what: str) -> pa.Schema:
 
 
 def _same_types(schema: pa.Schema, other: pa.Schema, what: str) -> None:
+    _unique(other, what)
     for field in schema:
         i = other.get_field_index(field.name)
         if i < 0:

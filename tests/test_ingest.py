@@ -341,6 +341,16 @@ def test_repeated_column_names_in_parquet_are_refused_and_a_table_keeps_them(tmp
                            match=r"name 'a' appears more than once.*rename_columns"):
             mmcache.ingest(source, "bad", progress=False)
         _nothing_written(cache_dir)
+    d = tmp_path / "dir"  # the first file's names are unique, the second's are not
+    d.mkdir()
+    pq.write_table(pa.table({"a": [1], "b": [2]}), d / "0.parquet")
+    pq.write_table(pa.table([pa.array([1]), pa.array([2]), pa.array([3])],
+                            names=["a", "b", "b"]), d / "1.parquet")
+    with pytest.raises(mmcache.UnsupportedTypeError, match=r"name 'b' appears more than once"):
+        mmcache.ingest(d, "bad", progress=False)
+    with pytest.raises(mmcache.InvalidArgumentError, match="names 's' more than once"):
+        mmcache.ingest(table, "bad", columns=["s", "s"], progress=False)
+    _nothing_written(cache_dir)
     try:
         expected = table.to_pandas()
     except ValueError:  # pyarrow 15: "Found non-unique column index"; ingest says so too
@@ -818,7 +828,12 @@ def test_reader_batches_are_sliced_to_batch_rows():
 # --- progress -----------------------------------------------------------------------------
 
 
-def test_progress_bar_on_request_and_silent_otherwise(files, cache_dir, capsys):
+@pytest.mark.parametrize("passes", [False, True])
+def test_progress_bar_on_request_and_silent_otherwise(passes, files, cache_dir, capsys,
+                                                      monkeypatch):
+    if passes:  # a column pass's rows count for its share of the columns; ends on the total
+        monkeypatch.setattr(_sources, "PASS_BUDGET", 1)
+        monkeypatch.setattr(_sources, "BATCH_ROWS", 333)
     mmcache.ingest(files["parquet"], "p", progress=True)
     err = capsys.readouterr().err
     assert f"{ROWS / 1000:.2f}k/{ROWS / 1000:.2f}k" in err and "rows" in err
