@@ -383,8 +383,8 @@ def _axis_state(index: pd.Index) -> list[Any]:
     of a RangeIndex or MultiIndex (see :func:`_axis_arrow`)."""
     if isinstance(index, pd.RangeIndex):
         return []
-    if isinstance(index, pd.MultiIndex):
-        return [x for level in index.levels for x in _axis_state(level)]
+    if isinstance(index, pd.MultiIndex):  # (`df.index.sortorder = 1` sets it in place)
+        return [index.sortorder, *(x for level in index.levels for x in _axis_state(level))]
     values = index._values
     out = [getattr(index, "freq", None), getattr(values, "_pa_array", None)]
     if type(values) is pd.Categorical:
@@ -760,6 +760,10 @@ def own(obj: Any) -> Any:
             dtype = categorical_dtype(_own_index(values.dtype.categories, always=True),
                                       values.dtype.ordered)
             blk.values = pd.Categorical._simple_new(values._codes, dtype)  # type: ignore[attr-defined]
+        elif PANDAS_2 and isinstance(values, pd.arrays.DatetimeArray | pd.arrays.TimedeltaArray):
+            # pandas 2: `s.array.freq = x` sets a Series' freq on the block's array itself
+            # (with copy-on-write on, it reached every later open); a slice keeps the freq
+            blk.values = values[:]
     return obj
 
 

@@ -51,6 +51,9 @@ _OWN_NAME = re.compile(
 _OWN_DATA_FILE = re.compile(r"(?:0|[1-9][0-9]*)\.npy|meta\.json")
 
 
+_SURROGATE_PAIR = re.compile("[\ud800-\udbff][\udc00-\udfff]")
+
+
 def check_key(key: object) -> str:
     """Return ``key`` if it can name an entry, else raise InvalidKeyError."""
     if not isinstance(key, str):
@@ -66,6 +69,14 @@ def check_key(key: object) -> str:
         )
     if "\0" in key:
         raise InvalidKeyError(f"key {key!r} contains a NUL character; remove it", key=key)
+    if _SURROGATE_PAIR.search(key):
+        # JSON (the metadata) reads "\ud83d\ude00" back as the one character they encode:
+        # the entry would hold another key than the one it was saved under
+        raise InvalidKeyError(
+            f"key {key!r} contains a UTF-16 surrogate pair as two code points; use the "
+            "character they encode (e.g. decode the text with 'utf-16', 'surrogatepass')",
+            key=key,
+        )
     return key
 
 

@@ -25,6 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import mmcache
+from mmcache import _compat
 from mmcache._compat import writes_in_place
 from tests import _pd
 
@@ -861,6 +862,8 @@ def _axis_marks(obj: Any) -> list[Any]:
     axes = [obj.index] + ([obj.columns] if isinstance(obj, pd.DataFrame) else [])
     out: list[Any] = []
     for index in axes:
+        if isinstance(index, pd.MultiIndex):
+            out.append(("sortorder", index.sortorder))
         for level in index.levels if isinstance(index, pd.MultiIndex) else [index]:
             if isinstance(level, pd.CategoricalIndex):
                 out.append((level.categories.name, getattr(level.categories, "freq", None)))
@@ -905,6 +908,10 @@ AXIS_EDITS: dict[str, tuple[Callable[[], pd.DataFrame], Callable[[pd.DataFrame],
         lambda: pd.DataFrame({"a": np.arange(6.0), "b": np.arange(6)},
                              index=pd.MultiIndex.from_arrays([_DAYS.repeat(2), np.arange(6)])),
         lambda df: setattr(df.index.levels[0], "freq", "D")),
+    "MultiIndex sortorder": (  # fourth attack, finding 1
+        lambda: pd.DataFrame({"a": np.arange(4.0), "b": np.arange(4)},
+                             index=pd.MultiIndex.from_arrays([list("aabb"), np.arange(4)])),
+        lambda df: setattr(df.index, "sortorder", 1)),
 }
 
 
@@ -931,6 +938,23 @@ def test_freqs_and_categories_names_set_in_place_make_a_frame_pickle_in_full(edi
         assert _axis_marks(back) == _axis_marks(obj), edit
         assert_same(back, obj)
     assert REF not in pickle.dumps(df)
+    assert REF in pickle.dumps(later)
+
+
+@pytest.mark.skipif(not _compat.PANDAS_2, reason="pandas 3's datetime arrays have no freq")
+def test_a_series_array_freq_set_in_place_never_reaches_a_later_open(cache_dir):
+    """Fourth attack, finding 2: on pandas 2 a Series keeps its freq on the block's array
+    itself; `s.array.freq = x` on an opened Series reached every later open with
+    copy-on-write on. (Its reference arrives without the freq, as pandas' own pickle of a
+    Series drops it.)"""
+    mmcache.save(pd.Series(pd.date_range("2024-01-01", periods=12, freq="h"), name="s"), "k",
+                 cache_dir=cache_dir)
+    s = mmcache.open("k", cache_dir=cache_dir)
+    assert s.array.freq is None
+    s.array.freq = "h"
+    assert s.array.freq == "h"
+    later = mmcache.open("k", cache_dir=cache_dir)
+    assert later.array.freq is None
     assert REF in pickle.dumps(later)
 
 
