@@ -332,6 +332,13 @@ class Cache:
                                        version.mapped.where, private=True)
             base = _frame.decode(version.meta["layout"], private, columns)
             return _frame.hand_out(base, cache_dir, version, ckey, private=private)
+        if ckey not in version.frames and version.first_open(ckey):
+            # The first open of these columns decodes a frame for itself and hands it out as
+            # is: nothing in it is shared (see _frame.decode), so the owned copy hand_out
+            # would make of a kept base is not needed, which on a wide frame is a fifth of
+            # the cold open. Only a second open keeps a base to copy from.
+            fresh = _frame.decode(version.meta["layout"], version.mapped, columns)
+            return _frame.hand_out(fresh, cache_dir, version, ckey, fresh=True)
         return _frame.hand_out(self._base(version, columns), cache_dir, version, ckey)
 
     @staticmethod

@@ -14,6 +14,7 @@ otherwise dominate ``open``).
 from __future__ import annotations
 
 import base64
+import copy
 import datetime as _dt
 import decimal
 import functools
@@ -113,6 +114,14 @@ class Mapped:
         # Writable copy-on-write mappings (pandas 2 without copy-on-write): what is decoded
         # over them is the frame's own memory, and two columns must never share it.
         self.private = any(a.flags.writeable for a in arrays)
+
+    def for_layout(self, shared_specs: list[Spec]) -> Mapped:
+        """This mapping with the layout's shared specs and an empty cache of their decoded
+        objects, for one decode (its arrays and ``built`` are this mapping's own)."""
+        m = copy.copy(self)
+        m.shared_specs = list(shared_specs)
+        m.shared = {}
+        return m
 
     def edited(self) -> bool:
         """True if a column this mapping's frame built in memory was written since."""

@@ -150,7 +150,9 @@ def decode(layout: Spec, m: Mapped, columns: Sequence[Any] | None) -> pd.DataFra
     if columns is not None and layout.get("kind") == "series":
         raise InvalidArgumentError(f"{m.where} holds a Series; open it without columns=")
     try:
-        m.shared_specs = list(layout["shared"])
+        # Decoded categories are shared by the columns of this frame only: a frame handed
+        # out as decoded (the first open) must share no label object with later ones.
+        m = m.for_layout(layout["shared"])
         nrows = int(layout["nrows"])
         index = decode_index(layout["index"], m)
         if len(index) != nrows:
@@ -833,13 +835,14 @@ def freeze(obj: Any) -> None:
 
 def hand_out(
     base: pd.DataFrame | pd.Series, cache_dir: str | os.PathLike[str], version: Any,
-    columns: Any, *, private: Mapped | None = None,
+    columns: Any, *, private: Mapped | None = None, fresh: bool = False,
 ) -> pd.DataFrame | pd.Series:
     """A new frame object over ``base``'s buffers: edits copy (pandas copy-on-write, see
     pin()), so neither the cache nor other frames ever see them. ``private``: ``base`` lies
     over this frame's own copy-on-write mapping (pandas 2 without copy-on-write writes in
-    place: the kernel copies each written page instead)."""
-    obj = own(base.copy(deep=False))
+    place: the kernel copies each written page instead). ``fresh``: ``base`` was decoded
+    for this frame alone and is handed out itself."""
+    obj = base if fresh else own(base.copy(deep=False))
     obj.attrs = copy.deepcopy(base.attrs)
     object.__setattr__(obj, "_mmcache_ref",
                        _Ref(obj, os.fspath(cache_dir), version, columns, private))

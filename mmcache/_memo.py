@@ -42,12 +42,14 @@ class _Held:
     """What a Version owns: its mappings and the frames decoded over them. Kept apart from
     the Version so that the Version's finalizer can let go of them first (see _released)."""
 
-    __slots__ = ("frames", "mapped")
+    __slots__ = ("frames", "fresh", "mapped")
 
     def __init__(self, mapped: Mapped) -> None:
         self.mapped: Mapped | None = mapped
         # columns key -> the frame every open() hands out a shallow copy of
         self.frames: dict[Any, Frame] = {}
+        # columns keys whose first open got a frame decoded for it alone (see first_open)
+        self.fresh: set[Any] = set()
 
 
 class Version:
@@ -70,6 +72,14 @@ class Version:
     @property
     def frames(self) -> dict[Any, Frame]:
         return self._held.frames
+
+    def first_open(self, ckey: Any) -> bool:
+        """True the first time these columns of this version are opened in this process."""
+        fresh = self._held.fresh
+        if ckey in fresh:
+            return False
+        fresh.add(ckey)
+        return True
 
     @property
     def maps_files(self) -> bool:
