@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from . import _categories
 from ._codecs import (
     BAD_LAYOUT,
     Mapped,
@@ -56,13 +57,15 @@ from ._mmap import written
 from ._time import tz_to_json
 
 
-def encode(obj: pd.DataFrame | pd.Series) -> tuple[Spec, Pool]:
-    """Describe ``obj`` as a JSON-able layout plus the buffers to write.
+def encode(obj: pd.DataFrame | pd.Series, *, group: bool = True) -> tuple[Spec, Pool]:
+    """Describe ``obj`` as a JSON-able layout plus the buffers to write. ``group=False``:
+    every column has its own spec in ``ext`` (ingest merges them batch by batch), no
+    categorical groups (see _categories).
 
     Raises UnsupportedTypeError before anything is written if any part cannot be stored.
     """
     try:
-        return _encode(obj)
+        return _encode(obj, group)
     except RecursionError as exc:
         # Labels (tuples) or values nested absurdly deep: say so instead of a raw RecursionError.
         raise UnsupportedTypeError(
@@ -71,7 +74,7 @@ def encode(obj: pd.DataFrame | pd.Series) -> tuple[Spec, Pool]:
         ) from exc
 
 
-def _encode(obj: pd.DataFrame | pd.Series) -> tuple[Spec, Pool]:
+def _encode(obj: pd.DataFrame | pd.Series, group: bool) -> tuple[Spec, Pool]:
     pool = Pool()
     if isinstance(obj, pd.Series):
         layout: Spec = {
@@ -83,7 +86,7 @@ def _encode(obj: pd.DataFrame | pd.Series) -> tuple[Spec, Pool]:
         }
     elif isinstance(obj, pd.DataFrame):
         layout = {"kind": "frame", "nrows": len(obj), "ncols": obj.shape[1]}
-        layout.update(_encode_columns(obj, pool))
+        layout.update(_encode_columns(obj, pool, group))
         layout["columns"] = encode_index(obj.columns, pool, "column labels", labels=True)
     else:
         raise UnsupportedTypeError(
@@ -99,7 +102,7 @@ def _encode(obj: pd.DataFrame | pd.Series) -> tuple[Spec, Pool]:
     return layout, pool
 
 
-def _encode_columns(df: pd.DataFrame, pool: Pool) -> Spec:
+def _encode_columns(df: pd.DataFrame, pool: Pool, group: bool) -> Spec:
     # Walk pandas' own blocks: one pass over 2-D blocks, no Series per column. Columns of a
     # numpy dtype are grouped per dtype and written in column order so they re-form a block.
     # (numpy dtype, time zone as JSON or None) -> [(position, values)]
@@ -138,11 +141,20 @@ def _encode_columns(df: pd.DataFrame, pool: Pool) -> Spec:
         if tz is not None:
             block["tz"] = json.loads(tz)
         blocks.append(block)
+    # Categoricals of text categories go in groups (format 2: see _categories)
+    grouped = [(pos, values, na) for pos, values in ext
+               if group and (na := _categories.groupable(values)) is not None]
+    if grouped:
+        done = {pos for pos, _, _ in grouped}
+        ext = [(pos, values) for pos, values in ext if pos not in done]
     columns: list[Spec | None] = [None] * df.shape[1]
     for pos, values in sorted(ext, key=lambda c: c[0]):
         label = df.columns[pos]
         columns[pos] = encode_array(values, pool, f"column {label!r}", code=f"df[{label!r}]")
-    return {"blocks": blocks, "ext": {str(i): c for i, c in enumerate(columns) if c is not None}}
+    out = {"blocks": blocks, "ext": {str(i): c for i, c in enumerate(columns) if c is not None}}
+    if grouped:
+        out["cats"] = _categories.encode(grouped, pool, len(df))
+    return out
 
 
 def decode(layout: Spec, m: Mapped, columns: Sequence[Any] | None) -> pd.DataFrame | pd.Series:
@@ -238,6 +250,11 @@ def _decode_frame(
             # writes in place) each must be its own memory, as pandas makes them.
             own = values.copy() if i and m.private else values
             blocks.append((own, np.array([new], dtype=np.intp)))
+    if "cats" in layout:
+        for values, news in _categories.decode(layout["cats"], m, nrows, new_pos):
+            for i, new in enumerate(news):
+                own = values.copy() if i and m.private else values
+                blocks.append((own, np.array([new], dtype=np.intp)))
     placed = sorted(int(n) for _, p in blocks for n in p)
     if placed != list(range(len(wanted))):
         raise CorruptEntryError(f"{m.where}: blocks do not cover the columns exactly once")
@@ -808,9 +825,14 @@ def freeze(obj: Any) -> None:
     lets ``Index.array[i] = x`` write into them, which would reach every frame of the
     version. Mapped ones are read-only already."""
     indexes = [obj.index] + ([obj.columns] if isinstance(obj, pd.DataFrame) else [])
+    seen: set[int] = set()
     for blk in obj._mgr.blocks:
         if isinstance(blk.values, pd.Categorical):
-            indexes.append(blk.values.categories)
+            cats = blk.values.categories
+            # Arrow text holds no numpy array to freeze; columns may share their categories
+            if id(cats) not in seen and not isinstance(cats._values, pd.arrays.ArrowStringArray):
+                seen.add(id(cats))
+                indexes.append(cats)
     while indexes:
         index = indexes.pop()
         if isinstance(index, pd.RangeIndex):

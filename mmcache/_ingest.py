@@ -151,7 +151,7 @@ class _Stager:
                 "written. Ingest with columns=[...] naming the data columns (the index "
                 "columns come back as columns), or read it with pd.read_parquet and save()"
             )
-        layout, pool = _frame.encode(df)
+        layout, pool = _frame.encode(df, group=False)
         arrays = _arrays(pool)
         cols = _per_column(layout)
         if self.cols is None:

@@ -123,7 +123,7 @@ def _write_one(
     data_dir = cache_dir / f"{name}.{token}"
     now = time.time()
     meta = {
-        "format": _store.FORMAT_VERSION,
+        "format": _store.format_of(layout),
         "key": key,
         "token": token,
         "data": data_dir.name,

@@ -28,7 +28,10 @@ from ._mmap import map_file, region_of
 from ._paths import ENV_DIR
 from ._units import human
 
-FORMAT_VERSION = 1
+# The newest storage format this mmcache reads and writes. 2: categorical columns of text
+# categories stored in groups (see _categories). An entry is written in the oldest format that
+# holds it (format_of), so entries without such columns stay readable by older releases.
+FORMAT_VERSION = 2
 # Room kept free beyond the entry's own bytes, for its metadata and file-system overhead, so a
 # save never fills a tmpfs to the last page (other users of /dev/shm would start failing).
 FREE_MARGIN = 1 << 20
@@ -176,6 +179,11 @@ def _write_new(path: Path, data: bytes) -> None:
         f.write(data)
 
 
+def format_of(layout: Spec) -> int:
+    """The oldest storage format that holds ``layout``."""
+    return 2 if "cats" in layout else 1
+
+
 def read_meta(path: Path, key: str | None) -> Spec:
     """Read and check an entry's metadata. FileNotFoundError passes through."""
     # O_NOATIME: the atime records last use (set by open()); listing must not bump it.
@@ -224,10 +232,11 @@ def read_meta(path: Path, key: str | None) -> Spec:
             f"metadata {str(path)!r} has no format version; delete the entry and save it again",
             key=key, path=path,
         )
-    if meta["format"] != FORMAT_VERSION:
+    if not 1 <= meta["format"] <= FORMAT_VERSION:
         raise UnsupportedFormatError(
             f"entry {str(path)!r} uses storage format {meta['format']}, this mmcache reads "
-            f"format {FORMAT_VERSION}; upgrade mmcache, or delete the entry and save it again",
+            f"formats 1 to {FORMAT_VERSION}; upgrade mmcache, or delete the entry and save it "
+            "again",
             key=key, path=path,
         )
     meta.pop("sha256", None)

@@ -28,6 +28,8 @@ def _frame() -> pd.DataFrame:
         "f2": np.ones(n),
         "s": pd.array([f"v{i}" if i % 3 else None for i in range(n)], dtype="str"),
         "c": pd.Categorical(list("abc") * 4),
+        "c2": pd.Categorical([1, 2, 3] * 4),  # number categories: their own spec in "ext"
+        "c3": pd.Categorical(list("abcd") * 3, ordered=True),
         "m": pd.array(range(n), dtype="Int32"),
         "t": pd.date_range("2020", periods=n, tz="Europe/Paris"),
         "iv": pd.arrays.IntervalArray.from_breaks(np.arange(n + 1)),
@@ -151,12 +153,19 @@ def test_crafted_category_codes_of_another_kind_are_refused(saved, monkeypatch, 
     """Found by the property test above: a category's codes pointed (with a valid checksum)
     at the float64 file, or at file ``false`` (JSON's false was taken for 0), opened as a
     copy outside the mapped files; now CorruptEntryError."""
-    meta = json.loads(saved[2])
-    cat = next(t for t in meta["layout"]["ext"].values() if t["c"] == "cat")
-    floats = next(i for i, f in enumerate(meta["files"]) if f["dtype"] == "<f8")
-    cat["codes"]["f"] = floats if ref == "float file" else ref
-    with _signed(saved, monkeypatch, meta), pytest.raises(mmcache.CorruptEntryError):
-        mmcache.open("k")
+    def cat_specs(layout):
+        # per column (object or number categories) and in groups (text categories)
+        return ([t for t in layout["ext"].values() if t["c"] == "cat"]
+                + layout.get("cats", {"groups": []})["groups"])
+
+    assert len(cat_specs(json.loads(saved[2])["layout"])) >= 2
+    for i in range(len(cat_specs(json.loads(saved[2])["layout"]))):
+        meta = json.loads(saved[2])
+        spec = cat_specs(meta["layout"])[i]
+        floats = next(i for i, f in enumerate(meta["files"]) if f["dtype"] == "<f8")
+        spec["codes"]["f"] = floats if ref == "float file" else ref
+        with _signed(saved, monkeypatch, meta), pytest.raises(mmcache.CorruptEntryError):
+            mmcache.open("k")
 
 
 @settings(max_examples=EXAMPLES * 300 // 100, deadline=None,
