@@ -101,7 +101,7 @@ class _Table:
 
     def __init__(self, spec: Spec, m: Mapped) -> None:
         self.spec, self.m = spec, m
-        self.arr: pa.Array | None = None
+        self.arr: pa.ChunkedArray | None = None
         self.starts: list[int] = []
         self.indexes: dict[tuple[int, str], pd.Index] = {}
 
@@ -119,12 +119,17 @@ class _Table:
         _validate_arrow_full(arr, m)  # offsets within the data, UTF-8: read once, small
         if starts[0] != 0 or starts[-1] != total or (np.diff(starts) < 0).any():
             raise CorruptEntryError(f"{m.where}: categories table has bad starts")
-        self.arr, self.starts = arr, starts.tolist()
+        # chunked: a slice of it is what pandas' string arrays hold, with nothing to wrap
+        self.arr, self.starts = pa.chunked_array([arr]), starts.tolist()
 
     def count(self) -> int:
         if self.arr is None:
             self._load()
         return len(self.starts) - 1
+
+    def width(self, i: int) -> int:
+        """The bytes of the codes pandas gives a Categorical of list ``i``."""
+        return _compat.codes_width(self.starts[i + 1] - self.starts[i])
 
     def index(self, i: int, na: str) -> pd.Index:
         idx = self.indexes.get((i, na))
@@ -162,11 +167,16 @@ def decode(spec: Spec, m: Mapped, nrows: int,
         na = g["na"]
         if na not in _NA:
             raise CorruptEntryError(f"{m.where}: bad missing-value kind {na!r}")
+        width = codes.dtype.itemsize
         for j, (old, i) in enumerate(zip(cols, ids.tolist(), strict=True)):
             news = wanted.get(old)
             if news is None:
                 continue
             dtype = _compat.categorical_dtype(table.index(i, na), j in ordered)
             # Not checking the codes' range: that would read every page of the column.
-            out.append((_compat.categorical(codes[j], dtype), news))
+            if table.width(i) == width:
+                cat = pd.Categorical._simple_new(codes[j], dtype)  # type: ignore[attr-defined]
+            else:  # not the codes pandas would make (not written by mmcache): convert them
+                cat = _compat.categorical(codes[j], dtype)
+            out.append((cat, news))
     return out

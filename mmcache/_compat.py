@@ -88,13 +88,17 @@ def categorical_dtype(categories: pd.Index, ordered: bool) -> pd.CategoricalDtyp
     return dtype
 
 
+def codes_width(n: int) -> int:
+    """The bytes of the codes pandas gives a Categorical of ``n`` categories (its
+    ``coerce_indexer_dtype``: 126 categories take int8, 127 int16)."""
+    return 1 if n < 2**7 - 1 else 2 if n < 2**15 - 1 else 4 if n < 2**31 - 1 else 8
+
+
 def categorical(codes: np.ndarray, dtype: pd.CategoricalDtype) -> pd.Categorical:
     """A Categorical over ``codes`` without a copy or a check of their range, as
     ``Categorical.from_codes(codes, dtype=dtype, validate=False)`` builds it (that one also
     re-derives the dtype: ~4x slower), when ``codes`` already have the width pandas picks."""
-    n = len(dtype.categories)
-    width = 1 if n < 2**7 else 2 if n < 2**15 else 4 if n < 2**31 else 8
-    if codes.ndim != 1 or codes.dtype != np.dtype(f"i{width}"):
+    if codes.ndim != 1 or codes.dtype != np.dtype(f"i{codes_width(len(dtype.categories))}"):
         return pd.Categorical.from_codes(codes, dtype=dtype, validate=False)
     return pd.Categorical._simple_new(codes, dtype)  # type: ignore[attr-defined]
 

@@ -236,10 +236,9 @@ def _decode_frame(
                 rows = rows.copy()  # a repeated column over a private mapping: its own memory
             used.add(row)
             blocks.append((wrap(rows), np.array([new], dtype=np.intp)))
-    ext = layout["ext"]
-    for old, news in new_pos.items():
-        spec = ext.get(str(old))
-        if spec is None:
+    for key, spec in layout["ext"].items():  # (fewer than the columns, in a wide frame)
+        news = new_pos.get(int(key))
+        if news is None or key != str(int(key)):
             continue
         values = decode_array(spec, m)
         _check_len(values, nrows, m)
@@ -255,8 +254,8 @@ def _decode_frame(
             for i, new in enumerate(news):
                 own = values.copy() if i and m.private else values
                 blocks.append((own, np.array([new], dtype=np.intp)))
-    placed = sorted(int(n) for _, p in blocks for n in p)
-    if placed != list(range(len(wanted))):
+    placed = np.sort(np.concatenate([p for _, p in blocks])) if blocks else np.zeros(0, int)
+    if not np.array_equal(placed, np.arange(len(wanted))):
         raise CorruptEntryError(f"{m.where}: blocks do not cover the columns exactly once")
     return frame_from_blocks(blocks, index=index, columns=labels)
 
@@ -331,7 +330,8 @@ class _Ref:
         self.flags = obj.flags.allows_duplicate_labels  # setting it is an edit too
         # Arrow-backed arrays are edited by swapping their _pa_array (no read-only buffer
         # stops it), so that identity is part of "unmodified" too.
-        self.values = [(blk.values, _label_state(blk.values), blk.mgr_locs.as_array.tolist())
+        # (BlockPlacement is immutable: kept, and its columns compared, at pickle time)
+        self.values = [(blk.values, _label_state(blk.values), blk.mgr_locs)
                        for blk in obj._mgr.blocks]
 
     def openable(self) -> bool:
@@ -358,7 +358,8 @@ class _Ref:
         for blk, (values, state, locs) in zip(mgr.blocks, self.values, strict=True):
             if (blk.values is not values
                     or not _same_state(_label_state(values), state)
-                    or blk.mgr_locs.as_array.tolist() != locs):
+                    or (blk.mgr_locs is not locs
+                        and blk.mgr_locs.as_array.tolist() != locs.as_array.tolist())):
                 return False
         if isinstance(obj, pd.Series) and not _same_label(obj.name, self.name):
             return False
@@ -827,12 +828,14 @@ def freeze(obj: Any) -> None:
     indexes = [obj.index] + ([obj.columns] if isinstance(obj, pd.DataFrame) else [])
     seen: set[int] = set()
     for blk in obj._mgr.blocks:
-        if isinstance(blk.values, pd.Categorical):
-            cats = blk.values.categories
+        values = blk.values
+        if isinstance(values, pd.Categorical):
+            cats = values.dtype.categories
             # Arrow text holds no numpy array to freeze; columns may share their categories
-            if id(cats) not in seen and not isinstance(cats._values, pd.arrays.ArrowStringArray):
+            if id(cats) not in seen:
                 seen.add(id(cats))
-                indexes.append(cats)
+                if not isinstance(cats._values, pd.arrays.ArrowStringArray):
+                    indexes.append(cats)
     while indexes:
         index = indexes.pop()
         if isinstance(index, pd.RangeIndex):

@@ -45,6 +45,8 @@ def _frame() -> pd.DataFrame:
         "rev": cat(pd.CategoricalDtype(_text(["z", "y", "x"])), 3),  # same words, other order
         "ord": cat(pd.CategoricalDtype(_text(["lo", "mid", "hi"]), ordered=True), 3),
         "wide": cat(pd.CategoricalDtype(_text(many)), 300),
+        "c126": cat(pd.CategoricalDtype(_text([f"v{i}" for i in range(126)])), 126),  # int8
+        "c127": cat(pd.CategoricalDtype(_text([f"v{i}" for i in range(127)])), 127),  # int16
         "none": pd.Categorical([None] * N, categories=_text([])),
         "na": cat(pd.CategoricalDtype(_text(["p", "q"], "string[pyarrow]")), 2),
         "num": pd.Categorical(rng.integers(0, 5, N)),  # number categories: their own spec
@@ -55,7 +57,8 @@ def _frame() -> pd.DataFrame:
     return pd.DataFrame(cols)
 
 
-GROUPED = {"a", "b", "rev", "ord", "wide", "none", "na"} | {f"own{i}" for i in range(60)}
+GROUPED = ({"a", "b", "rev", "ord", "wide", "c126", "c127", "none", "na"}
+           | {f"own{i}" for i in range(60)})
 
 
 def _meta(cache_dir, key="k") -> dict:
