@@ -66,22 +66,7 @@ def no_gc() -> Iterator[None]:
         yield
     finally:
         if was:
-            _promote()
             gc.enable()
-
-
-def _promote() -> None:
-    """Move every object the collector tracks to its oldest generation, in O(1).
-
-    A frame is long-lived, yet the first young collection after an open would walk each of
-    the objects it is made of (~40 ms for 10,000 categorical columns, a fifth of the open).
-    ``gc.freeze()`` then ``gc.unfreeze()`` moves them, and any other young object of the
-    process, to the oldest generation, which a full collection still walks in its turn. Not
-    done while the program keeps objects frozen itself (a pre-fork server's ``gc.freeze()``):
-    unfreezing would undo it."""
-    if gc.get_freeze_count() == 0:
-        gc.freeze()
-        gc.unfreeze()
 
 
 def _columns_key(columns: Sequence[Any] | None) -> Any:

@@ -96,14 +96,14 @@ def encode(columns: list[tuple[int, pd.Categorical, str]], pool: Pool, nrows: in
 
 
 class _Table:
-    """The categories of one decode: the Arrow text table, checked once, and an Index per
-    list (columns with equal categories share it, as they share their dtype at save)."""
+    """The categories of one decode: the Arrow text table, checked once, and a string array
+    per distinct list."""
 
     def __init__(self, spec: Spec, m: Mapped) -> None:
         self.spec, self.m = spec, m
         self.arr: pa.ChunkedArray | None = None
         self.starts: list[int] = []
-        self.indexes: dict[tuple[int, str], pd.Index] = {}
+        self.arrays: dict[tuple[int, str], Any] = {}
 
     def _load(self) -> None:
         m, spec = self.m, self.spec
@@ -127,19 +127,23 @@ class _Table:
             self._load()
         return len(self.starts) - 1
 
+    def count_of(self, i: int) -> int:
+        return self.starts[i + 1] - self.starts[i]
+
     def width(self, i: int) -> int:
         """The bytes of the codes pandas gives a Categorical of list ``i``."""
-        return _compat.codes_width(self.starts[i + 1] - self.starts[i])
+        return _compat.codes_width(self.count_of(i))
 
     def index(self, i: int, na: str) -> pd.Index:
-        idx = self.indexes.get((i, na))
-        if idx is None:
+        """A new Index of list ``i`` for each column: columns saved with equal categories
+        may have had Index objects of their own, and renaming one (``.name = x``, in
+        place) must not rename another's. Their text wrapper is shared."""
+        arr = self.arrays.get((i, na))
+        if arr is None:
             assert self.arr is not None  # count() came first
             a, b = self.starts[i], self.starts[i + 1]
-            idx = pd.Index._simple_new(  # type: ignore[attr-defined]
-                _compat.string_array(self.arr.slice(a, b - a), _NA[na]), name=None)
-            self.indexes[(i, na)] = idx
-        return idx
+            arr = self.arrays[(i, na)] = _compat.string_array(self.arr.slice(a, b - a), _NA[na])
+        return pd.Index._simple_new(arr, name=None)  # type: ignore[attr-defined]
 
 
 def decode(spec: Spec, m: Mapped, nrows: int,
@@ -174,9 +178,12 @@ def decode(spec: Spec, m: Mapped, nrows: int,
                 continue
             dtype = _compat.categorical_dtype(table.index(i, na), j in ordered)
             # Not checking the codes' range: that would read every page of the column.
-            if table.width(i) == width:
-                cat = pd.Categorical._simple_new(codes[j], dtype)  # type: ignore[attr-defined]
-            else:  # not the codes pandas would make (not written by mmcache): convert them
-                cat = _compat.categorical(codes[j], dtype)
-            out.append((cat, news))
+            if table.width(i) != width:
+                # mmcache stores the codes pandas made, whose width follows the number of
+                # categories: another width means the metadata points elsewhere (converting
+                # would copy them out of the mapped files)
+                raise CorruptEntryError(
+                    f"{m.where}: category codes of {width} bytes for {table.count_of(i)} "
+                    "categories")
+            out.append((pd.Categorical._simple_new(codes[j], dtype), news))  # type: ignore[attr-defined]
     return out

@@ -330,8 +330,7 @@ class _Ref:
         self.flags = obj.flags.allows_duplicate_labels  # setting it is an edit too
         # Arrow-backed arrays are edited by swapping their _pa_array (no read-only buffer
         # stops it), so that identity is part of "unmodified" too.
-        # (BlockPlacement is immutable: kept, and its columns compared, at pickle time)
-        self.values = [(blk.values, _label_state(blk.values), blk.mgr_locs)
+        self.values = [(blk.values, _label_state(blk.values), blk.mgr_locs.as_array.tolist())
                        for blk in obj._mgr.blocks]
 
     def openable(self) -> bool:
@@ -358,8 +357,7 @@ class _Ref:
         for blk, (values, state, locs) in zip(mgr.blocks, self.values, strict=True):
             if (blk.values is not values
                     or not _same_state(_label_state(values), state)
-                    or (blk.mgr_locs is not locs
-                        and blk.mgr_locs.as_array.tolist() != locs.as_array.tolist())):
+                    or blk.mgr_locs.as_array.tolist() != locs):
                 return False
         if isinstance(obj, pd.Series) and not _same_label(obj.name, self.name):
             return False
@@ -375,22 +373,24 @@ class _Ref:
 def _label_state(values: Any) -> Any:
     """What an array's own objects can change in place: the Arrow data an Arrow-backed
     array holds (``.array[i] = x`` swaps it), a categorical's categories' name, freq
-    (datetime categories: ``.cat.categories.freq = x``) and Arrow data. None for the rest
+    (datetime categories: ``.cat.categories.freq = x``) and Arrow data, and its dtype's own
+    categories and ordered flag (private attributes, set in place). None for the rest
     (numpy buffers are read-only). A µs a column: it runs for every column at every open."""
     if type(values) is pd.Categorical:
-        categories = values.dtype.categories
+        dtype = values.dtype
+        categories = dtype.categories
         if isinstance(categories, pd.MultiIndex):
-            return (tuple(categories.names), None, None)
+            return (tuple(categories.names), None, None, categories, dtype.ordered)
         return (categories._name, getattr(categories, "freq", None),
-                getattr(categories._data, "_pa_array", None))
+                getattr(categories._data, "_pa_array", None), categories, dtype.ordered)
     return getattr(values, "_pa_array", None)
 
 
 def _same_state(a: Any, b: Any) -> bool:
-    """Freqs and Arrow data by identity (setting either makes a new object), names as
-    labels."""
+    """Freqs, Arrow data, categories and ordered flags by identity (setting any makes a new
+    object or flips a singleton), names as labels."""
     if type(a) is tuple and type(b) is tuple:
-        return _same_label(a[0], b[0]) and a[1] is b[1] and a[2] is b[2]
+        return _same_label(a[0], b[0]) and all(x is y for x, y in zip(a[1:], b[1:], strict=True))
     return a is b
 
 
@@ -808,9 +808,10 @@ def _own_index(index: pd.Index, *, always: bool = False) -> pd.Index:
                                   values.dtype.ordered)
         return pd.CategoricalIndex._simple_new(  # type: ignore[attr-defined]
             pd.Categorical._simple_new(values._codes, dtype), name=index.name)  # type: ignore[attr-defined]
-    if PANDAS_2 and _axis_arrow(index) is not None:
+    if (PANDAS_2 or always) and _axis_arrow(index) is not None:
         # pandas 2's Index.array is the Index's own array (pandas 3 hands out a read-only
-        # view): `.array[i] = x` swaps its Arrow data in place
+        # view): `.array[i] = x` swaps its Arrow data in place; on pandas 3 the private
+        # `._data[i] = x` still does (categories of a kept base reached every later open)
         return type(index)._simple_new(index._values.view(), name=index.name)  # type: ignore[attr-defined]
     if not always:
         return index
