@@ -21,7 +21,7 @@ import pandas as pd
 import pyarrow as pa
 
 from . import _compat
-from ._codecs import Mapped, Pool, Spec, _validate_arrow_full
+from ._codecs import Mapped, Pool, Spec, _validate_arrow_full, equal_categories
 from ._errors import CorruptEntryError
 
 _NA = {"nan": np.nan, "NA": pd.NA}
@@ -43,18 +43,16 @@ def groupable(values: Any) -> str | None:
     return "NA" if cats.dtype.na_value is pd.NA else "nan"
 
 
-def encode(columns: list[tuple[int, pd.Categorical, str]], pool: Pool, nrows: int) -> Spec:
+def encode(columns: list[tuple[int, pd.Categorical, str]], pool: Pool) -> Spec:
     """The ``cats`` part of a frame's layout for ``columns`` [(position, values, na)]."""
     entries: list[pa.Array] = []
     seen: dict[Any, list[tuple[pd.Index, int]]] = {}
 
     def entry(dtype: pd.CategoricalDtype) -> int:
-        # Equal lists are stored once; equal means in order too (unordered dtypes holding
-        # the same words in another order compare equal, but the codes mean their own order)
-        same = seen.setdefault(dtype, [])
-        for cats, i in same:
-            if cats.dtype == dtype.categories.dtype and cats.equals(dtype.categories):
-                return i
+        same = seen.setdefault(dtype, [])  # equal lists are stored once
+        i = equal_categories(same, dtype.categories)
+        if i is not None:
+            return i
         entries.append(dtype.categories._values._pa_array)
         same.append((dtype.categories, len(entries) - 1))
         return len(entries) - 1
@@ -67,16 +65,11 @@ def encode(columns: list[tuple[int, pd.Categorical, str]], pool: Pool, nrows: in
     out = []
     for (dtype, na), cols in groups.items():
         cols.sort(key=lambda c: c[0])
-        first = None
-        for _, codes, _, _ in cols:  # one after the other: one 2-D block of codes
-            ref = pool.add(codes, align=first is None)
-            first = first or ref
-        assert first is not None
         out.append({
             "cols": [c[0] for c in cols],
             "dtype": dtype,
             "na": na,
-            "codes": {"f": first["f"], "o": first["o"], "n": len(cols) * nrows},
+            "codes": pool.add_run([c[1] for c in cols]),  # one 2-D block of codes
             "cats": pool.add(np.array([c[2] for c in cols], dtype=np.int64)),
             "ordered": [j for j, c in enumerate(cols) if c[3]],
         })

@@ -45,6 +45,16 @@ _ALIGN = 64
 _NUMPY_KINDS = "biufcmM"
 
 
+def equal_categories(seen: list[tuple[pd.Index, int]], categories: pd.Index) -> int | None:
+    """The number kept beside the first of ``seen`` holding ``categories`` exactly, in order
+    and dtype: pandas takes unordered dtypes holding the same words in another order as
+    equal (and hashes them alike), but the codes of each mean their own order's labels."""
+    for cats, i in seen:
+        if cats.dtype == categories.dtype and cats.equals(categories):
+            return i
+    return None
+
+
 class Pool:
     """Collects buffers for writing, one growing 1-D array per numpy dtype."""
 
@@ -64,14 +74,24 @@ class Pool:
         same words in another order as equal (and hashes them alike), but the codes of each
         mean their own order's labels."""
         seen = self.shared.setdefault(dtype, [])
-        for cats, i in seen:
-            if cats.dtype == dtype.categories.dtype and cats.equals(dtype.categories):
-                return i
+        i = equal_categories(seen, dtype.categories)
+        if i is not None:
+            return i
         # labels=True: object categories stay object (JSON); categories are small.
         self.shared_specs.append(
             encode_index(dtype.categories, self, f"{where} categories", labels=True))
         seen.append((dtype.categories, len(self.shared_specs) - 1))
         return len(self.shared_specs) - 1
+
+    def add_run(self, arrays: list[np.ndarray]) -> Spec:
+        """Place ``arrays`` (one numpy dtype) one after the other, the first aligned: the
+        rows of one 2-D block. The ref covers them all."""
+        first = None
+        for arr in arrays:
+            ref = self.add(arr, align=first is None)
+            first = first or ref
+        assert first is not None
+        return {"f": first["f"], "o": first["o"], "n": sum(a.size for a in arrays)}
 
     def add(self, arr: np.ndarray, *, align: bool = True) -> Spec:
         arr = np.asarray(arr)

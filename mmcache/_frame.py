@@ -128,14 +128,9 @@ def _encode_columns(df: pd.DataFrame, pool: Pool, group: bool) -> Spec:
     blocks = []
     for (dtype, tz), cols in by_dtype.items():
         cols.sort(key=lambda c: c[0])
-        first = None
-        for _, arr in cols:
-            ref = pool.add(arr, align=first is None)
-            first = first or ref
-        assert first is not None
         block = {
             "dtype": dtype,
-            "v": {"f": first["f"], "o": first["o"], "n": len(cols) * len(df)},
+            "v": pool.add_run([arr for _, arr in cols]),
             "cols": [pos for pos, _ in cols],
         }
         if tz is not None:
@@ -153,7 +148,7 @@ def _encode_columns(df: pd.DataFrame, pool: Pool, group: bool) -> Spec:
         columns[pos] = encode_array(values, pool, f"column {label!r}", code=f"df[{label!r}]")
     out = {"blocks": blocks, "ext": {str(i): c for i, c in enumerate(columns) if c is not None}}
     if grouped:
-        out["cats"] = _categories.encode(grouped, pool, len(df))
+        out["cats"] = _categories.encode(grouped, pool)
     return out
 
 
@@ -236,24 +231,25 @@ def _decode_frame(
                 rows = rows.copy()  # a repeated column over a private mapping: its own memory
             used.add(row)
             blocks.append((wrap(rows), np.array([new], dtype=np.intp)))
+    columns_out: list[tuple[Any, list[int]]] = []  # (values, new positions)
     for key, spec in layout["ext"].items():  # (fewer than the columns, in a wide frame)
-        news = new_pos.get(int(key))
-        if news is None or key != str(int(key)):
+        old = int(key)
+        news = new_pos.get(old)
+        if news is None or key != str(old):
             continue
         values = decode_array(spec, m)
         _check_len(values, nrows, m)
         if isinstance(values, np.ndarray):
             values = values.reshape(1, -1)  # a numpy column outside the blocks (empty object)
+        columns_out.append((values, news))
+    if "cats" in layout:
+        columns_out += _categories.decode(layout["cats"], m, nrows, new_pos)
+    for values, news in columns_out:
         for i, new in enumerate(news):
             # Columns asked for twice: over a private mapping (pandas 2 without copy-on-write
             # writes in place) each must be its own memory, as pandas makes them.
             own = values.copy() if i and m.private else values
             blocks.append((own, np.array([new], dtype=np.intp)))
-    if "cats" in layout:
-        for values, news in _categories.decode(layout["cats"], m, nrows, new_pos):
-            for i, new in enumerate(news):
-                own = values.copy() if i and m.private else values
-                blocks.append((own, np.array([new], dtype=np.intp)))
     placed = np.sort(np.concatenate([p for _, p in blocks])) if blocks else np.zeros(0, int)
     if not np.array_equal(placed, np.arange(len(wanted))):
         raise CorruptEntryError(f"{m.where}: blocks do not cover the columns exactly once")
