@@ -188,6 +188,35 @@ def test_npy_header_mutations(saved, monkeypatch, data):
         target.write_bytes(raw)
 
 
+def test_npy_headers_spaced_otherwise_still_open(saved, monkeypatch):
+    """A header this mmcache would not write byte for byte but that says the same (another
+    numpy's spacing, the same length) goes through numpy's parser and opens; one that says
+    another shape is refused."""
+    d, _, _ = saved
+    monkeypatch.setenv("MMCACHE_DIR", str(d))
+    for target in sorted(d.rglob("*.npy")):
+        raw = target.read_bytes()
+        header_len = 10 + int.from_bytes(raw[8:10], "little")
+        text = raw[10:header_len].decode("latin1")
+        dense = text.replace(": ", ":").replace(", }", "}").rstrip("\n")
+        spaced = raw[:10] + (dense.ljust(len(text) - 1) + "\n").encode("latin1")
+        assert spaced != raw[:header_len] and len(spaced) == header_len
+        count = text.split("'shape': (")[1].split(",")[0]
+        fewer = text.replace(f"({count},)", f"({int(count) - 1},)", 1).rstrip("\n")
+        other = raw[:10] + (fewer.ljust(len(text) - 1) + "\n").encode("latin1")
+        assert len(other) == header_len
+        try:
+            target.write_bytes(spaced + raw[header_len:])
+            _cache._MEMO.clear()
+            _pd.assert_frame_equal(mmcache.open("k"), FRAME)
+            target.write_bytes(other + raw[header_len:])
+            _cache._MEMO.clear()
+            with pytest.raises(mmcache.CorruptEntryError, match="header says"):
+                mmcache.open("k")
+        finally:
+            target.write_bytes(raw)
+
+
 def test_npy_replaced_by_a_pickle_never_executes(saved, monkeypatch, tmp_path):
     d, _, _ = saved
     monkeypatch.setenv("MMCACHE_DIR", str(d))
