@@ -287,8 +287,11 @@ def map_files(
                 int(spec["size"])
         except BAD_LAYOUT as exc:
             raise CorruptEntryError(f"{where}: bad file entry {spec!r:.100}", key=key) from exc
-        if (dtype.hasobject or not isinstance(name, str) or "/" in name or name.startswith(".")
-                or type(count) is not int or count < 0):
+        # Saves write plain dtypes only: fields, subarrays and 0-byte items are damage (and a
+        # view of the file as one would raise numpy's errors, not CorruptEntryError).
+        if (dtype.hasobject or dtype.names is not None or dtype.subdtype is not None
+                or dtype.itemsize == 0 or not isinstance(name, str) or "/" in name
+                or name.startswith(".") or type(count) is not int or count < 0):
             raise CorruptEntryError(f"{where}: bad file entry {spec!r:.100}", key=key)
         path = data_dir / name
         fst = os.lstat(path)

@@ -217,6 +217,33 @@ def test_npy_headers_spaced_otherwise_still_open(saved, monkeypatch):
             target.write_bytes(raw)
 
 
+@pytest.mark.parametrize("dtype", [
+    "(2,)<i8", "(1,)|i1", "S0", "V0",
+    {"names": ["a", "b"], "formats": ["<i4", "<i4"], "offsets": [0, 2]},  # overlapping
+    {"names": ["\u4e2d"], "formats": ["<i8"]},  # no .npy header can name it
+], ids=["subarray", "1-item subarray", "S0", "V0", "overlapping fields", "non-latin-1 field"])
+def test_file_dtypes_no_save_writes_are_refused(saved, monkeypatch, dtype):
+    """Fields, subarrays and 0-byte items in a (re-signed) file entry, with the data file's
+    header rewritten to match where numpy can write one: CorruptEntryError, never numpy's
+    own errors from viewing the file as that dtype (helper-32)."""
+    d, _, original = saved
+    meta = json.loads(original)
+    spec = meta["files"][0]
+    target = d / meta["data"] / spec["name"]
+    raw = target.read_bytes()
+    with contextlib.suppress(Exception):  # where numpy can write that header, it matches
+        head = _store.npy_header(np.dtype(dtype), spec["count"])
+        if len(head) <= len(raw):
+            target.write_bytes(head + raw[len(head):])
+    spec["dtype"] = dtype
+    try:
+        with _signed(saved, monkeypatch, meta), pytest.raises(mmcache.CorruptEntryError,
+                                                              match="bad file entry"):
+            mmcache.open("k")
+    finally:
+        target.write_bytes(raw)
+
+
 def test_npy_replaced_by_a_pickle_never_executes(saved, monkeypatch, tmp_path):
     d, _, _ = saved
     monkeypatch.setenv("MMCACHE_DIR", str(d))
