@@ -11,10 +11,7 @@ from __future__ import annotations
 import datetime as _dt
 import os
 from collections.abc import Callable, Sequence
-from typing import Any
-
-import pandas as _pd
-import pyarrow as _pa
+from typing import TYPE_CHECKING, Any
 
 from ._cache import Cache, Entry
 from ._errors import (
@@ -33,6 +30,10 @@ from ._errors import (
     UnsupportedFormatError,
     UnsupportedTypeError,
 )
+
+if TYPE_CHECKING:  # pandas and pyarrow load on first use: `mmcache ls` and `clean` need neither
+    import pandas as _pd
+    import pyarrow as _pa
 
 __version__ = "0.1.0"
 
