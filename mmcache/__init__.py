@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import sys as _sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -31,9 +32,15 @@ from ._errors import (
     UnsupportedTypeError,
 )
 
-if TYPE_CHECKING:  # pandas and pyarrow load on first use: `mmcache ls` and `clean` need neither
+if TYPE_CHECKING:
     import pandas as _pd
     import pyarrow as _pa
+
+# The modules that build frames (and pandas, pyarrow) load on first use, so `mmcache ls` and
+# `mmcache clean` never import them; or here, when pandas is loaded already: a program that
+# works with frames pays for them at import, as it always did, not in its first save or open.
+if "pandas" in _sys.modules:
+    from . import _arrow, _frame  # noqa: F401
 
 __version__ = "0.1.0"
 
