@@ -949,8 +949,8 @@ def test_fast_path_gives_what_converting_every_batch_gives(cache_dir, drawn):
     _pd.assert_frame_equal(mmcache.open("p"), expected)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow,
-          HealthCheck.function_scoped_fixture])
+@settings(max_examples=examples(60), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(_batches(), st.integers(1, 6))
 def test_column_passes_give_what_converting_every_batch_gives(tmp_path_factory, drawn,
                                                               batch_rows):
