@@ -36,6 +36,7 @@ class Config:
     chunk_size: int = 100 * MB  # frame of the chunked Pool.map workload
     # column counts of the "categories" kind (its 10,000-column files take long to write)
     category_ncols: list[int] = field(default_factory=lambda: [1_000])
+    dask_one_cluster: bool = False  # every Dask method in one cluster (not a measurement)
     out: Path = RESULTS
 
 
@@ -73,6 +74,7 @@ SMOKE = Config(
     wide_reps=_reads(0.05, 1, 0.1),
     chunk_size=20 * MB,
     ingest_rows=200_000,
+    dask_one_cluster=True,  # four clusters of four nannies were half of the smoke run
     out=RESULTS / "smoke",
 )
 FULL = Config(
@@ -150,7 +152,8 @@ def run(cfg: Config, workloads: list[str], cap: int, command: str) -> dict[str, 
                     _fail(results, "sharing", exc)
             if "dask" in workloads:
                 try:
-                    results["dask"] = _dask.dask_sharing(cfg.share_size, tmp, log=_log)
+                    results["dask"] = _dask.dask_sharing(cfg.share_size, tmp, log=_log,
+                                                         one_cluster=cfg.dask_one_cluster)
                 except Exception as exc:
                     _fail(results, "dask", exc)
         finally:

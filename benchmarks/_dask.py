@@ -9,6 +9,10 @@ workers get their own ``MMCACHE_DIR``):
 - ``mmcache.dask.share``: one copy per node, ``register(client)`` first; tasks get the handle;
 - the same without ``register``, to show what Dask's accounting makes of mapped pages.
 
+(``--smoke``, CI's test that every method still runs, uses one cluster for all four, ``share``
+last since ``register`` stays on a cluster: starting four clusters of four nannies was half
+of the smoke run's time; its figures are not measurements anyway.)
+
 Every task reads every column, then holds the frame until all four have read it, and a
 second more. Measured: wall time (first call until every worker has read the frame), bytes
 moved between processes (loopback traffic: every process of the cluster is on this
@@ -64,6 +68,9 @@ def _read_hold(df: Any, hold: float, tag: str) -> dict[str, Any]:
 
 async def _count_pauses(dask_worker: Any) -> None:
     """Count running -> paused transitions until told to stop (``_pauses``)."""
+    old = getattr(dask_worker, "_bench_task", None)
+    if old is not None:  # a cluster reused for another method (--smoke): one sampler at a time
+        old.cancel()
     dask_worker._bench_pauses = 0
     dask_worker._bench_stop = False
     last = dask_worker.status.name
@@ -169,20 +176,37 @@ def _cluster(dirs: list[Path]) -> Any:
                        scheduler={"cls": Scheduler, "options": {"dashboard_address": ":0"}})
 
 
+def _node_dirs(tmp: Path) -> list[Path]:
+    dirs = [tmp / f"node{i}" for i in range(NODES)]
+    for d in dirs:
+        d.mkdir(mode=0o700)
+    return dirs
+
+
+def _remove(dirs: list[Path]) -> None:
+    import shutil
+
+    for d in dirs:
+        shutil.rmtree(d, ignore_errors=True)
+
+
 def run_method(method: str, df: Any, expect: float, tmp: Path, hold: float,
-               log: Callable[[str], None]) -> dict[str, Any]:
+               log: Callable[[str], None],
+               shared: tuple[Any, list[Path]] | None = None) -> dict[str, Any]:
+    """One method, in a fresh cluster, or in ``shared`` (a cluster and its node dirs) that
+    the caller started and closes."""
     from distributed import Client, Event
 
     import mmcache.dask as mdask
 
-    dirs = [tmp / f"node{i}" for i in range(NODES)]
-    for d in dirs:
-        d.mkdir(mode=0o700)
-    cluster = _cluster(dirs)
+    cluster, dirs = shared if shared is not None else (None, _node_dirs(tmp))
     try:
+        if cluster is None:
+            cluster = _cluster(dirs)
         with Client(cluster) as client:
             client.wait_for_workers(NODES * PER_NODE, timeout=120)
             addrs = sorted(client.scheduler_info(n_workers=-1)["workers"])
+            restarts0 = _restarts(client)
             if method == "share":
                 mdask.register(client)
             client.run(_count_pauses)
@@ -205,6 +229,8 @@ def run_method(method: str, df: Any, expect: float, tmp: Path, hold: float,
                 Event(f"{tag}-go").set()
                 results = [] if failed else client.gather(futs)
                 restarts = _restarts(client)
+                if restarts >= 0 and restarts0 >= 0:
+                    restarts -= restarts0
             moved = _loopback() - net0
             pauses = client.run(_pauses)
             copies = {str(d): len(list(d.glob("*.json"))) for d in dirs}
@@ -229,17 +255,17 @@ def run_method(method: str, df: Any, expect: float, tmp: Path, hold: float,
             f"{row['added_bytes'] / MB:,.0f} MB, pauses {row['pauses']}")
         return row
     finally:
-        with contextlib.suppress(Exception):
-            cluster.close(timeout=60)
-        for d in dirs:
-            import shutil
-
-            shutil.rmtree(d, ignore_errors=True)
+        if shared is None:
+            with contextlib.suppress(Exception):
+                if cluster is not None:
+                    cluster.close(timeout=60)
+            _remove(dirs)
 
 
 def dask_sharing(size: int, tmp: Path, log: Callable[[str], None],
-                 hold: float = 1.0) -> dict[str, Any]:
-    """Every method on one frame of about ``size`` bytes."""
+                 hold: float = 1.0, one_cluster: bool = False) -> dict[str, Any]:
+    """Every method on one frame of about ``size`` bytes, each in a fresh cluster, or all in
+    one (``one_cluster``: --smoke; ``share`` last, its ``register`` stays)."""
     try:
         import distributed  # noqa: F401
     except ImportError:
@@ -247,14 +273,25 @@ def dask_sharing(size: int, tmp: Path, log: Callable[[str], None],
     df = mixed_frame(size)
     out: dict[str, Any] = {"frame_bytes": frame_nbytes(df), "nrows": len(df),
                            "limit_bytes": LIMIT, "nodes": NODES, "per_node": PER_NODE,
-                           "hold_s": hold, "rows": []}
+                           "hold_s": hold, "one_cluster": one_cluster, "rows": []}
     expect = sum(touch_frame(df).values())
-    for method in METHODS:
-        try:
-            out["rows"].append(run_method(method, df, expect, tmp, hold, log))
-        except Exception as exc:
-            out["rows"].append({"method": method, "error": f"{type(exc).__name__}: {exc}"})
-            log(f"dask {method}: ERROR {exc}")
+    methods = [m for m in METHODS if m != "share"] + ["share"] if one_cluster else METHODS
+    shared = None
+    try:
+        if one_cluster:
+            dirs = _node_dirs(tmp)
+            shared = (_cluster(dirs), dirs)
+        for method in methods:
+            try:
+                out["rows"].append(run_method(method, df, expect, tmp, hold, log, shared))
+            except Exception as exc:
+                out["rows"].append({"method": method, "error": f"{type(exc).__name__}: {exc}"})
+                log(f"dask {method}: ERROR {exc}")
+    finally:
+        if shared is not None:
+            with contextlib.suppress(Exception):
+                shared[0].close(timeout=60)
+            _remove(shared[1])
     return out
 
 
@@ -272,8 +309,10 @@ def markdown(dk: dict[str, Any]) -> list[str]:
         f"{fb / MB:,.0f} MB mixed frame ({dk['nrows']:,} rows), {dk['nodes']} simulated nodes "
         f"x {dk['per_node']} workers (Nanny, 1 thread, {dk['limit_bytes'] / 2**30:.0f} GiB "
         "limit each, Dask's default memory fractions), one task per worker reading every "
-        "column and holding it until all four have (wall time: until then). Each method in a "
-        "fresh cluster. Moved: loopback bytes (data relayed by the scheduler count twice).",
+        "column and holding it until all four have (wall time: until then). "
+        + ("All methods in one cluster (--smoke), share last. " if dk.get("one_cluster")
+           else "Each method in a fresh cluster. ")
+        + "Moved: loopback bytes (data relayed by the scheduler count twice).",
         "",
         "| method | wall s | vs share | moved MB | memory added MB (copies of the frame) "
         "| pause events | restarts | per worker, MB: Dask-reported / USS / private anonymous |",

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import sys as _sys
 from collections.abc import Callable, Sequence
-from typing import Any
-
-import pandas as _pd
-import pyarrow as _pa
+from typing import TYPE_CHECKING, Any
 
 from ._cache import Cache, Entry
 from ._errors import (
@@ -33,6 +31,16 @@ from ._errors import (
     UnsupportedFormatError,
     UnsupportedTypeError,
 )
+
+if TYPE_CHECKING:
+    import pandas as _pd
+    import pyarrow as _pa
+
+# The modules that build frames (and pandas, pyarrow) load on first use, so `mmcache ls` and
+# `mmcache clean` never import them; or here, when pandas is loaded already: a program that
+# works with frames pays for them at import, as it always did, not in its first save or open.
+if "pandas" in _sys.modules:
+    from . import _arrow, _frame  # noqa: F401
 
 __version__ = "0.1.0"
 

@@ -11,13 +11,11 @@ import os
 import uuid
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import pandas as pd
-import pyarrow as pa
-
-from . import _arrow, _clean, _frame, _memo, _save, _store
-from ._compat import writes_in_place
+# pandas, pyarrow and the modules that build frames (_frame, _arrow, _compat) load on first
+# use: `mmcache ls` and `mmcache clean` list and remove files and never need them.
+from . import _clean, _memo, _save, _store
 from ._entry import Entry, Frame, not_found
 from ._errors import (
     CacheDirError,
@@ -41,6 +39,9 @@ from ._paths import (
 )
 from ._survey import Survey, merged, survey
 from ._units import parse_duration, parse_size
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 ENV_MAX_BYTES = _save.ENV_MAX_BYTES
 LOCK_TIMEOUT = _save.LOCK_TIMEOUT
@@ -203,6 +204,8 @@ class Cache:
         mix; a reader that mapped the old entry keeps reading it intact. A process killed
         mid-save leaves no visible entry (its leftovers go with ``clean``).
         """
+        from . import _frame
+
         check_key(key)
         places = self._places(create=True)
         cache_dir = places[0]
@@ -257,6 +260,10 @@ class Cache:
         except EntryNotFoundError:
             if build is None:
                 raise
+        import pandas as pd
+
+        from . import _frame
+
         places = self._places(create=True)
         cache_dir = places[0]
         name = entry_name(key)
@@ -298,6 +305,8 @@ class Cache:
                     except EntryNotFoundError:
                         break  # not there (or moved meanwhile): look in the other place
                     if arrow:  # immutable: over the shared mapping on every pandas
+                        from . import _arrow
+
                         return _arrow.table(self._base(version, columns), key)
                     try:
                         return self._hand_out(cache_dir, version, columns)
@@ -323,6 +332,9 @@ class Cache:
             return self._hand_out_now(cache_dir, version, columns)
 
     def _hand_out_now(self, cache_dir: Path, version: _memo.Version, columns: Any) -> Frame:
+        from . import _frame
+        from ._compat import writes_in_place
+
         ckey = _columns_key(columns)
         if writes_in_place():
             # pandas 2 without copy-on-write edits arrays in place: this frame gets its own
@@ -348,6 +360,8 @@ class Cache:
         ckey = _columns_key(columns)
         base = version.frames.get(ckey)
         if base is None:
+            from . import _frame
+
             base = _frame.decode(version.meta["layout"], version.mapped, columns)
             base = version.frames.setdefault(ckey, base)
         return base
@@ -381,6 +395,10 @@ class Cache:
         entry = next((e for e in self.entries() if e.key == key), None)
         if entry is None:
             raise not_found(key, *self._places())
+        import pandas as pd
+
+        from . import _frame
+
         version = _memo.load(entry.cache_dir, key, entry_name(key), use=False)
         obj = _frame.decode(version.meta["layout"], version.mapped, None)
         if isinstance(obj, pd.Series):

@@ -147,7 +147,7 @@ class Mapped:
         """True if a column this mapping's frame built in memory was written since."""
         ids = np.array([id(v) for v in _NULLS], dtype=np.int64)
         for out, codes in self.built:
-            now = np.frompyfunc(id, 1, 1)(out).astype(np.int64)
+            now = np.asarray(np.frompyfunc(id, 1, 1)(out)).astype(np.int64)
             if not np.array_equal(now, ids[codes]):
                 return True
         return False

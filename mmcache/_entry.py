@@ -6,14 +6,15 @@ import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeAlias
-
-import pandas as pd
-import pyarrow as pa
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from ._errors import EntryNotFoundError
 
-Frame: TypeAlias = pd.DataFrame | pd.Series
+if TYPE_CHECKING:  # pandas loads on first use (see _cache)
+    import pandas as pd
+    import pyarrow as pa
+
+Frame: TypeAlias = "pd.DataFrame | pd.Series"
 
 
 @dataclass(frozen=True)

@@ -22,12 +22,14 @@ import threading
 import time
 import weakref
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import _store
-from ._codecs import Mapped
 from ._entry import Frame, not_found
 from ._errors import CorruptEntryError
+
+if TYPE_CHECKING:
+    from ._codecs import Mapped
 
 # open() retries when a concurrent overwrite or delete removes files between reading the
 # metadata and mapping them; each retry sees a newer metadata file, so a few are plenty.

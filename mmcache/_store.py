@@ -20,14 +20,17 @@ import os
 import stat
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ._codecs import BAD_LAYOUT, Mapped, Pool, Spec
 from ._errors import CacheFullError, CorruptEntryError, UnsupportedFormatError
 from ._mmap import map_file, region_of
 from ._paths import ENV_DIR
 from ._units import human
+
+if TYPE_CHECKING:  # _codecs (pandas) loads when an entry is mapped, not to list or clean
+    from ._codecs import Mapped, Pool, Spec
 
 # The newest storage format this mmcache reads and writes. 2: categorical columns of text
 # categories stored in groups (see _categories). An entry is written in the oldest format that
@@ -274,6 +277,8 @@ def map_files(
     Mappings keep no file descriptor open (see _mmap): an entry of any width, and any number
     of entries, cost no descriptors.
     """
+    from ._codecs import BAD_LAYOUT, Mapped
+
     st = os.lstat(data_dir)
     if not stat.S_ISDIR(st.st_mode):
         raise CorruptEntryError(

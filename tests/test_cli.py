@@ -226,3 +226,23 @@ def test_ingest_with_columns_and_exit_codes(cache_dir, tmp_path):
     assert r.returncode == 1 and r.stderr.startswith("Error: ") and "does not exist" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     assert run("ingest", str(parquet), cache_dir=cache_dir).returncode == 2  # no KEY
+
+
+NO_PANDAS = """
+import sys
+from mmcache._cli import main
+for argv in (["ls"], ["ls", "--json"], ["clean", "--dry-run"], ["clean", "gone"], ["clean"]):
+    assert main([*argv, "--cache-dir", sys.argv[1]]) == 0
+print(sorted(m for m in ("pandas", "pyarrow") if m in sys.modules))
+"""
+
+
+def test_ls_and_clean_never_import_pandas_or_pyarrow(cache_dir):
+    """`mmcache ls` and `clean` read metadata and remove files: they start without loading
+    pandas or pyarrow (about 0.6 CPU-s a command)."""
+    mmcache.save(_frame(10), "alpha")
+    r = subprocess.run([sys.executable, "-c", NO_PANDAS, str(cache_dir)], capture_output=True,
+                       text=True, timeout=TIMEOUT)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split("\n")[-2] == "[]", r.stdout
+    assert not mmcache.exists("alpha")

