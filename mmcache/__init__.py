@@ -36,10 +36,13 @@ if TYPE_CHECKING:
     import pandas as _pd
     import pyarrow as _pa
 
-# The modules that build frames (and pandas, pyarrow) load on first use, so `mmcache ls` and
-# `mmcache clean` never import them; or here, when pandas is loaded already: a program that
-# works with frames pays for them at import, as it always did, not in its first save or open.
-if "pandas" in _sys.modules:
+# The modules that build frames (and pandas, pyarrow) load here, as a program that works
+# with frames needs them, so its first save or open (a spawned worker's first task) does not
+# pay for their import; but not in the command line (`mmcache ...`, `python -m mmcache ...`:
+# while the package loads, argv[0] is the script or "-m"), whose `ls` and `clean` list and
+# remove files and never need them.
+_ARGV0 = _sys.argv[0] if _sys.argv else ""
+if "pandas" in _sys.modules or not (_ARGV0 == "-m" or os.path.basename(_ARGV0) == "mmcache"):
     from . import _arrow, _frame  # noqa: F401
 
 __version__ = "0.1.0"

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -228,21 +229,30 @@ def test_ingest_with_columns_and_exit_codes(cache_dir, tmp_path):
     assert run("ingest", str(parquet), cache_dir=cache_dir).returncode == 2  # no KEY
 
 
-NO_PANDAS = """
-import sys
-from mmcache._cli import main
-for argv in (["ls"], ["ls", "--json"], ["clean", "--dry-run"], ["clean", "gone"], ["clean"]):
-    assert main([*argv, "--cache-dir", sys.argv[1]]) == 0
-print(sorted(m for m in ("pandas", "pyarrow") if m in sys.modules))
-"""
+def _imports(*argv: str) -> tuple[subprocess.CompletedProcess[str], set[str]]:
+    """Run ``python -X importtime ARGV``: the result and the top-level modules it loaded."""
+    r = subprocess.run([sys.executable, "-X", "importtime", *argv], capture_output=True,
+                       text=True, timeout=TIMEOUT, cwd=Path(mmcache.__file__).parent.parent)
+    return r, {line.rsplit("|", 1)[1].strip() for line in r.stderr.splitlines()
+               if line.startswith("import time:") and "|" in line}
 
 
 def test_ls_and_clean_never_import_pandas_or_pyarrow(cache_dir):
     """`mmcache ls` and `clean` read metadata and remove files: they start without loading
-    pandas or pyarrow (about 0.6 CPU-s a command)."""
+    pandas or pyarrow (about 0.6 CPU-s a command), through `python -m mmcache` and the
+    installed `mmcache` script alike; a program that imports mmcache gets the modules that
+    build frames at import, not in its first open (a spawned worker's first task)."""
     mmcache.save(_frame(10), "alpha")
-    r = subprocess.run([sys.executable, "-c", NO_PANDAS, str(cache_dir)], capture_output=True,
-                       text=True, timeout=TIMEOUT)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.split("\n")[-2] == "[]", r.stdout
+    script = Path(sys.executable).parent / "mmcache"
+    starts = [["-m", "mmcache"]] + ([[str(script)]] if script.exists() else [])
+    for start in starts:
+        for argv in (["ls"], ["ls", "--json"], ["clean", "--dry-run"], ["clean", "gone"]):
+            r, loaded = _imports(*start, *argv, "--cache-dir", str(cache_dir))
+            assert r.returncode == 0, r.stderr[-2000:]
+            assert "mmcache._cli" in loaded or "mmcache.__main__" in loaded, sorted(loaded)
+            assert not loaded & {"pandas", "pyarrow", "mmcache._frame"}, (start, argv)
+    r, loaded = _imports(*starts[-1], "clean", "--cache-dir", str(cache_dir))
+    assert r.returncode == 0 and not loaded & {"pandas", "pyarrow"}, r.stderr[-2000:]
     assert not mmcache.exists("alpha")
+    r, loaded = _imports("-c", "import mmcache")
+    assert r.returncode == 0 and {"mmcache._frame", "pandas"} <= loaded, r.stderr[-2000:]
