@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 # remove files and never need them.
 _ARGV0 = _sys.argv[0] if _sys.argv else ""
 if "pandas" in _sys.modules or not (_ARGV0 == "-m" or os.path.basename(_ARGV0) == "mmcache"):
-    from . import _arrow, _frame  # noqa: F401
+    from . import _arrow, _frame, _views  # noqa: F401
 
 __version__ = "0.1.0"
 
