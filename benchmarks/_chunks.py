@@ -61,7 +61,9 @@ _HELD: Any = None  # the floor's worker: its own copy of the whole frame
 
 def _hold(cache: str) -> None:
     global _HELD
-    _HELD = mmcache.open("chunks", cache_dir=cache).copy(deep=True)  # private, paged in
+    # numbers and categories private (pandas 3 keeps Arrow text buffers shared), every page
+    # touched by the copy or, for the text, by the open
+    _HELD = mmcache.open("chunks", cache_dir=cache).copy(deep=True)
 
 
 def work_held(bounds: tuple[int, int]) -> dict[str, float]:

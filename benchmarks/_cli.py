@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 import traceback
@@ -205,11 +204,6 @@ def main(argv: list[str] | None = None) -> int:
                    help="skip runs whose estimated peak memory exceeds this (default "
                         f"{DEFAULT_CAP_GB:.0f})")
     args = p.parse_args(argv)
-    # Measured as users run: with bytecode cached. Some machines set PYTHONDONTWRITEBYTECODE,
-    # and each worker process would then compile every module it imports lazily (mmcache's
-    # and pyarrow's) inside the timings, every time.
-    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
-    sys.dont_write_bytecode = False
     cfg = QUICK if args.quick else SMOKE if args.smoke else FULL
     out = args.out or cfg.out
     command = "python -m benchmarks " + " ".join(argv)

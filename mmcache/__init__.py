@@ -41,7 +41,8 @@ if TYPE_CHECKING:
 # pay for their import; but not in the command line (`mmcache ...`, `python -m mmcache ...`:
 # while the package loads, argv[0] is the script or "-m"), whose `ls` and `clean` list and
 # remove files and never need them.
-_ARGV0 = _sys.argv[0] if _sys.argv else ""
+_ARGV = getattr(_sys, "argv", None)  # absent or odd in some embedding programs
+_ARGV0 = _ARGV[0] if isinstance(_ARGV, list) and _ARGV and isinstance(_ARGV[0], str) else ""
 if "pandas" in _sys.modules or not (_ARGV0 == "-m" or os.path.basename(_ARGV0) == "mmcache"):
     from . import _arrow, _frame, _views  # noqa: F401
 
