@@ -41,7 +41,12 @@ from ._survey import Survey, merged, survey
 from ._units import parse_duration, parse_size
 
 if TYPE_CHECKING:
+    import pandas as pd
     import pyarrow as pa
+else:  # imported on first use, so the annotations resolve at run time too
+    from ._lazy import LazyModule
+
+    pd, pa = LazyModule("pandas"), LazyModule("pyarrow")
 
 ENV_MAX_BYTES = _save.ENV_MAX_BYTES
 LOCK_TIMEOUT = _save.LOCK_TIMEOUT
