@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import gc
 import multiprocessing as mp
+import os
 import pickle
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +41,6 @@ def work(chunk: Any) -> dict[str, float]:
 
 
 def _pid(_: Any) -> int:
-    import os
-    import time
-
     time.sleep(0.05)  # long enough for every worker to take one
     return os.getpid()
 

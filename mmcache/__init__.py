@@ -36,9 +36,8 @@ if TYPE_CHECKING:
     import pandas as _pd
     import pyarrow as _pa
 else:  # imported on first use, so the annotations resolve at run time too
-    from ._lazy import LazyModule
-
-    _pd, _pa = LazyModule("pandas"), LazyModule("pyarrow")
+    from ._lazy import pa as _pa
+    from ._lazy import pd as _pd
 
 # The modules that build frames (and pandas, pyarrow) load here, as a program that works
 # with frames needs them, so its first save or open (a spawned worker's first task) does not

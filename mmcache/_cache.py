@@ -44,9 +44,7 @@ if TYPE_CHECKING:
     import pandas as pd
     import pyarrow as pa
 else:  # imported on first use, so the annotations resolve at run time too
-    from ._lazy import LazyModule
-
-    pd, pa = LazyModule("pandas"), LazyModule("pyarrow")
+    from ._lazy import pa, pd
 
 ENV_MAX_BYTES = _save.ENV_MAX_BYTES
 LOCK_TIMEOUT = _save.LOCK_TIMEOUT
@@ -265,8 +263,6 @@ class Cache:
         except EntryNotFoundError:
             if build is None:
                 raise
-        import pandas as pd
-
         from . import _frame
 
         places = self._places(create=True)
@@ -400,8 +396,6 @@ class Cache:
         entry = next((e for e in self.entries() if e.key == key), None)
         if entry is None:
             raise not_found(key, *self._places())
-        import pandas as pd
-
         from . import _frame
 
         version = _memo.load(entry.cache_dir, key, entry_name(key), use=False)

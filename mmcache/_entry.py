@@ -14,9 +14,7 @@ if TYPE_CHECKING:  # pandas loads on first use (see _cache)
     import pandas as pd
     import pyarrow as pa
 else:  # imported on first use, so the annotations resolve at run time too
-    from ._lazy import LazyModule
-
-    pd, pa = LazyModule("pandas"), LazyModule("pyarrow")
+    from ._lazy import pa, pd
 
 Frame: TypeAlias = "pd.DataFrame | pd.Series"
 

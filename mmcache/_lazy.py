@@ -23,3 +23,7 @@ class LazyModule:
 
     def __repr__(self) -> str:
         return f"<module {self._name!r}, imported on first use>"
+
+
+pd = LazyModule("pandas")
+pa = LazyModule("pyarrow")
