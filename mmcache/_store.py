@@ -20,7 +20,7 @@ import os
 import stat
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -291,13 +291,13 @@ def map_files(
             name, dtype, count, size = spec["name"], np.dtype(spec["dtype"]), spec["count"], \
                 int(spec["size"])
         except BAD_LAYOUT as exc:
-            raise CorruptEntryError(f"{where}: bad file entry {spec!r:.100}", key=key) from exc
+            raise _bad_file_entry(where, spec, key) from exc
         # Saves write plain dtypes only: fields, subarrays and 0-byte items are damage (and a
         # view of the file as one would raise numpy's errors, not CorruptEntryError).
         if (dtype.hasobject or dtype.names is not None or dtype.subdtype is not None
                 or dtype.itemsize == 0 or not isinstance(name, str) or "/" in name
                 or name.startswith(".") or type(count) is not int or count < 0):
-            raise CorruptEntryError(f"{where}: bad file entry {spec!r:.100}", key=key)
+            raise _bad_file_entry(where, spec, key)
         path = data_dir / name
         fst = os.lstat(path)
         if not stat.S_ISREG(fst.st_mode):
@@ -317,6 +317,12 @@ def map_files(
             region.owner = (str(data_dir.parent), key, data_dir.name.rpartition(".")[2], name)
         arrays.append(arr)
     return Mapped(arrays, where)
+
+
+def _bad_file_entry(where: str, spec: Any, key: str) -> CorruptEntryError:
+    return CorruptEntryError(
+        f"{where}: bad file entry {spec!r:.100} in the metadata; delete the entry and save it "
+        "again", key=key)
 
 
 def _map_npy(
