@@ -20,6 +20,7 @@ import sys
 import tempfile
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -704,17 +705,25 @@ def test_a_wide_file_is_read_in_column_passes_with_bounded_memory(kind, shm_dir)
     path, tiny = shm_dir / "wide.parquet", shm_dir / "w.parquet"
     rng = np.random.default_rng(0)
     if kind == "int64":
-        # 315 MB: grows 241-273 MB in passes (bound 384), 1.5 GB read at once (measured)
+        # 315 MB, plain and uncompressed (written in 0.6 s; dictionary-encoded and snappy,
+        # 7.8 s): grows 209-212 MB in passes (bound 384), 918-930 MB read at once (measured)
         table = pa.table({f"c{i}": rng.integers(0, 1 << 40, 1 << 17) for i in range(300)})
+        options: dict[str, Any] = {"compression": "none", "use_dictionary": False}
     else:
         words = pa.array([f"{i:03d}" * 100 for i in range(20)])  # 300 bytes each
         table = pa.table({f"t{i}": words.take(rng.integers(0, 20, 70_000)) for i in range(32)})
-    pq.write_table(table, path)  # one row group
-    pq.write_table(table.slice(0, 1000), tiny)
+        options = {}  # dictionary-encoded: the case where the footer understates the size
+    pq.write_table(table, path, **options)  # one row group
+    pq.write_table(table.slice(0, 1000), tiny, **options)
     del table
-    grown = min(int(_run(_MEASURE, str(path), str(tiny), str(shm_dir / "c"), "ingest"))
-                for _ in range(2))
-    assert grown <= 3 * _sources.PASS_BUDGET, grown
+    # Noise only ever adds to a measure, so one within the bound shows the growth is: a
+    # second try only after one over it (each try ingests all 315 MB again).
+    tries = []
+    for _ in range(2):
+        tries.append(int(_run(_MEASURE, str(path), str(tiny), str(shm_dir / "c"), "ingest")))
+        if tries[-1] <= 3 * _sources.PASS_BUDGET:
+            break
+    assert min(tries) <= 3 * _sources.PASS_BUDGET, tries
     _pd.assert_frame_equal(mmcache.open("k", cache_dir=shm_dir / "c"), pd.read_parquet(path))
 
 
