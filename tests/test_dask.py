@@ -369,6 +369,14 @@ def test_own_bytes_leaves_out_cache_pages_but_not_private_copies(cache_dir):
         opened["x"].to_numpy()[:] = 1.0  # every page now a private copy: counted
         assert mdask.own_bytes(os.getpid()) - own > 0.9 * n * 8
         own = mdask.own_bytes(os.getpid())
-    heap = np.ones(n)  # 64 MB of real memory: counted
+    # 64 MB of new private memory: counted. Mapped here rather than from the allocator,
+    # which may hand back pages this process already holds (and own_bytes already counts):
+    # once in CI, np.ones(n) left own_bytes exactly unchanged.
+    import mmap
+
+    fresh = mmap.mmap(-1, n * 8)
+    heap = np.frombuffer(fresh, dtype=np.float64)
+    heap[:] = 1.0
     assert mdask.own_bytes(os.getpid()) - own > 0.9 * n * 8
     del heap, opened
+    fresh.close()
